@@ -1,0 +1,1 @@
+"""llamagraph: lower Llama-family models to a fused, memory-planned CUDA execution plan."""

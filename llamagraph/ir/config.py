@@ -1,0 +1,301 @@
+"""Model hyper-parameters, read from an HF ``config.json`` or a Meta ``params.json``.
+
+``ModelConfig`` is the one normalised form the builder reads. Both readers reject, with a
+one-line message naming the key and value, anything that would change the math and that we do
+not implement (an unknown rope type, a non-SiLU activation, inconsistent head counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Meta's reference code hard-codes the Llama 3.1 scaling when params.json says use_scaled_rope.
+META_LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": ..., "factor": ..., ...} or None
+    rope_layout: str = "rotate_half"  # HF checkpoints; Meta checkpoints use "interleaved"
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float16"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    source: str = "hf"  # "hf" or "meta": which tensor names the checkpoint uses
+    path: str = "<dict>"  # where the config came from, for error messages
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(model: str | os.PathLike | dict) -> ModelConfig:
+    """Read a config from a dict, a ``config.json``/``params.json`` file, or a checkpoint dir."""
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, dict):
+        return _from_dict(model, "<dict>")
+    path = os.fspath(model)
+    if os.path.isdir(path):
+        for name in ("config.json", "params.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise ConfigError(f"{model}: directory has neither config.json nor params.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at top level, got {type(data).__name__}")
+    return _from_dict(data, path)
+
+
+def _from_dict(data: dict, path: str) -> ModelConfig:
+    if "dim" in data and "n_layers" in data:
+        cfg = _from_meta(data, path)
+    else:
+        cfg = _from_hf(data, path)
+    validate(cfg)
+    return cfg
+
+
+class _Reader:
+    """Typed access to config keys, with errors that name the file and key."""
+
+    def __init__(self, data: dict, path: str):
+        self.data, self.path = data, path
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key '{key}' {msg}")
+
+    def int(self, key: str, default: Any = ..., *, positive: bool = True) -> int:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise self.err(key, "is missing")
+            return default
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.err(key, f"must be an integer, got {v!r}")
+        if positive and v <= 0:
+            raise self.err(key, f"must be positive, got {v}")
+        return v
+
+    def float(self, key: str, default: Any = ..., *, positive: bool = True) -> float:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise self.err(key, "is missing")
+            return default
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.err(key, f"must be a number, got {v!r}")
+        if positive and v <= 0:
+            raise self.err(key, f"must be positive, got {v}")
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.data.get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.err(key, f"must be true or false, got {v!r}")
+        return v
+
+
+def _token_ids(r: _Reader, key: str) -> list[int]:
+    v = r.data.get(key)
+    if v is None:
+        return []
+    ids = v if isinstance(v, list) else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise r.err(key, f"must be a token id or a list of token ids, got {v!r}")
+    return list(ids)
+
+
+def _from_hf(data: dict, path: str) -> ModelConfig:
+    r = _Reader(data, path)
+    model_type = data.get("model_type", "llama")
+    if model_type != "llama":
+        raise r.err("model_type", f"is {model_type!r}; only 'llama' (LlamaForCausalLM) is supported")
+    archs = data.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in archs:
+        raise r.err("architectures", f"is {archs!r}; only LlamaForCausalLM is supported")
+    act = data.get("hidden_act", "silu")
+    if act != "silu":
+        raise r.err("hidden_act", f"is {act!r}; Llama's SwiGLU needs 'silu'")
+    hidden = r.int("hidden_size")
+    heads = r.int("num_attention_heads")
+    head_dim = r.int("head_dim", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(
+                f"{path}: key 'hidden_size' ({hidden}) is not divisible by 'num_attention_heads' ({heads}) "
+                "and no 'head_dim' is given"
+            )
+        head_dim = hidden // heads
+    max_pos = r.int("max_position_embeddings", 4096)
+
+    # transformers >= 5 writes rope_parameters (with rope_theta inside); 4.x writes
+    # rope_theta + rope_scaling. Read both.
+    rope = data.get("rope_parameters")
+    rope_key = "rope_parameters"
+    if rope is None:
+        rope = dict(data.get("rope_scaling") or {})
+        rope_key = "rope_scaling"
+        if "rope_theta" in data:
+            rope["rope_theta"] = data["rope_theta"]
+    if not isinstance(rope, dict):
+        raise r.err(rope_key, f"must be an object, got {rope!r}")
+    theta = _Reader(rope, path).float("rope_theta", 10000.0)
+    scaling = _rope_scaling(rope, path, rope_key, max_pos)
+
+    dtype = data.get("dtype", data.get("torch_dtype")) or "float32"
+    if dtype not in DTYPES:
+        raise r.err("dtype" if "dtype" in data else "torch_dtype", f"is {dtype!r}; expected one of {DTYPES}")
+    if r.int("pretraining_tp", 1) < 1:
+        raise r.err("pretraining_tp", "must be >= 1")
+    return ModelConfig(
+        hidden_size=hidden,
+        intermediate_size=r.int("intermediate_size"),
+        num_layers=r.int("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=r.int("num_key_value_heads", heads),
+        head_dim=head_dim,
+        vocab_size=r.int("vocab_size"),
+        rms_norm_eps=r.float("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_layout="rotate_half",
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=r.bool("tie_word_embeddings", False),
+        attention_bias=r.bool("attention_bias", False),
+        mlp_bias=r.bool("mlp_bias", False),
+        dtype=dtype,
+        bos_token_id=(_token_ids(r, "bos_token_id") or [None])[0],
+        eos_token_ids=_token_ids(r, "eos_token_id"),
+        source="hf",
+        path=path,
+    )
+
+
+def _rope_scaling(rope: dict, path: str, key: str, max_pos: int) -> dict | None:
+    """Normalise a rope scaling block to {"rope_type": ..., params...}, or None for plain rope."""
+    r = _Reader(rope, f"{path}: {key}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"{path}: key '{key}.rope_type' is {rope_type!r}; supported rope types are {', '.join(ROPE_TYPES)}"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{path}: key '{key}.partial_rotary_factor' is {rope['partial_rotary_factor']!r}; only 1.0 is supported")
+    if rope_type == "default":
+        return None
+    out: dict[str, Any] = {"rope_type": rope_type, "factor": r.float("factor")}
+    if rope_type in ("linear", "dynamic") and out["factor"] < 1.0:
+        raise ConfigError(f"{path}: key '{key}.factor' is {out['factor']}; must be >= 1")
+    if rope_type == "llama3":
+        out["low_freq_factor"] = r.float("low_freq_factor")
+        out["high_freq_factor"] = r.float("high_freq_factor")
+        out["original_max_position_embeddings"] = r.int("original_max_position_embeddings")
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise ConfigError(
+                f"{path}: key '{key}.high_freq_factor' ({out['high_freq_factor']}) must exceed "
+                f"'low_freq_factor' ({out['low_freq_factor']})"
+            )
+    if rope_type == "dynamic":
+        # HF's dynamic NTK rescales against max_position_embeddings as the original length.
+        out["original_max_position_embeddings"] = max_pos
+    return out
+
+
+def meta_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The FFN width Meta's reference ``FeedForward`` derives from params.json."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _from_meta(data: dict, path: str) -> ModelConfig:
+    r = _Reader(data, path)
+    dim = r.int("dim")
+    heads = r.int("n_heads")
+    if dim % heads:
+        raise ConfigError(f"{path}: key 'dim' ({dim}) is not divisible by 'n_heads' ({heads})")
+    vocab = r.int("vocab_size", -1, positive=False)
+    if vocab <= 0:
+        raise r.err("vocab_size", f"is {vocab}; set it to the tokenizer's vocabulary size")
+    scaled = r.bool("use_scaled_rope", False)
+    return ModelConfig(
+        hidden_size=dim,
+        intermediate_size=meta_intermediate_size(
+            dim, r.int("multiple_of", 256), r.float("ffn_dim_multiplier", None)
+        ),
+        num_layers=r.int("n_layers"),
+        num_heads=heads,
+        num_kv_heads=r.int("n_kv_heads", heads),
+        head_dim=dim // heads,
+        vocab_size=vocab,
+        rms_norm_eps=r.float("norm_eps", 1e-5),
+        rope_theta=r.float("rope_theta", 10000.0),
+        rope_scaling=dict(META_LLAMA3_SCALING) if scaled else None,
+        rope_layout="interleaved",
+        max_position_embeddings=r.int("max_seq_len", 8192 if scaled else 4096),
+        dtype="bfloat16",
+        source="meta",
+        path=path,
+    )
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Cross-key consistency checks shared by both readers."""
+    p = cfg.path
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(
+            f"{p}: num_attention_heads ({cfg.num_heads}) is not a multiple of num_key_value_heads ({cfg.num_kv_heads})"
+        )
+    if cfg.head_dim % 2:
+        raise ConfigError(f"{p}: head_dim ({cfg.head_dim}) must be even for rotary embeddings")
+    if cfg.rope_layout not in ("rotate_half", "interleaved"):
+        raise ConfigError(f"{p}: rope layout {cfg.rope_layout!r} is not 'rotate_half' or 'interleaved'")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"{p}: dtype {cfg.dtype!r} is not one of {DTYPES}")
+    for tok in ([cfg.bos_token_id] if cfg.bos_token_id is not None else []) + cfg.eos_token_ids:
+        if tok >= cfg.vocab_size:
+            raise ConfigError(f"{p}: special token id {tok} is outside vocab_size {cfg.vocab_size}")

@@ -1,0 +1,344 @@
+"""The op registry: for every op, its shape/dtype rule, numpy reference and kernel template.
+
+Adding an op means one ``register(...)`` here plus one template under ``templates/``.
+
+Shapes use symbolic dims: ``T`` is the number of tokens in the step (all sequences packed
+back to back, no padding) and ``B`` the number of sequences in the step. Reference functions
+take float32 (or integer) numpy arrays with concrete shapes and return float32 arrays; the
+backend rounds each output to its storage dtype, exactly where the GPU would store it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .graph import Value
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    # (input Values, attrs) -> [(shape, dtype), ...] for each output
+    infer: Callable[[list[Value], dict], list[tuple[tuple, str]]]
+    # (input arrays, attrs) -> output arrays
+    reference: Callable[..., list[np.ndarray]]
+    template: str  # kernel template under templates/ (without .cu.j2)
+    # out index -> input indices the output may overwrite (same size, element-wise safe)
+    inplace: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    effects: bool = False  # writes persistent state (KV cache): never dead code
+    n_inputs: tuple[int, int] = (1, 1)  # (min, max) number of inputs
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(name, infer, reference, template, *, inplace=None, effects=False, n_inputs=(1, 1)):
+    OPS[name] = OpDef(name, infer, reference, template, dict(inplace or {}), effects, n_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared numerics
+# ---------------------------------------------------------------------------------------------
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    # x: [R, D]; statistics in fp32 as HF does
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: int = 0) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] for every rope type, following HF's rope init functions.
+
+    ``seq_len`` only matters for dynamic NTK scaling, where the base grows with the sequence.
+    """
+    kind = (scaling or {}).get("rope_type", "default")
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    base = float(theta)
+    if kind == "dynamic":
+        orig = scaling["original_max_position_embeddings"]
+        factor = scaling["factor"]
+        L = max(seq_len, orig)
+        base = base * ((factor * L / orig) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv = (1.0 / (np.float32(base) ** exps)).astype(np.float32)
+    if kind == "linear":
+        inv = (inv / np.float32(scaling["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
+    """x: [T, h, D]; cos/sin: [T, D/2]. rotate_half pairs (i, i+D/2); interleaved pairs (2i, 2i+1)."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    if layout == "rotate_half":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:] = x2 * c + x1 * s
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2] = x1 * c - x2 * s
+        out[..., 1::2] = x2 * c + x1 * s
+    return out
+
+
+def rope_tables(positions, seq_ids, seq_lens, head_dim, theta, scaling):
+    """cos, sin: [T, D/2] in fp32. Dynamic NTK uses each sequence's length after this step."""
+    pos = positions.astype(np.float32)[:, None]
+    if (scaling or {}).get("rope_type") == "dynamic":
+        inv = np.stack([rope_inv_freq(head_dim, theta, scaling, int(seq_lens[s])) for s in seq_ids]) if len(seq_ids) else np.zeros((0, head_dim // 2), np.float32)
+    else:
+        inv = rope_inv_freq(head_dim, theta, scaling)[None, :]
+    ang = (pos * inv).astype(np.float32)
+    return np.cos(ang), np.sin(ang)
+
+
+def splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def sample_uniform(seed: int, step: int) -> np.float32:
+    """The uniform draw in [0, 1) for a sequence's seed and step; the CUDA sampler computes the same."""
+    x = splitmix64(((seed & ((1 << 64) - 1)) ^ (step * 0xD1B54A32D192ED03)) & ((1 << 64) - 1))
+    return np.float32((x >> 40) * (1.0 / (1 << 24)))
+
+
+def sample_row(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """One token from one row of logits.
+
+    temperature <= 0 is greedy (first index of the maximum). Otherwise p = softmax(logits / T);
+    top-k keeps the k most likely tokens; top-p then keeps, of those, each token whose strictly
+    more likely kept tokens hold less than top_p of the kept mass. The token is the first index
+    (in vocabulary order) where the running kept mass exceeds u * total kept mass.
+    """
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float32) / np.float32(temperature)
+    p = np.exp(z - z.max()).astype(np.float32)
+    p /= p.sum(dtype=np.float32)
+    keep = np.ones(p.shape, bool)
+    if 0 < top_k < p.size:
+        kth = np.sort(p)[-top_k]
+        keep &= p >= kth
+    if top_p < 1.0:
+        kept = np.where(keep, p, 0.0)
+        order = np.argsort(-kept, kind="stable")
+        sorted_p = kept[order]
+        more_likely = np.cumsum(sorted_p) - sorted_p  # mass of tokens ranked above each
+        in_p = np.zeros(p.shape, bool)
+        in_p[order] = more_likely < top_p * kept.sum()
+        keep &= in_p
+    kept = np.where(keep, p, 0.0).astype(np.float32)
+    c = np.cumsum(kept, dtype=np.float32)
+    idx = int(np.searchsorted(c, np.float32(u) * c[-1], side="right"))
+    idx = min(idx, p.size - 1)
+    while not keep[idx]:  # u*total landed exactly on a boundary; step to the next kept token
+        idx -= 1
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# shape rules
+# ---------------------------------------------------------------------------------------------
+
+def _same(ins, attrs):
+    return [(ins[0].shape, ins[0].dtype)]
+
+
+def _linear_infer(ins, attrs):
+    x, w = ins[0], ins[1]
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"inner dims differ: x {x.shape} vs weight {w.shape}")
+    if len(ins) > 2 and ins[2].shape != (w.shape[0],):
+        raise ValueError(f"bias shape {ins[2].shape} != ({w.shape[0]},)")
+    return [((x.shape[0], w.shape[0]), attrs.get("out_dtype", x.dtype))]
+
+
+def _gate_up_silu_infer(ins, attrs):
+    (shape, dtype), = _linear_infer(ins, attrs)
+    return [((shape[0], shape[1] // 2), dtype)]
+
+
+def _heads(attrs):
+    return attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+
+
+def _rope_infer(ins, attrs):
+    H, KV, D = _heads(attrs)
+    T = ins[0].shape[0]
+    if ins[0].shape[1] != (H + 2 * KV) * D:
+        raise ValueError(f"qkv width {ins[0].shape[1]} != (H+2KV)*D = {(H + 2 * KV) * D}")
+    return [((T, H + 2 * KV, D), ins[0].dtype)]
+
+
+def _kv_append_infer(ins, attrs):
+    return [(ins[3].shape, ins[3].dtype), (ins[4].shape, ins[4].dtype)]
+
+
+def _rope_kv_append_infer(ins, attrs):
+    H, KV, D = _heads(attrs)
+    _rope_infer(ins, attrs)
+    return [((ins[0].shape[0], H, D), ins[0].dtype), (ins[4].shape, ins[4].dtype), (ins[5].shape, ins[5].dtype)]
+
+
+def _sdpa_infer(ins, attrs):
+    H, KV, D = _heads(attrs)
+    q, kc = ins[0], ins[1]
+    if q.shape[1] < H or q.shape[2] != D or kc.shape[2:] != (KV, D):
+        raise ValueError(f"q {q.shape} / cache {kc.shape} do not match H={H} KV={KV} D={D}")
+    return [((q.shape[0], H * D), q.dtype)]
+
+
+def _add_rmsnorm_infer(ins, attrs):
+    y, r, w = ins[0], ins[1], ins[2]
+    if y.shape != r.shape or w.shape != (y.shape[-1],):
+        raise ValueError(f"shapes differ: {y.shape}, {r.shape}, weight {w.shape}")
+    return [(y.shape, y.dtype), (y.shape, y.dtype)]
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------
+
+def _linear_ref(ins, attrs):
+    x, w = ins[0], ins[1]
+    y = x @ w.T
+    if len(ins) > 2:
+        y = y + ins[2]
+    return [y]
+
+
+def _gate_up_silu_ref(ins, attrs):
+    (h,) = _linear_ref(ins, attrs)  # h: [R, 2I], gate rows first
+    inter = h.shape[1] // 2
+    return [silu(h[:, :inter]) * h[:, inter:]]
+
+
+def _rope_ref(ins, attrs):
+    qkv, positions, seq_ids, seq_lens = ins[:4]
+    H, KV, D = _heads(attrs)
+    x = qkv.reshape(qkv.shape[0], H + 2 * KV, D)  # x: [T, H+2KV, D]
+    cos, sin = rope_tables(positions, seq_ids, seq_lens, D, attrs["theta"], attrs.get("scaling"))
+    out = x.copy()
+    out[:, : H + KV] = apply_rope(x[:, : H + KV], cos, sin, attrs["layout"])
+    return [out]
+
+
+def _kv_append_ref(ins, attrs):
+    qkv_rot, positions, seq_ids, kcache, vcache = ins
+    H, KV, D = _heads(attrs)
+    kcache, vcache = kcache.copy(), vcache.copy()
+    kcache[seq_ids, positions] = qkv_rot[:, H : H + KV]
+    vcache[seq_ids, positions] = qkv_rot[:, H + KV : H + 2 * KV]
+    return [kcache, vcache]
+
+
+def _rope_kv_append_ref(ins, attrs):
+    qkv, positions, seq_ids, seq_lens, kcache, vcache = ins
+    H = attrs["num_heads"]
+    (rot,) = _rope_ref([qkv, positions, seq_ids, seq_lens], attrs)
+    k2, v2 = _kv_append_ref([rot, positions, seq_ids, kcache, vcache], attrs)
+    return [rot[:, :H].copy(), k2, v2]
+
+
+def _sdpa_ref(ins, attrs):
+    q, kcache, vcache, positions, seq_ids = ins
+    H, KV, D = _heads(attrs)
+    group = H // KV
+    out = np.zeros((q.shape[0], H, D), np.float32)
+    for s in np.unique(seq_ids):
+        rows = np.nonzero(seq_ids == s)[0]
+        n_keys = int(positions[rows].max()) + 1
+        k = np.repeat(kcache[s, :n_keys], group, axis=1)  # k: [S, H, D]
+        v = np.repeat(vcache[s, :n_keys], group, axis=1)
+        scores = np.einsum("thd,shd->hts", q[rows, :H], k) * np.float32(attrs["scale"])  # [H, t, S]
+        causal = np.arange(n_keys)[None, :] <= positions[rows][:, None]  # [t, S]
+        scores = np.where(causal[None], scores, -np.inf)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = scores / scores.sum(-1, keepdims=True)
+        out[rows] = np.einsum("hts,shd->thd", probs, v)
+    return [out.reshape(q.shape[0], H * D)]
+
+
+def _add_rmsnorm_ref(ins, attrs):
+    y, r, w = ins[0], ins[1], ins[2]
+    s = y + r if len(ins) == 3 else y + ins[3] + r
+    return [s, rmsnorm(s, w, attrs["eps"])]
+
+
+def _sample_ref(ins, attrs):
+    logits, temperature, top_k, top_p, seed, step = ins
+    out = np.empty(logits.shape[0], np.int32)
+    for b in range(logits.shape[0]):
+        u = sample_uniform(int(seed[b]), int(step[b]))
+        out[b] = sample_row(logits[b], float(temperature[b]), int(top_k[b]), float(top_p[b]), u)
+    return [out]
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------
+
+register(
+    "embedding",
+    lambda ins, a: [((ins[0].shape[0], ins[1].shape[1]), ins[1].dtype)],
+    lambda ins, a: [ins[1][ins[0]]],
+    "embedding",
+    n_inputs=(2, 2),
+)
+register("rmsnorm", _same, lambda ins, a: [rmsnorm(ins[0], ins[1], a["eps"])], "add_rmsnorm", n_inputs=(2, 2))
+register(
+    "add_rmsnorm",  # (y, residual, weight[, bias]) -> (y + bias + residual, rmsnorm of it)
+    _add_rmsnorm_infer,
+    _add_rmsnorm_ref,
+    "add_rmsnorm",
+    inplace={0: (0, 1)},
+    n_inputs=(3, 4),
+)
+for _name in ("qkv_gemm", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+    register(_name, _linear_infer, _linear_ref, "gemv", n_inputs=(2, 3))
+register("gate_up_silu", _gate_up_silu_infer, _gate_up_silu_ref, "gemv", n_inputs=(2, 3))
+register("bias_add", _same, lambda ins, a: [ins[0] + ins[1]], "elementwise", inplace={0: (0,)}, n_inputs=(2, 2))
+register("residual", _same, lambda ins, a: [ins[0] + ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("silu", _same, lambda ins, a: [silu(ins[0])], "elementwise", inplace={0: (0,)})
+register("mul", _same, lambda ins, a: [ins[0] * ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("silu_mul", _same, lambda ins, a: [silu(ins[0]) * ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("rope", _rope_infer, _rope_ref, "rope_kv_append", n_inputs=(4, 4))
+register("kv_append", _kv_append_infer, _kv_append_ref, "rope_kv_append", effects=True, n_inputs=(5, 5))
+register("rope_kv_append", _rope_kv_append_infer, _rope_kv_append_ref, "rope_kv_append", effects=True, n_inputs=(6, 6))
+register("sdpa", _sdpa_infer, _sdpa_ref, "attention", n_inputs=(5, 5))
+register(
+    "gather_last",
+    lambda ins, a: [((ins[1].shape[0], ins[0].shape[1]), ins[0].dtype)],
+    lambda ins, a: [ins[0][ins[1]]],
+    "gather_rows",
+    n_inputs=(2, 2),
+)
+register(
+    "topk_sample",  # (logits, temperature, top_k, top_p, seed, step) -> next token per sequence
+    lambda ins, a: [((ins[0].shape[0],), "int32")],
+    _sample_ref,
+    "sample",
+    n_inputs=(6, 6),
+)

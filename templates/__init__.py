@@ -1,0 +1,1 @@
+# Kernel templates (CUDA text only). Installed as the package data llamagraph.templates.
