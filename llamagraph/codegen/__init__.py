@@ -1,5 +1,5 @@
 """CUDA source generation from jinja templates. Imports only llamagraph.ir."""
 
-from .render import Kernel, module_source, render
+from .render import Kernel, Launch, module_source, render
 
-__all__ = ["Kernel", "module_source", "render"]
+__all__ = ["Kernel", "Launch", "module_source", "render"]

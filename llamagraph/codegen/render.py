@@ -35,6 +35,15 @@ class Kernel:
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Launch shape of one kernel call, decided in Python from sizes known at launch time."""
+
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem: int = 0  # dynamic shared memory bytes (over 48 KiB needs the kernel's attribute raised)
+
+
 @functools.lru_cache(maxsize=None)
 def environment() -> jinja2.Environment:
     root = resources.files("llamagraph.templates")

@@ -5,7 +5,7 @@ The unfused graph is faithful and executable on its own: every op is one step of
 
 Step inputs (all packed, no padding):
   tokens[T], positions[T], seq_ids[T]  one entry per token of every sequence in the step
-  seq_lens[B]                          each sequence's length after this step
+  seq_lens[max_batch]                  each cache slot's sequence length after this step
   last_index[B]                        row of each sequence's last token in the step
   sample.*[B]                          per-sequence sampling parameters and RNG key
 ``seq_ids`` names the KV-cache slot a token belongs to, so one op set serves prefill (many
@@ -59,7 +59,9 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
     # ---- step inputs ------------------------------------------------------------------------
     for name in ("tokens", "positions", "seq_ids"):
         g.add_value(name, ("T",), "int32", INPUT)
-    for name in ("seq_lens", "last_index", "sample.top_k", "sample.step"):
+    # seq_lens is indexed by cache slot (like seq_ids), not by position in the step
+    g.add_value("seq_lens", (max_batch,), "int32", INPUT)
+    for name in ("last_index", "sample.top_k", "sample.step"):
         g.add_value(name, ("B",), "int32", INPUT)
     g.add_value("sample.temperature", ("B",), "float32", INPUT)
     g.add_value("sample.top_p", ("B",), "float32", INPUT)
