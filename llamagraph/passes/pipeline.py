@@ -1,0 +1,71 @@
+"""The ordered pass pipeline. A verifier runs after every pass; ``dump_dir`` gets the IR
+after each pass (``NN_<pass>.txt``) with a short note of what the pass changed."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from llamagraph.ir import Graph, verify
+
+from .dce import dce
+from .fuse_gate_up_silu import fuse_gate_up_silu
+from .fuse_gemm_bias import fuse_gemm_bias
+from .fuse_residual_rmsnorm import fuse_residual_rmsnorm
+from .fuse_rope_kv_append import fuse_rope_kv_append
+from .fuse_silu_mul import fuse_silu_mul
+from .plan_memory import plan_memory
+
+Pass = Callable[[Graph], Graph]
+
+# Order matters: the residual+norm fusion must take the o_proj/down biases before
+# fuse_gemm_bias folds the remaining ones (qkv, gate, up) into their GEMMs.
+PIPELINE: list[Pass] = [
+    fuse_residual_rmsnorm,
+    fuse_gemm_bias,
+    fuse_silu_mul,
+    fuse_gate_up_silu,
+    fuse_rope_kv_append,
+    dce,
+    plan_memory,
+]
+FUSION_PASSES = [p.__name__ for p in PIPELINE if p.__name__.startswith("fuse_")]
+PASS_NAMES = [p.__name__ for p in PIPELINE]
+
+
+def change_note(before: Graph, after: Graph) -> str:
+    """One line per op whose count changed, e.g. ``rmsnorm 45 -> 1``; or 'no change'."""
+    a, b = before.op_counts(), after.op_counts()
+    lines = [f"{op}: {a.get(op, 0)} -> {b.get(op, 0)}" for op in sorted(set(a) | set(b)) if a.get(op, 0) != b.get(op, 0)]
+    dv = len(after.values) - len(before.values)
+    if dv:
+        lines.append(f"values: {len(before.values)} -> {len(after.values)}")
+    if "memory" in after.meta and "memory" not in before.meta:
+        mem = after.meta["memory"]
+        lines.append(f"arena {mem['arena_bytes']} bytes, lower bound {mem['lower_bound_bytes']} bytes, {len(mem['buffers'])} buffers")
+    return "\n".join(lines) or "no change"
+
+
+def run_pipeline(graph: Graph, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
+    """Run the named passes (default: all) in pipeline order, verifying after each."""
+    selected = PIPELINE if passes is None else [p for p in PIPELINE if p.__name__ in passes]
+    unknown = set(passes or []) - set(PASS_NAMES)
+    if unknown:
+        raise ValueError(f"unknown pass(es) {sorted(unknown)}; passes are {PASS_NAMES}")
+    verify(graph, "build")
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        _dump(dump_dir, 0, "build", graph, "the unfused graph from the builder")
+    for k, p in enumerate(selected, 1):
+        after = p(graph)
+        verify(after, p.__name__)
+        if dump_dir:
+            _dump(dump_dir, k, p.__name__, after, change_note(graph, after))
+        graph = after
+    graph.meta["passes"] = [p.__name__ for p in selected]
+    return graph
+
+
+def _dump(dump_dir: str, k: int, name: str, graph: Graph, note: str) -> None:
+    with open(os.path.join(dump_dir, f"{k:02d}_{name}.txt"), "w", encoding="utf-8") as f:
+        f.write(f"# after {name}\n# " + note.replace("\n", "\n# ") + "\n\n" + str(graph))

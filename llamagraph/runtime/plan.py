@@ -1,0 +1,305 @@
+"""``compile()`` and ``Plan``: the Python API shared by the reference and CUDA backends.
+
+A Plan owns a fused, memory-planned graph, its weights and an executor (numpy or CUDA).
+Sequences live in KV-cache slots 0..batch-1. ``run`` packs every sequence's new tokens into
+steps of at most ``max_tokens`` tokens (no padding); ``generate`` prefills and then decodes
+one token per sequence per step, sampling on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError, build_graph, load_config
+from llamagraph.ir.config import DTYPES
+from llamagraph.passes import run_pipeline
+
+BACKENDS = ("reference", "cuda")
+
+
+@dataclass
+class Segment:
+    """A run of consecutive tokens of one sequence inside one step."""
+
+    slot: int
+    tokens: list[int]
+    start: int  # position of the first token
+
+
+def compile(
+    model: str | os.PathLike | dict | ModelConfig,
+    weights: str | os.PathLike | dict | None = None,
+    *,
+    dtype: str = "float16",
+    max_batch: int = 1,
+    max_seq: int | None = None,
+    max_tokens: int | None = None,
+    backend: str = "reference",
+    passes: list[str] | None = None,
+    dump_dir: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> "Plan":
+    """Compile a model into an executable plan.
+
+    model: a config.json / params.json path, a checkpoint directory, or a config dict.
+    weights: a checkpoint path, a dict of arrays keyed by graph weight name, "random" for
+      random weights drawn with ``seed``, or None to load from the ``model`` directory.
+    max_seq: KV-cache length per sequence (default: the model's max positions, at most 4096).
+    max_tokens: most tokens in one step (default: max_batch * max_seq, at most 4096); longer
+      prompts are prefilled in chunks.
+    passes: pass names to run (default: the whole pipeline); the memory planner always runs.
+    """
+    cfg = load_config(model)
+    graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                          passes=passes, dump_dir=dump_dir)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
+    if backend == "cuda":
+        from .cuda import CudaExecutor  # cupy is imported only when asked for
+
+        executor_cls = CudaExecutor
+        executor_cls.check_available()
+    else:
+        from .reference import ReferenceExecutor
+
+        executor_cls = ReferenceExecutor
+    arrays = resolve_weights(graph, cfg, model, weights, seed)
+    kwargs = {"progress": progress} if backend == "cuda" else {}
+    return Plan(graph, cfg, executor_cls(graph, arrays, **kwargs))
+
+
+def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
+    """Build the unfused graph and run the pass pipeline (the memory planner always runs)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("max_tokens", max_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    max_seq = max_seq or min(cfg.max_position_embeddings, 4096)
+    max_tokens = max_tokens or min(max_batch * max_seq, 4096)
+    graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    if passes is not None:
+        passes = list(passes) + ["dce", "plan_memory"]
+    return run_pipeline(graph, passes, dump_dir)
+
+
+def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int) -> dict[str, np.ndarray]:
+    from .weights import load_weights, random_weights
+
+    if isinstance(weights, dict):
+        missing = [v.name for v in graph.values.values() if v.kind == "weight" and v.name not in weights]
+        if missing:
+            raise WeightError(f"weights dict has no array for graph weight {missing[0]!r}")
+        return weights
+    if isinstance(weights, str) and weights == "random":
+        return random_weights(graph, seed=seed)
+    if weights is None:
+        if isinstance(model, (dict, ModelConfig)):
+            raise WeightError("no weights given: pass weights=PATH to a checkpoint, or weights='random'")
+        path = os.fspath(model)
+        weights = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return load_weights(graph, os.fspath(weights), source=cfg.source)
+
+
+class Plan:
+    """An executable plan: ``run`` / ``generate`` / ``reset`` over a fused, planned graph."""
+
+    def __init__(self, graph: Graph, config: ModelConfig, executor):
+        self.graph = graph
+        self.config = config
+        self.executor = executor
+        self.max_batch = graph.meta["max_batch"]
+        self.max_seq = graph.meta["max_seq"]
+        self.max_tokens = graph.meta["max_tokens"]
+        self.vocab_size = config.vocab_size
+        self.lengths: list[int] = []  # tokens held in each slot's KV cache
+
+    @property
+    def backend(self) -> str:
+        return self.executor.name
+
+    def reset(self) -> None:
+        """Forget every sequence; the next ``run`` prefills a new batch."""
+        self.lengths = []
+
+    # ---- public API ---------------------------------------------------------------------------
+    def run(self, tokens: list[list[int]]) -> np.ndarray:
+        """Feed new tokens to each sequence; return float32 logits [batch, vocab] of each
+        sequence's last token. The first call (or the first after ``reset``) prefills."""
+        batch = self._check_tokens(tokens)
+        if not self.lengths:
+            self.lengths = [0] * batch
+        logits, _ = self._forward(tokens, greedy_sampling(batch))
+        return logits
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_tokens: list[int] | None = None) -> list[list[int]]:
+        """Generate up to ``max_new_tokens`` tokens per prompt (sampling on the device).
+
+        temperature 0 is greedy. A sequence stops after emitting any of ``stop_tokens``; the
+        stop token is not included in its output. Returns the new tokens of each prompt.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        self.reset()
+        batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0))
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
+        self.lengths = [0] * batch
+        stops = set(stop_tokens or [])
+        params = Sampling(temperature, top_k, top_p, seed)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        step_of = [0] * batch
+        _, nxt = self._forward(prompts, params.per_row(list(range(batch)), step_of))
+        active = list(range(batch))
+        while True:
+            still = []
+            for slot, tok in zip(active, nxt):
+                tok = int(tok)
+                if tok in stops:
+                    continue
+                out[slot].append(tok)
+                step_of[slot] += 1
+                if len(out[slot]) < max_new_tokens:
+                    still.append(slot)
+            active = still
+            if not active:
+                return out
+            feed = {slot: [out[slot][-1]] for slot in active}
+            _, nxt = self._forward_slots(feed, params.per_row(active, step_of))
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _check_tokens(self, tokens, extra: int = 0) -> int:
+        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, (list, tuple)) for t in tokens):
+            raise InputError("tokens must be a non-empty list with one list of token ids per sequence")
+        batch = len(tokens)
+        if batch > self.max_batch:
+            raise InputError(f"batch of {batch} sequences exceeds max_batch {self.max_batch}; compile with a larger max_batch")
+        if self.lengths and batch != len(self.lengths):
+            raise InputError(f"this plan holds {len(self.lengths)} sequences; run() got {batch} (call reset() to start a new batch)")
+        for b, seq in enumerate(tokens):
+            if not seq:
+                raise InputError(f"sequence {b} has no tokens")
+            for j, t in enumerate(seq):
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                    raise InputError(f"token id {t!r} at sequence {b} index {j} is outside the vocabulary [0, {self.vocab_size})")
+            have = self.lengths[b] if self.lengths else 0
+            if have + len(seq) + extra > self.max_seq:
+                raise InputError(
+                    f"sequence {b} would hold {have + len(seq) + extra} tokens, more than max_seq {self.max_seq}; "
+                    "compile with a larger max_seq"
+                )
+        return batch
+
+    def _forward(self, tokens: list[list[int]], sampling: "RowParams"):
+        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling)
+
+    def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams"):
+        """Run every step needed to consume ``feed`` (slot -> new tokens); return the logits
+        and sampled tokens of each fed slot's last token, in ``feed`` order."""
+        order = list(feed)
+        target = {slot: self.lengths[slot] + len(toks) for slot, toks in feed.items()}
+        logits = np.zeros((len(order), self.vocab_size), np.float32)
+        nxt = np.zeros(len(order), np.int32)
+        for step in self._pack(feed):
+            row_of = [order.index(seg.slot) for seg in step]
+            step_logits, step_next = self._run_step(step, sampling.take(row_of))
+            for seg, row, lg, nx in zip(step, row_of, step_logits, step_next):
+                self.lengths[seg.slot] = seg.start + len(seg.tokens)
+                if self.lengths[seg.slot] == target[seg.slot]:
+                    logits[row], nxt[row] = lg, nx
+        return logits, nxt
+
+    def _pack(self, feed: dict[int, list[int]]) -> list[list[Segment]]:
+        """Split the new tokens into steps of at most max_tokens tokens, in slot order."""
+        steps: list[list[Segment]] = [[]]
+        room = self.max_tokens
+        for slot, toks in feed.items():
+            pos = self.lengths[slot]
+            while toks:
+                if room == 0:
+                    steps.append([])
+                    room = self.max_tokens
+                take = toks[:room]
+                steps[-1].append(Segment(slot, take, pos))
+                toks, pos, room = toks[len(take):], pos + len(take), room - len(take)
+        return steps
+
+    def _run_step(self, step: list[Segment], sampling: "RowParams"):
+        tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in step])
+        positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens), dtype=np.int32) for s in step])
+        seq_ids = np.concatenate([np.full(len(s.tokens), s.slot, np.int32) for s in step])
+        seq_lens = np.zeros(self.max_batch, np.int32)
+        seq_lens[: len(self.lengths)] = self.lengths
+        for s in step:
+            seq_lens[s.slot] = s.start + len(s.tokens)
+        last_index = np.cumsum([len(s.tokens) for s in step]).astype(np.int32) - 1
+        inputs = {
+            "tokens": tokens,
+            "positions": positions,
+            "seq_ids": seq_ids,
+            "seq_lens": seq_lens,
+            "last_index": last_index,
+            **sampling.arrays(),
+        }
+        return self.executor.step(inputs, len(tokens), len(step))
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def per_row(self, slots: list[int], step_of: list[int]) -> "RowParams":
+        n = len(slots)
+        # Each sequence gets its own stream: the seed mixed with its slot; the step is the offset.
+        seeds = np.array([((self.seed & 0xFFFFFFFF) << 20 | s) & 0x7FFFFFFFFFFFFFFF for s in slots], np.int64)
+        return RowParams(
+            np.full(n, self.temperature, np.float32),
+            np.full(n, self.top_k, np.int32),
+            np.full(n, self.top_p, np.float32),
+            seeds,
+            np.array([step_of[s] for s in slots], np.int32),
+        )
+
+
+@dataclass
+class RowParams:
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seed: np.ndarray
+    step: np.ndarray
+
+    def take(self, rows: list[int]) -> "RowParams":
+        return RowParams(*(a[rows] for a in (self.temperature, self.top_k, self.top_p, self.seed, self.step)))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "sample.temperature": self.temperature,
+            "sample.top_k": self.top_k,
+            "sample.top_p": self.top_p,
+            "sample.seed": self.seed,
+            "sample.step": self.step,
+        }
+
+
+def greedy_sampling(batch: int) -> RowParams:
+    return Sampling().per_row(list(range(batch)), [0] * batch)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InputError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
