@@ -313,7 +313,10 @@ register(
     _add_rmsnorm_infer,
     _add_rmsnorm_ref,
     "add_rmsnorm",
-    inplace={0: (0, 1)},
+    # The sum overwrites the residual input, so the residual stream stays in one buffer for
+    # the whole network; the normed row may overwrite y, which is fully read before the
+    # row's reduction finishes.
+    inplace={0: (1, 0), 1: (0,)},
     n_inputs=(3, 4),
 )
 for _name in ("qkv_gemm", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
