@@ -1,0 +1,391 @@
+"""Checkpoint loading and deterministic random weights.
+
+Every weight value of a graph lists the checkpoint tensors it is made of
+(``attrs["parts"] = [[hf_name, shape], ...]``, concatenated along axis 0), so loading is:
+find each part, check its shape, convert it to the value's storage dtype, concatenate.
+Storage is float32 -> np.float32, float16 -> np.float16, bfloat16 -> np.uint16 raw bits.
+
+Checkpoints: HF safetensors (one file, or shards named by ``model.safetensors.index.json``)
+and Meta ``consolidated.00.pth``. Part names are always HF names; ``source="meta"`` maps them to
+Meta's names. Meta q/k rows stay in Meta's interleaved order: graphs built from params.json apply
+interleaved rope, so no permutation happens here.
+
+Every problem a user can cause is a one-line ``WeightError`` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import struct
+import zlib
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..ir.errors import WeightError
+from ..ir.graph import WEIGHT, Graph
+
+Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
+
+STORAGE_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+# ---- dtype conversion -------------------------------------------------------------------------
+
+
+def float32_to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 values -> storage array of ``dtype`` (bf16: uint16 bits, round to nearest even)."""
+    if dtype == "float32":
+        return np.asarray(arr, dtype=np.float32)
+    if dtype == "float16":
+        return np.asarray(arr).astype(np.float16)
+    if dtype != "bfloat16":
+        raise ValueError(f"unknown storage dtype {dtype!r}")
+    f32 = np.ascontiguousarray(arr, dtype=np.float32)
+    bits = f32.view(np.uint32)
+    # Adding 0x7FFF plus the lowest kept bit rounds half to even; NaNs must stay NaN (quiet them)
+    # instead of rounding into the exponent, so they are patched separately.
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f32)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+def weights_to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage array of ``dtype`` -> fp32 values (bf16 bits widen exactly)."""
+    if dtype == "bfloat16":
+        return (np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("float32", "float16"):
+        return np.asarray(arr).astype(np.float32)
+    raise ValueError(f"unknown storage dtype {dtype!r}")
+
+
+def _to_storage(arr: np.ndarray, src: str, dtype: str) -> np.ndarray:
+    """A checkpoint tensor of dtype ``src`` (bf16 given as uint16 bits) -> a new storage array."""
+    if src == "bfloat16":
+        if dtype == "bfloat16":
+            return np.array(arr, dtype=np.uint16)  # keep the file's bits exactly
+        arr = weights_to_float32(arr, "bfloat16")
+    if dtype == "float16":
+        return np.array(arr, dtype=np.float16)  # numpy rounds once, from any float width
+    return np.array(float32_to_storage(np.asarray(arr, dtype=np.float32), dtype))
+
+
+# ---- checkpoint names ---------------------------------------------------------------------------
+
+_META_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_META_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def meta_name(hf_name: str) -> str | None:
+    """The Meta checkpoint name of an HF tensor name, or None when Meta has no such tensor."""
+    if hf_name in _META_TOP:
+        return _META_TOP[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in _META_LAYER:
+        return f"layers.{m.group(1)}.{_META_LAYER[m.group(2)]}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---- checkpoint readers -------------------------------------------------------------------------
+# A reader maps checkpoint tensor names to (file, shape) and reads a tensor as numpy
+# (bf16 as uint16 bits) together with its dtype name.
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class _SafetensorsFile:
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self.handle = safe_open(path, framework="numpy")
+            self.names = set(self.handle.keys())
+        except Exception as e:  # SafetensorError, OSError: corrupt, truncated, unreadable
+            raise WeightError(f"{path}: cannot read safetensors file ({_one_line(e)})") from None
+        self._header: dict | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        st = self.handle.get_slice(name).get_dtype()
+        return _ST_DTYPES.get(st, st)
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            if self.dtype(name) == "bfloat16":
+                return self._read_raw_u16(name)  # numpy has no bfloat16
+            return self.handle.get_tensor(name)
+        except WeightError:
+            raise
+        except Exception as e:
+            raise WeightError(f"{self.path}: cannot read tensor '{name}' ({_one_line(e)})") from None
+
+    def _read_raw_u16(self, name: str) -> np.ndarray:
+        # Layout: u64 little-endian header length n, n bytes of JSON header, then the data;
+        # each entry's data_offsets are relative to the first data byte.
+        if self._header is None:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._header = {"start": 8 + n, "entries": json.loads(f.read(n))}
+        entry = self._header["entries"][name]
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // 2
+        data = np.fromfile(self.path, dtype="<u2", count=count, offset=self._header["start"] + begin)
+        if data.size != count:
+            raise WeightError(f"{self.path}: tensor '{name}' is truncated ({data.size} of {count} values present)")
+        return data.astype(np.uint16).reshape(entry["shape"])
+
+
+class _Safetensors:
+    """One or more safetensors files; ``where`` names the checkpoint in missing-tensor errors."""
+
+    def __init__(self, files: dict[str, _SafetensorsFile], weight_map: dict[str, str], where: str):
+        self.files, self.weight_map, self.where = files, weight_map, where
+
+    def locate(self, name: str) -> tuple[str, tuple[int, ...], str] | None:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            return None
+        f = self.files[fname]
+        if name not in f.names:
+            raise WeightError(f"{f.path}: tensor '{name}' is missing although {self.where} lists it in this shard")
+        return f.path, f.shape(name), f.dtype(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.files[self.weight_map[name]].read(name)
+
+
+class _TorchFile:
+    def __init__(self, path: str):
+        try:
+            import torch
+        except ImportError:
+            raise WeightError(f"reading Meta checkpoint {path} needs torch (pip install torch)") from None
+        self.path, self.where, self._torch = path, path, torch
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightError(f"{path}: cannot read torch checkpoint ({_one_line(e)})") from None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]
+        if not isinstance(sd, dict):
+            raise WeightError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+        self.tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+    def locate(self, name: str) -> tuple[str, tuple[int, ...], str] | None:
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        return self.path, tuple(t.shape), str(t.dtype).removeprefix("torch.")
+
+    def read(self, name: str) -> np.ndarray:
+        t = self.tensors[name].contiguous()
+        if t.dtype == self._torch.bfloat16:
+            return t.view(self._torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+
+def _open_index(index: str) -> _Safetensors:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("'weight_map' must map tensor names to file names")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        what = "no 'weight_map' key" if isinstance(e, (KeyError, TypeError)) else _one_line(e)
+        raise WeightError(f"{index}: cannot read safetensors index ({what})") from None
+    folder = os.path.dirname(index)
+    files = {}
+    for tensor, shard in weight_map.items():
+        if shard in files:
+            continue
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise WeightError(f"{index}: shard '{shard}' (holding tensor '{tensor}') does not exist in {folder}")
+        files[shard] = _SafetensorsFile(shard_path)
+    return _Safetensors(files, weight_map, index)
+
+
+def _open_single(path: str):
+    if path.endswith(".safetensors"):
+        f = _SafetensorsFile(path)
+        return _Safetensors({path: f}, {n: path for n in f.names}, path)
+    if path.endswith((".pth", ".pt", ".bin")):
+        return _TorchFile(path)
+    raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors or .pth)")
+
+
+def open_checkpoint(path: str | os.PathLike):
+    """A reader for a checkpoint file or directory (see the module docstring for layouts)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if path.endswith(".index.json"):
+            return _open_index(path)
+        return _open_single(path)
+    if not os.path.isdir(path):
+        raise WeightError(f"{path}: no such checkpoint file or directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return _open_index(index)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return _open_single(os.path.join(path, "model.safetensors"))
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if len(shards) > 1:
+        raise WeightError(
+            f"{path}: found {len(shards)} consolidated.*.pth shards; model-parallel Meta checkpoints are not "
+            "supported (merge them into one consolidated.00.pth)"
+        )
+    if shards:
+        return _open_single(shards[0])
+    others = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if len(others) == 1:
+        return _open_single(others[0])
+    found = ", ".join(sorted(os.listdir(path))[:6]) or "nothing"
+    raise WeightError(
+        f"{path}: no checkpoint found (expected model.safetensors, model.safetensors.index.json or "
+        f"consolidated.00.pth; found {found})"
+    )
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _weight_values(graph: Graph):
+    return [v for v in graph.values.values() if v.kind == WEIGHT]
+
+
+def _storage_nbytes(graph: Graph) -> int:
+    return sum(v.nbytes(graph.dims) for v in _weight_values(graph))
+
+
+def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: str, value: str) -> np.ndarray:
+    name = hf_name if source == "hf" else meta_name(hf_name)
+    if name is None:
+        raise WeightError(
+            f"{ckpt.where}: tensor '{hf_name}' (for value '{value}') has no Meta checkpoint equivalent"
+        )
+    found = ckpt.locate(name)
+    if found is None:
+        label = f"'{name}'" if source == "hf" else f"'{name}' (HF name '{hf_name}')"
+        raise WeightError(f"{ckpt.where}: tensor {label} is missing (needed for value '{value}')")
+    file, got, src = found
+    if got != shape:
+        raise WeightError(
+            f"{file}: tensor '{name}' has shape {list(got)} but the config expects {list(shape)} (value '{value}')"
+        )
+    if src not in ("float32", "float16", "bfloat16", "float64"):
+        raise WeightError(f"{file}: tensor '{name}' has dtype {src}; expected a floating-point tensor")
+    src_arr = ckpt.read(name)
+    with np.errstate(over="ignore"):
+        arr = _to_storage(src_arr, src, dtype)
+    if dtype == "float16" and src != "float16" and np.isinf(arr).any():
+        wide = weights_to_float32(src_arr, "bfloat16") if src == "bfloat16" else src_arr
+        if np.isinf(arr).sum() > np.isinf(wide).sum():
+            raise WeightError(
+                f"{file}: tensor '{name}' has values beyond the float16 range (max |x| = "
+                f"{float(np.nanmax(np.abs(wide))):.4g}); use bfloat16 or float32"
+            )
+    return arr
+
+
+def iter_weights(
+    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (value_name, storage array) for each weight value, one value in memory at a time."""
+    source = source or graph.meta.get("config", {}).get("source", "hf")
+    if source not in ("hf", "meta"):
+        raise ValueError(f"source must be 'hf' or 'meta', got {source!r}")
+    ckpt = open_checkpoint(path)
+    total, done = _storage_nbytes(graph), 0
+    for v in _weight_values(graph):
+        parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name) for n, s in v.attrs["parts"]]
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
+        done += arr.nbytes
+        if progress is not None:
+            progress(done, total, v.name)
+        yield v.name, arr
+
+
+def load_weights(
+    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None
+) -> dict[str, np.ndarray]:
+    """Every weight value of ``graph`` read from a checkpoint, in the value's storage dtype.
+
+    ``source`` ("hf" or "meta") says which tensor names the checkpoint uses; by default the one
+    recorded in the graph's config (``graph.meta["config"]["source"]``), else "hf".
+    """
+    return dict(iter_weights(graph, path, source=source, progress=progress))
+
+
+# ---- deterministic random weights ---------------------------------------------------------------
+
+
+def weight_parts(graph: Graph) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """(value_name, part_name, part_shape) for every part of every weight value, in graph order."""
+    for v in _weight_values(graph):
+        for name, shape in v.attrs["parts"]:
+            yield v.name, name, tuple(shape)
+
+
+def init_kind(part_name: str) -> str:
+    """How a random part is drawn: "norm" (around 1), "bias" or "matrix" (around 0)."""
+    if part_name.endswith(".bias"):
+        return "bias"
+    if part_name.endswith("norm.weight"):  # model.norm, input_layernorm, post_attention_layernorm
+        return "norm"
+    return "matrix"
+
+
+def part_seed(part_name: str, seed: int) -> int:
+    """A seed per (part, seed) that is stable across processes (crc32, not hash())."""
+    return (int(seed) % 2**32) << 32 | zlib.crc32(part_name.encode("utf-8"))
+
+
+def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    """One part's fp32 values; a part's numbers do not depend on how parts are grouped."""
+    x = np.random.default_rng(part_seed(part_name, seed)).standard_normal(tuple(shape), dtype=np.float32)
+    if init_kind(part_name) == "norm":
+        x *= np.float32(0.1)
+        x += np.float32(1.0)
+    else:
+        x *= np.float32(scale)
+    return x
+
+
+def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str, np.ndarray]:
+    """Deterministic random weights in ``load_weights``' format: matrices and biases N(0, scale),
+    norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part."""
+    out = {}
+    for v in _weight_values(graph):
+        parts = [random_part(n, s, seed, scale) for n, s in v.attrs["parts"]]
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        out[v.name] = float32_to_storage(arr, v.dtype)
+    return out
