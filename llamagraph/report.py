@@ -1,0 +1,258 @@
+"""What ``llamagraph compile`` and ``llamagraph dump`` produce: artifacts on disk and a text report.
+
+The CLI is a thin face over this module, and this module a thin layer over the Python API
+(``load_config``, ``compile_graph``, ``run_pipeline``): nothing here changes what is compiled.
+
+Artifacts written by ``write_artifacts`` into one output directory:
+  graph.txt / graph.json     the fused, memory-planned graph (text IR; JSON that round-trips)
+  graph_unfused.txt          the builder's graph before any pass
+  memory_plan.json / .txt    graph.meta["memory"] plus the schedule; a buffer table
+  graph.html                 picture of the fused graph (llamagraph.viz)
+  memory_plan.html           picture of the memory plan (llamagraph.viz)
+  + whatever ``write_cuda_artifacts`` adds (hook for generated CUDA source, see below)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+
+from llamagraph import viz
+from llamagraph.ir import Graph, ModelConfig, build_graph, load_config
+from llamagraph.passes import PASS_NAMES, run_pipeline
+from llamagraph.runtime.plan import compile_graph
+
+BUILD = "build"  # the stage name of the unfused graph, before any pass
+
+
+def stage_names() -> list[str]:
+    """Names ``dump --after`` accepts, in pipeline order: ``build`` then every pass."""
+    return [BUILD, *PASS_NAMES]
+
+
+@dataclass
+class Compiled:
+    """A config compiled to its unfused and fused graphs."""
+
+    source: str  # the config path as given
+    cfg: ModelConfig
+    unfused: Graph
+    fused: Graph
+
+
+@dataclass
+class Section:
+    """A titled block of the text report, plus the files it wrote (paths relative to outdir)."""
+
+    title: str
+    lines: list[str]
+    files: list[str] = field(default_factory=list)
+
+
+def compile_model(config: str, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None, dump_dir: str | None = None) -> Compiled:
+    cfg = load_config(config)
+    fused = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                          dump_dir=dump_dir)
+    return Compiled(os.fspath(config), cfg, unfused_like(cfg, fused), fused)
+
+
+def unfused_like(cfg: ModelConfig, fused: Graph) -> Graph:
+    """The builder's graph with the same resolved sizes as ``fused`` (compile_graph fills the
+    max_seq / max_tokens defaults; reading them back keeps one place that decides them)."""
+    m = fused.meta
+    return build_graph(cfg, dtype=m["dtype"], max_batch=m["max_batch"], max_seq=m["max_seq"],
+                       max_tokens=m["max_tokens"])
+
+
+def graph_after(config: str, after: str | None = None, *, dtype: str = "float16", max_batch: int = 1,
+                max_seq: int | None = None, max_tokens: int | None = None) -> Graph:
+    """The IR after the named stage (``build`` or a pass name; default: the last pass)."""
+    names = stage_names()
+    after = after or names[-1]
+    if after not in names:
+        raise ValueError(f"unknown pass {after!r}; valid names: {', '.join(names)}")
+    c = compile_model(config, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    if after == names[-1]:
+        return c.fused
+    if after == BUILD:
+        return c.unfused
+    return run_pipeline(c.unfused, PASS_NAMES[: PASS_NAMES.index(after) + 1])
+
+
+def default_outdir(config: str) -> str:
+    """``./<config stem>.llamagraph``; a checkpoint's config.json / params.json is named by its directory."""
+    path = os.path.abspath(os.fspath(config))
+    if os.path.isdir(path) or os.path.basename(path) in ("config.json", "params.json"):
+        stem = os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
+    else:
+        stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(".", f"{stem or 'model'}.llamagraph")
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers the report prints
+# ---------------------------------------------------------------------------------------------
+
+# Launches per op in one decode step where an op is more than one kernel: decode attention
+# splits the sequence across blocks, then a combine kernel merges the partial softmaxes.
+DECODE_LAUNCHES = {"sdpa": 2}
+
+
+def kernels_per_decode_step(graph: Graph) -> int:
+    return sum(DECODE_LAUNCHES.get(n.op, 1) for n in graph.nodes)
+
+
+def _mib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:,.1f} KiB"
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def model_summary(cfg: ModelConfig, graph: Graph) -> list[str]:
+    rope = cfg.rope_type
+    rope_s = f"rope {rope}, theta {cfg.rope_theta:g}"
+    if cfg.rope_scaling:
+        rope_s += f", factor {cfg.rope_scaling['factor']:g}"
+    extras = [f"{cfg.rope_layout} layout", "tied embeddings" if cfg.tie_word_embeddings else "untied lm_head"]
+    if cfg.attention_bias:
+        extras.append("attention bias")
+    if cfg.mlp_bias:
+        extras.append("mlp bias")
+    m = graph.meta
+    return [
+        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}, vocab {cfg.vocab_size}",
+        f"{rope_s}; {', '.join(extras)}; {cfg.source} config",
+        f"{m['dtype']}, max_batch {m['max_batch']}, max_seq {m['max_seq']}, max_tokens {m['max_tokens']}",
+    ]
+
+
+def op_table(unfused: Graph, fused: Graph) -> list[str]:
+    a, b = unfused.op_counts(), fused.op_counts()
+    ops = sorted(set(a) | set(b))
+    w = max([len(op) for op in ops] + [5])
+    rows = [f"{'op':<{w}}  {'unfused':>7}  {'fused':>5}"]
+    for op in ops:
+        rows.append(f"{op:<{w}}  {a.get(op, 0) or '-':>7}  {b.get(op, 0) or '-':>5}")
+    rows.append(f"{'total':<{w}}  {len(unfused.nodes):>7}  {len(fused.nodes):>5}")
+    return rows
+
+
+def memory_lines(graph: Graph) -> list[str]:
+    mem = graph.meta["memory"]
+    arena, lb = mem["arena_bytes"], mem["lower_bound_bytes"]
+    ratio = arena / lb if lb else 1.0
+    rows = [
+        ("arena", arena, f"{len(mem['buffers'])} buffers"),
+        ("lower bound", lb, f"arena / lower bound = {ratio:.3f}"),
+        ("weights", mem["weight_bytes"], ""),
+        ("kv cache", mem["kv_cache_bytes"], ""),
+        ("step inputs", mem["input_bytes"], ""),
+    ]
+    rows.append(("total", sum(n for _, n, _ in rows[:1] + rows[2:]), "device memory the plan holds"))
+    w = max(len(f"{n}") for _, n, _ in rows)
+    return [f"{name:<12} {n:>{w}} bytes  {_mib(n):>11}" + (f"  {note}" if note else "") for name, n, note in rows]
+
+
+def memory_doc(graph: Graph) -> dict:
+    """memory_plan.json: the planner's result plus the schedule its step numbers index."""
+    doc = dict(graph.meta["memory"])
+    doc["schedule"] = [{"step": i, "op": n.op, "name": n.name} for i, n in enumerate(graph.nodes)]
+    return doc
+
+
+def memory_table(graph: Graph) -> str:
+    """memory_plan.txt: one row per arena buffer (values last, so long lists need no truncation)."""
+    mem = graph.meta["memory"]
+    arena, lb = mem["arena_bytes"], mem["lower_bound_bytes"]
+    head = [
+        f"# memory plan: {graph.meta.get('dtype')} max_batch={graph.meta.get('max_batch')} "
+        + " ".join(f"{k}={v}" for k, v in graph.dims.items()),
+        f"# arena {arena} bytes, lower bound {lb} bytes, ratio {arena / lb if lb else 1.0:.3f}, "
+        f"{len(mem['buffers'])} buffers",
+        "# first/last: schedule steps (node indices in graph.txt order); offset/size in bytes",
+    ]
+    rows = [("buffer", "offset", "size", "first", "last", "values")]
+    for b in sorted(mem["buffers"], key=lambda b: b["id"]):
+        rows.append((str(b["id"]), str(b["offset"]), str(b["size"]), str(b["first"]), str(b["last"]),
+                     ", ".join(b["values"])))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    body = ["  ".join(r[k].rjust(widths[k]) for k in range(5)) + "  " + r[5] for r in rows]
+    return "\n".join(head + body) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# hook: generated CUDA source + compile stats (to be filled by the codegen engineer)
+# ---------------------------------------------------------------------------------------------
+
+def _codegen_ready() -> bool:
+    try:
+        import llamagraph.codegen as codegen
+    except ImportError:
+        return False
+    return hasattr(codegen, "plan_kernels")
+
+
+def write_cuda_artifacts(graph: Graph, outdir: str, arch: str) -> Section | None:
+    """HOOK (to be filled): write the generated CUDA source for ``graph`` into ``outdir`` and
+    return a report Section with its compile stats (kernels, registers, spills for ``arch``).
+
+    Called by ``write_artifacts`` only when ``llamagraph.codegen.plan_kernels`` exists.
+    Contract: return ``Section(title, lines, files)`` with ``files`` relative to ``outdir``,
+    or None to add nothing; raise ``LlamagraphError`` for user-facing failures.
+    """
+    return Section("cuda", [f"codegen found; CUDA artifacts for {arch} are not written yet (report.write_cuda_artifacts)"])
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and reporting
+# ---------------------------------------------------------------------------------------------
+
+def _write(outdir: str, name: str, text: str, files: list[str]) -> None:
+    with open(os.path.join(outdir, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    files.append(name)
+
+
+def write_artifacts(c: Compiled, outdir: str, *, arch: str = "sm_90") -> list[Section]:
+    """Write every artifact into ``outdir`` (created if needed); return the report sections."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise NotADirectoryError(errno.ENOTDIR, "output directory exists and is not a directory", outdir)
+    os.makedirs(outdir, exist_ok=True)
+    files: list[str] = []
+    g = c.fused
+    name = os.path.basename(c.source.rstrip("/\\")) or c.source
+    _write(outdir, "graph.txt", str(g), files)
+    _write(outdir, "graph.json", g.to_json() + "\n", files)
+    _write(outdir, "graph_unfused.txt", str(c.unfused), files)
+    _write(outdir, "memory_plan.json", json.dumps(memory_doc(g), indent=1) + "\n", files)
+    _write(outdir, "memory_plan.txt", memory_table(g), files)
+    _write(outdir, "graph.html", viz.graph_html(g, title=f"{name}: fused graph"), files)
+    _write(outdir, "memory_plan.html", viz.memory_plan_html(g, title=f"{name}: memory plan"), files)
+
+    sections = [
+        Section("model", model_summary(c.cfg, g)),
+        Section("ops (unfused -> fused)", op_table(c.unfused, g)),
+        Section("kernels", [f"kernels per decode step: {kernels_per_decode_step(g)} "
+                            f"({len(g.nodes)} nodes; sdpa counts 2: split + combine)"]),
+        Section("memory", memory_lines(g)),
+    ]
+    if _codegen_ready():
+        cuda = write_cuda_artifacts(g, outdir, arch)
+        if cuda is not None:
+            sections.append(cuda)
+            files += cuda.files
+    sections.append(Section(f"files written to {outdir}", list(files)))
+    return sections
+
+
+def format_report(title: str, sections: list[Section]) -> str:
+    out = [title]
+    for s in sections:
+        out.append("")
+        out.append(f"{s.title}:")
+        out += [f"  {line}" for line in s.lines]
+    return "\n".join(out) + "\n"
