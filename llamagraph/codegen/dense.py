@@ -1,0 +1,302 @@
+"""Dense kernels: embedding, (add+)RMSNorm, GEMV / skinny GEMM, row gather, element-wise ops.
+
+Each kernel has a function returning its ``Kernel`` (the rendered template; ``module_source``
+adds the prelude) and a ``*_launch`` function returning the ``Launch`` shape for ``rows`` rows.
+``rows`` is a runtime kernel argument, so one kernel serves every batch size; the launch
+functions take the kernel function's arguments plus ``rows``.
+
+Kernel names encode every constant the source depends on (derived choices such as block size
+or vector width are functions of those constants), so equal names mean equal code.
+All pointers must be 16-byte aligned; rows are contiguous (row-major).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .render import DTYPE_TAG, Kernel, Launch, render
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+ELT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+EW_OPS = ("bias_add", "residual", "silu", "mul", "silu_mul", "silu_mul_halves")
+GEMV_EPILOGUES = ("none", "silu_mul")
+MAX_ROW_TILE = 16
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+
+
+def _check_dim(what: str, n: int) -> None:
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{what} must be a positive int, got {n!r}")
+
+
+def _math_vec(dtype: str, D: int) -> int:
+    """Elements per vector access for kernels that convert values: a 16-byte vector, else 1."""
+    v = 16 // ELT_BYTES[dtype]
+    return v if D % v == 0 else 1
+
+
+def _copy_bytes(dtype: str, D: int) -> int:
+    """Widest access (16, 8, 4 or element bytes) that tiles a row of D elements."""
+    row = D * ELT_BYTES[dtype]
+    return next(b for b in (16, 8, 4, ELT_BYTES[dtype]) if row % b == 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding / gather_rows: row copies
+# ---------------------------------------------------------------------------------------------
+
+COPY_THREADS = 256
+
+
+def embedding(dtype: str, D: int) -> Kernel:
+    """out[t, :] = table[tokens[t], :].
+
+    Args: (const int* tokens, const T* table, T* out, int n_tokens).
+    tokens: [n_tokens] int32 (must lie in [0, vocab)); table: [vocab, D]; out: [n_tokens, D].
+    """
+    _check_dtype(dtype)
+    _check_dim("D", D)
+    name = f"embedding_{DTYPE_TAG[dtype]}_d{D}"
+    src = render("embedding", name=name, dtype=dtype, D=D, copy_bytes=_copy_bytes(dtype, D), threads=COPY_THREADS)
+    return Kernel(name, src)
+
+
+def embedding_launch(dtype: str, D: int, rows: int) -> Launch:
+    per_row = D * ELT_BYTES[dtype] // _copy_bytes(dtype, D)
+    return Launch((max(1, _cdiv(rows * per_row, COPY_THREADS)), 1, 1), (COPY_THREADS, 1, 1), 0)
+
+
+def gather_rows(dtype: str, D: int) -> Kernel:
+    """out[b, :] = x[idx[b], :].
+
+    Args: (const T* x, const int* idx, T* out, int n).
+    x: [*, D]; idx: [n] int32; out: [n, D].
+    """
+    _check_dtype(dtype)
+    _check_dim("D", D)
+    name = f"gather_rows_{DTYPE_TAG[dtype]}_d{D}"
+    src = render("gather_rows", name=name, dtype=dtype, D=D, copy_bytes=_copy_bytes(dtype, D), threads=COPY_THREADS)
+    return Kernel(name, src)
+
+
+def gather_rows_launch(dtype: str, D: int, rows: int) -> Launch:
+    return embedding_launch(dtype, D, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# add_rmsnorm
+# ---------------------------------------------------------------------------------------------
+
+def eps_tag(eps: float) -> str:
+    """A short, stable identifier fragment for eps: 1e-05 -> '1em05', 2.5e-06 -> '2p5em06'."""
+    return repr(float(eps)).replace(".", "p").replace("-", "m").replace("+", "")
+
+
+def _norm_threads(dtype: str, D: int) -> int:
+    nv = D // _math_vec(dtype, D)
+    threads = min(256, max(32, _pow2_at_least(nv)))
+    if nv > 8 * threads:  # keep at most 8 vectors of the row in each thread's registers
+        threads = min(1024, _pow2_at_least(_cdiv(nv, 8)))
+    return threads
+
+
+def add_rmsnorm(dtype: str, D: int, eps: float, has_residual: bool = True, has_bias: bool = False) -> Kernel:
+    """RMSNorm of each row, optionally of the sum of two rows (and a bias); fp32 statistics.
+
+    Args: (const T* y, const T* r, const T* bias_or_null, const T* w, T* sum_out, T* norm_out, int rows).
+    y, r, sum_out, norm_out: [rows, D]; bias, w: [D].
+      has_residual: s = y + bias + r in fp32 (bias only with has_bias); sum_out = s rounded to T;
+                    norm_out = s * rsqrt(mean(s^2) + eps) * w, from the unrounded fp32 s.
+      plain:        norm_out = y * rsqrt(mean(y^2) + eps) * w; r, bias and sum_out are not touched.
+    sum_out may alias y or r (every element is read before it is written, by the same thread).
+    One block per row.
+    """
+    _check_dtype(dtype)
+    _check_dim("D", D)
+    if has_bias and not has_residual:
+        raise ValueError("add_rmsnorm: has_bias needs has_residual (the plain norm has no bias)")
+    kind = "add_rmsnorm" if has_residual else "rmsnorm"
+    name = f"{kind}_{DTYPE_TAG[dtype]}_d{D}_e{eps_tag(eps)}" + ("_bias" if has_bias else "")
+    src = render(
+        "add_rmsnorm",
+        name=name,
+        dtype=dtype,
+        D=D,
+        eps=repr(float(eps)) + "f",
+        has_residual=has_residual,
+        has_bias=has_bias,
+        vec=_math_vec(dtype, D),
+        threads=_norm_threads(dtype, D),
+    )
+    return Kernel(name, src)
+
+
+def add_rmsnorm_launch(dtype: str, D: int, rows: int) -> Launch:
+    return Launch((max(1, rows), 1, 1), (_norm_threads(dtype, D), 1, 1), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gemv
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemvTuning:
+    """Launch/unroll choices of the GEMV kernel.
+
+    warps:  warps per block. 16-bit: the block's 16 output columns split K over this many warps.
+            fp32: output columns per block (one warp each).
+    unroll: 16-byte W loads per W row and lane issued before the first is used.
+    """
+
+    warps: int
+    unroll: int
+
+    def tag(self) -> str:
+        return f"w{self.warps}u{self.unroll}"
+
+
+def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str = "none") -> GemvTuning:
+    """Enough bytes in flight per SM to cover HBM latency, within a register budget that keeps
+    two 256-thread blocks resident per SM (checked by tests through ptxas -v)."""
+    nt = _cdiv(row_tile, 8)
+    if dtype == "float32":
+        return GemvTuning(warps=8, unroll=4 if row_tile <= 4 else 2 if row_tile <= 8 else 1)
+    if epilogue == "silu_mul":
+        return GemvTuning(warps=8, unroll=4 if nt == 1 else 2)
+    return GemvTuning(warps=8, unroll=8 if nt == 1 else 4)
+
+
+def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning):
+    _check_dtype(dtype)
+    _check_dtype(out_dtype)
+    _check_dim("N", N)
+    _check_dim("K", K)
+    if epilogue not in GEMV_EPILOGUES:
+        raise ValueError(f"gemv epilogue must be one of {GEMV_EPILOGUES}, got {epilogue!r}")
+    vec = 16 // ELT_BYTES[dtype]
+    if K % vec:
+        raise ValueError(
+            f"gemv needs K to be a multiple of {vec} for {dtype} (rows are read in 16-byte vectors), got K={K}"
+        )
+    if epilogue == "silu_mul" and N % 2:
+        raise ValueError(f"gemv silu_mul needs an even N (gate rows then up rows), got N={N}")
+    if not 1 <= row_tile <= MAX_ROW_TILE:
+        raise ValueError(f"gemv row_tile must be in [1, {MAX_ROW_TILE}], got {row_tile}")
+    if tuning.warps not in (1, 2, 4, 8, 16, 32) or not 1 <= tuning.unroll <= 16:
+        raise ValueError(f"bad gemv tuning {tuning}")
+
+
+def gemv(
+    dtype: str,
+    N: int,
+    K: int,
+    row_tile: int,
+    epilogue: str = "none",
+    has_bias: bool = False,
+    out_dtype: str | None = None,
+    tuning: GemvTuning | None = None,
+) -> Kernel:
+    """out[r, n] = sum_k x[r, k] * W[n, k] (+ bias[n]), fp32 accumulation.
+
+    Args: (const T* x, const T* W, const T* bias_or_null, OutT* out, int rows).
+    x: [rows, K]; W: [N, K]; bias: [N] (read only with has_bias); out: [rows, N_out] of out_dtype.
+      epilogue "none":     N_out = N.
+      epilogue "silu_mul": W = [gate rows; up rows] (N = 2I), N_out = I,
+                           out[r, j] = silu(h[r, j]) * h[r, I + j] with h = x W^T (+ bias).
+    Rows are processed row_tile at a time (W is read once per row tile), so pick
+    row_tile >= the usual row count (<= 16; 8 covers one tensor-core tile).
+    16-bit W uses tensor cores (needs sm_80+); fp32 W uses CUDA-core FMAs.
+    """
+    out_dtype = out_dtype or dtype
+    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue)
+    tuning = tuning or default
+    _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning)
+    name = f"gemv_{DTYPE_TAG[dtype]}"
+    if out_dtype != dtype:
+        name += f"_o{DTYPE_TAG[out_dtype]}"
+    name += f"_n{N}_k{K}_r{row_tile}"
+    if epilogue == "silu_mul":
+        name += "_silu"
+    if has_bias:
+        name += "_bias"
+    if tuning != default:
+        name += "_" + tuning.tag()
+    src = render(
+        "gemv",
+        name=name,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        N=N,
+        K=K,
+        row_tile=row_tile,
+        epilogue=epilogue,
+        has_bias=has_bias,
+        warps=tuning.warps,
+        unroll=tuning.unroll,
+        # ask ptxas for 2 resident blocks of 256 threads: without a minimum it schedules for
+        # occupancy and sinks each W load next to its use, leaving 2-3 loads in flight per warp
+        min_blocks=max(1, 512 // (32 * tuning.warps)),
+    )
+    return Kernel(name, src)
+
+
+def gemv_launch(
+    dtype: str,
+    N: int,
+    K: int,
+    row_tile: int,
+    rows: int,
+    epilogue: str = "none",
+    tuning: GemvTuning | None = None,
+) -> Launch:
+    """Grid over output columns; ``rows`` does not change it (row tiles loop inside)."""
+    tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue)
+    n_out = N // 2 if epilogue == "silu_mul" else N
+    cols_per_block = tuning.warps if dtype == "float32" else 16
+    return Launch((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------------
+
+EW_THREADS = 256
+
+
+def elementwise(op: str, dtype: str, D: int) -> Kernel:
+    """Unfused element-wise ops over [rows, D] outputs, computed in fp32.
+
+    Args: (const T* a, const T* b_or_null, T* out, int rows).
+      bias_add:        out = a + b[col]          (b: [D])
+      residual:        out = a + b               (b: [rows, D])
+      silu:            out = silu(a)             (b unused)
+      mul:             out = a * b
+      silu_mul:        out = silu(a) * b
+      silu_mul_halves: out = silu(a[:, :D]) * a[:, D:]   (a: [rows, 2D], b unused)
+    out may alias a or b, except for silu_mul_halves (whose rows are narrower than a's).
+    """
+    _check_dtype(dtype)
+    _check_dim("D", D)
+    if op not in EW_OPS:
+        raise ValueError(f"elementwise op must be one of {EW_OPS}, got {op!r}")
+    name = f"ew_{op}_{DTYPE_TAG[dtype]}_d{D}"
+    src = render("elementwise", name=name, op=op, dtype=dtype, D=D, vec=_math_vec(dtype, D), threads=EW_THREADS)
+    return Kernel(name, src)
+
+
+def elementwise_launch(op: str, dtype: str, D: int, rows: int) -> Launch:
+    per_row = D // _math_vec(dtype, D)
+    return Launch((max(1, _cdiv(rows * per_row, EW_THREADS)), 1, 1), (EW_THREADS, 1, 1), 0)

@@ -1,0 +1,98 @@
+"""cupy helpers for the dense kernels: launching a generated kernel, and cuBLAS GEMMs for prefill.
+
+cupy is imported inside the functions, so importing this module needs no GPU.
+cuBLAS cannot run inside CUDA-graph capture (cupy refuses it), so ``linear_cublas`` serves
+un-captured prefill only; decode steps use the generated ``gemv`` kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llamagraph.codegen.render import Launch
+
+# cudaDataType_t values (library_types.h); cupy exposes them as cupy.cuda.runtime.CUDA_R_*
+_CUDA_DATA_TYPE = {"float32": ("CUDA_R_32F", 0), "float16": ("CUDA_R_16F", 2), "bfloat16": ("CUDA_R_16BF", 14)}
+# cublasComputeType_t: fp32 accumulation; PEDANTIC forbids TF32 so fp32 plans keep full precision
+_COMPUTE_32F = ("CUBLAS_COMPUTE_32F", 68)
+_COMPUTE_32F_PEDANTIC = ("CUBLAS_COMPUTE_32F_PEDANTIC", 69)
+_SMEM_DEFAULT_LIMIT = 48 * 1024
+
+
+def _const(module, name_value: tuple[str, int]) -> int:
+    name, value = name_value
+    return int(getattr(module, name, value))
+
+
+def launch(fn, shape: Launch, args, stream=None) -> None:
+    """Launch the cupy ``RawKernel`` ``fn`` with a ``Launch`` shape.
+
+    ``args``: cupy arrays (passed as pointers), ints (passed as C ``int``), or ``np.uint64``
+    raw device pointers. Dynamic shared memory above 48 KiB needs the kernel's limit raised
+    first (``fn.max_dynamic_shared_size_bytes = n``); this does it when ``shape.smem`` asks.
+    """
+    import cupy
+
+    if shape.smem > _SMEM_DEFAULT_LIMIT and fn.max_dynamic_shared_size_bytes < shape.smem:
+        fn.max_dynamic_shared_size_bytes = shape.smem
+    conv = tuple(np.int32(a) if isinstance(a, (int, np.integer)) and not isinstance(a, np.uint64) else a for a in args)
+    stream = stream if stream is not None else cupy.cuda.get_current_stream()
+    fn(shape.grid, shape.block, conv, shared_mem=shape.smem, stream=stream)
+
+
+def linear_cublas(x_ptr: int, w_ptr: int, out_ptr: int, rows: int, N: int, K: int, dtype: str, out_dtype: str | None = None, stream=None) -> None:
+    """out[rows, N] = x[rows, K] @ W[N, K]^T with cuBLAS ``gemmEx`` on raw device pointers.
+
+    Row-major out is column-major out^T[N, rows] = op_T(W_colmajor[K, N]) @ x_colmajor[K, rows],
+    so one call with transa=T, transb=N and leading dims K, K, N needs no copies.
+    Inputs of ``dtype`` (f32/f16/bf16), output of ``out_dtype`` (default ``dtype``; a 16-bit
+    input may write float32), fp32 accumulation (no TF32). ``stream``: a cupy Stream, a raw
+    stream pointer, or None for the current stream. Not usable during CUDA-graph capture.
+    """
+    import cupy
+    from cupy.cuda import cublas, runtime
+
+    out_dtype = out_dtype or dtype
+    if dtype not in _CUDA_DATA_TYPE or out_dtype not in _CUDA_DATA_TYPE:
+        raise ValueError(f"linear_cublas: unsupported dtypes {dtype} -> {out_dtype}")
+    if dtype == "float32" and out_dtype != "float32":
+        raise ValueError("linear_cublas: float32 inputs need a float32 output")
+    if rows == 0:
+        return
+    in_t = _const(runtime, _CUDA_DATA_TYPE[dtype])
+    out_t = _const(runtime, _CUDA_DATA_TYPE[out_dtype])
+    compute = _const(cublas, _COMPUTE_32F_PEDANTIC if dtype == "float32" else _COMPUTE_32F)
+    alpha = np.ones(1, np.float32)  # host scalars: the handle is in host pointer mode
+    beta = np.zeros(1, np.float32)
+    if stream is None:
+        stream = cupy.cuda.get_current_stream()
+    elif isinstance(stream, (int, np.integer)):
+        stream = cupy.cuda.ExternalStream(int(stream))
+    handle = cupy.cuda.device.get_cublas_handle()
+    with stream:  # cupy's gemmEx binds the handle to the current stream
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.gemmEx(
+                handle,
+                cublas.CUBLAS_OP_T,
+                cublas.CUBLAS_OP_N,
+                N,
+                rows,
+                K,
+                alpha.ctypes.data,
+                int(w_ptr),
+                in_t,
+                K,
+                int(x_ptr),
+                in_t,
+                K,
+                beta.ctypes.data,
+                int(out_ptr),
+                out_t,
+                N,
+                compute,
+                getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1),
+            )
+        finally:
+            cublas.setPointerMode(handle, mode)
