@@ -46,8 +46,10 @@ def compile(
     """Compile a model into an executable plan.
 
     model: a config.json / params.json path, a checkpoint directory, or a config dict.
-    weights: a checkpoint path, a dict of arrays keyed by graph weight name, "random" for
-      random weights drawn with ``seed``, or None to load from the ``model`` directory.
+    weights: a checkpoint path, a dict of arrays keyed by graph weight name (see
+      ``llamagraph.random_weights``), "random" for random weights drawn with ``seed`` (on the
+      GPU for the CUDA backend, so the numbers differ between backends), or None to load
+      from the ``model`` directory.
     max_seq: KV-cache length per sequence (default: the model's max positions, at most 4096).
     max_tokens: most tokens in one step (default: max_batch * max_seq, at most 4096); longer
       prompts are prefilled in chunks.
@@ -67,7 +69,7 @@ def compile(
         from .reference import ReferenceExecutor
 
         executor_cls = ReferenceExecutor
-    arrays = resolve_weights(graph, cfg, model, weights, seed)
+    arrays = resolve_weights(graph, cfg, model, weights, seed, backend)
     kwargs = {"progress": progress} if backend == "cuda" else {}
     return Plan(graph, cfg, executor_cls(graph, arrays, **kwargs))
 
@@ -88,7 +90,7 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     return run_pipeline(graph, passes, dump_dir)
 
 
-def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int) -> dict[str, np.ndarray]:
+def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference"):
     from .weights import load_weights, random_weights
 
     if isinstance(weights, dict):
@@ -97,6 +99,10 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int) -
             raise WeightError(f"weights dict has no array for graph weight {missing[0]!r}")
         return weights
     if isinstance(weights, str) and weights == "random":
+        if backend == "cuda":  # drawn on the GPU: a 7B model's worth of normals in seconds
+            from .cuda import RandomOnDevice
+
+            return RandomOnDevice(seed)
         return random_weights(graph, seed=seed)
     if weights is None:
         if isinstance(model, (dict, ModelConfig)):
@@ -156,7 +162,7 @@ class Plan:
         params = Sampling(temperature, top_k, top_p, seed)
         out: list[list[int]] = [[] for _ in range(batch)]
         step_of = [0] * batch
-        _, nxt = self._forward(prompts, params.per_row(list(range(batch)), step_of))
+        _, nxt = self._forward(prompts, params.per_row(list(range(batch)), step_of), want_logits=False)
         active = list(range(batch))
         while True:
             still = []
@@ -172,7 +178,7 @@ class Plan:
             if not active:
                 return out
             feed = {slot: [out[slot][-1]] for slot in active}
-            _, nxt = self._forward_slots(feed, params.per_row(active, step_of))
+            _, nxt = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False)
 
     # ---- internals ----------------------------------------------------------------------------
     def _check_tokens(self, tokens, extra: int = 0) -> int:
@@ -197,10 +203,10 @@ class Plan:
                 )
         return batch
 
-    def _forward(self, tokens: list[list[int]], sampling: "RowParams"):
-        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling)
+    def _forward(self, tokens: list[list[int]], sampling: "RowParams", want_logits: bool = True):
+        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling, want_logits)
 
-    def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams"):
+    def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams", want_logits: bool = True):
         """Run every step needed to consume ``feed`` (slot -> new tokens); return the logits
         and sampled tokens of each fed slot's last token, in ``feed`` order."""
         order = list(feed)
@@ -209,11 +215,13 @@ class Plan:
         nxt = np.zeros(len(order), np.int32)
         for step in self._pack(feed):
             row_of = [order.index(seg.slot) for seg in step]
-            step_logits, step_next = self._run_step(step, sampling.take(row_of))
-            for seg, row, lg, nx in zip(step, row_of, step_logits, step_next):
+            step_logits, step_next = self._run_step(step, sampling.take(row_of), want_logits)
+            for k, (seg, row) in enumerate(zip(step, row_of)):
                 self.lengths[seg.slot] = seg.start + len(seg.tokens)
                 if self.lengths[seg.slot] == target[seg.slot]:
-                    logits[row], nxt[row] = lg, nx
+                    nxt[row] = step_next[k]
+                    if want_logits:
+                        logits[row] = step_logits[k]
         return logits, nxt
 
     def _pack(self, feed: dict[int, list[int]]) -> list[list[Segment]]:
@@ -231,7 +239,7 @@ class Plan:
                 toks, pos, room = toks[len(take):], pos + len(take), room - len(take)
         return steps
 
-    def _run_step(self, step: list[Segment], sampling: "RowParams"):
+    def _run_step(self, step: list[Segment], sampling: "RowParams", want_logits: bool = True):
         tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in step])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens), dtype=np.int32) for s in step])
         seq_ids = np.concatenate([np.full(len(s.tokens), s.slot, np.int32) for s in step])
@@ -248,7 +256,7 @@ class Plan:
             "last_index": last_index,
             **sampling.arrays(),
         }
-        return self.executor.step(inputs, len(tokens), len(step))
+        return self.executor.step(inputs, len(tokens), len(step), want_logits)
 
 
 @dataclass

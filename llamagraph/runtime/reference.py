@@ -49,7 +49,8 @@ class ReferenceExecutor:
             return self.weights[name]
         return to_float32(self._storage(name, dims), v.dtype)
 
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int,
+             want_logits: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         dims = {"T": n_tokens, "B": n_seqs}
         for name, arr in inputs.items():
             self._storage(name, dims)[...] = arr
@@ -60,4 +61,5 @@ class ReferenceExecutor:
                 dst = self._storage(name, dims)
                 dst[...] = to_storage(arr, self.graph.values[name].dtype).reshape(dst.shape)
         logits, nxt = self.graph.outputs
-        return self._read(logits, dims).astype(np.float32).copy(), self._storage(nxt, dims).copy()
+        out = self._read(logits, dims).astype(np.float32).copy() if want_logits else None
+        return out, self._storage(nxt, dims).copy()
