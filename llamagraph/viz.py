@@ -292,8 +292,9 @@ def _add_dummies(boxes: list[_Box], edges: list[_Edge]) -> list[_Box]:
     return out
 
 
-def _order_rows(boxes: list[_Box], edges: list[_Edge]) -> list[list[_Box]]:
-    """Barycenter ordering: a few down and up sweeps over the ranks."""
+def _order_rows(boxes: list[_Box], edges: list[_Edge]) -> tuple[list[list[_Box]], dict, dict]:
+    """Barycenter ordering: a few down and up sweeps over the ranks. Returns the rows and each
+    box's neighbours one rank up and one rank down (dummies included)."""
     n_ranks = max(b.rank for b in boxes) + 1
     rows: list[list[_Box]] = [[] for _ in range(n_ranks)]
     for b in sorted(boxes, key=lambda b: (b.order, b.dummy, b.key)):
@@ -358,9 +359,8 @@ def _place(rows: list[list[_Box]], up: dict, down: dict) -> tuple[float, float]:
         h = max((b.height for b in row if not b.dummy), default=LINE_H)
         for b in row:
             b.x -= left
-            b.y = y if not b.dummy else y
-            if b.dummy:
-                b.height = h
+            if b.dummy:  # a long edge runs straight through the whole row height
+                b.y, b.height = y, h
             else:
                 b.y = y + (h - b.height) / 2
         y += h + ROW_GAP
