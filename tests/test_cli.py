@@ -294,3 +294,29 @@ def test_python_m_compile(tmp_path):
     assert p.stderr == ""
     assert "kernels per decode step: 149" in p.stdout
     assert (tmp_path / "out" / "graph.html").is_file()
+
+
+def test_cuda_hook_called_only_when_codegen_can_plan(tmp_path, capsys, monkeypatch):
+    """report.write_cuda_artifacts runs iff llamagraph.codegen.plan_kernels exists; its section
+    and files join the report."""
+    import llamagraph.codegen as codegen
+    from llamagraph import report
+
+    calls = []
+
+    def fake_hook(graph, outdir, arch):
+        calls.append(arch)
+        (tmp_path / "out" / "kernels.cu").write_text("// generated\n")
+        return report.Section("cuda", ["3 kernels, 0 spills"], ["kernels.cu"])
+
+    monkeypatch.setattr(report, "write_cuda_artifacts", fake_hook)
+    monkeypatch.delattr(codegen, "plan_kernels", raising=False)
+    rc, out, err = run(capsys, "compile", _tiny(tmp_path), "-o", tmp_path / "out")
+    assert rc == 0, err
+    assert calls == [] and "kernels.cu" not in out
+
+    monkeypatch.setattr(codegen, "plan_kernels", lambda *a, **k: None, raising=False)
+    rc, out, err = run(capsys, "compile", _tiny(tmp_path), "-o", tmp_path / "out", "--arch", "sm_80")
+    assert rc == 0, err
+    assert calls == ["sm_80"]
+    assert "cuda:\n  3 kernels, 0 spills" in out and "  kernels.cu" in out
