@@ -154,9 +154,11 @@ def hf_reference_logits(
 def hf_greedy(model_dir: str, prompt: list[int], n_new: int, dtype: torch.dtype = torch.float32) -> list[int]:
     """Exactly ``n_new`` greedy tokens from HF generate (no eos stop, eos logits untouched)."""
     model = load_hf_model(model_dir, dtype)
-    gen = GenerationConfig(
-        max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=None
-    )
+    # generate() fills unset fields from the model's saved generation config, so its eos id
+    # must be removed there, not only left out here; min_new_tokens would instead mask eos.
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    gen = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     ids = model.generate(torch.tensor([prompt]), generation_config=gen)
     return ids[0, len(prompt):].tolist()
 

@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -242,8 +243,10 @@ def _open_single(path: str):
     raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors or .pth)")
 
 
-def open_checkpoint(path: str | os.PathLike):
-    """A reader for a checkpoint file or directory (see the module docstring for layouts)."""
+def open_checkpoint(path: str | os.PathLike, source: str = "hf"):
+    """A reader for a checkpoint file or directory (see the module docstring for layouts).
+
+    A directory holding both layouts (HF repos ship Meta's files too) is read in ``source``'s."""
     path = os.fspath(path)
     if os.path.isfile(path):
         if path.endswith(".index.json"):
@@ -251,12 +254,14 @@ def open_checkpoint(path: str | os.PathLike):
         return _open_single(path)
     if not os.path.isdir(path):
         raise WeightError(f"{path}: no such checkpoint file or directory")
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if source == "meta" and len(shards) == 1:
+        return _open_single(shards[0])
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         return _open_index(index)
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return _open_single(os.path.join(path, "model.safetensors"))
-    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if len(shards) > 1:
         raise WeightError(
             f"{path}: found {len(shards)} consolidated.*.pth shards; model-parallel Meta checkpoints are not "
@@ -322,7 +327,7 @@ def iter_weights(
     source = source or graph.meta.get("config", {}).get("source", "hf")
     if source not in ("hf", "meta"):
         raise ValueError(f"source must be 'hf' or 'meta', got {source!r}")
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, source)
     total, done = _storage_nbytes(graph), 0
     for v in _weight_values(graph):
         parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name) for n, s in v.attrs["parts"]]
@@ -383,9 +388,14 @@ def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: floa
 def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str, np.ndarray]:
     """Deterministic random weights in ``load_weights``' format: matrices and biases N(0, scale),
     norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part."""
-    out = {}
-    for v in _weight_values(graph):
+
+    def one(v) -> np.ndarray:
         parts = [random_part(n, s, seed, scale) for n, s in v.attrs["parts"]]
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        out[v.name] = float32_to_storage(arr, v.dtype)
-    return out
+        return float32_to_storage(arr, v.dtype)
+
+    # numpy's generators release the GIL while filling, and every part has its own generator,
+    # so threads speed up large models without changing a single number.
+    values = _weight_values(graph)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip((v.name for v in values), pool.map(one, values)))
