@@ -144,11 +144,13 @@ class Plan:
         return logits
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_tokens: list[int] | None = None) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, stop_tokens: list[int] | None = None,
+                 on_token=None) -> list[list[int]]:
         """Generate up to ``max_new_tokens`` tokens per prompt (sampling on the device).
 
         temperature 0 is greedy. A sequence stops after emitting any of ``stop_tokens``; the
-        stop token is not included in its output. Returns the new tokens of each prompt.
+        stop token is not included in its output. ``on_token(sequence, token)`` is called as
+        each token is produced (for streaming). Returns the new tokens of each prompt.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -172,6 +174,8 @@ class Plan:
                     continue
                 out[slot].append(tok)
                 step_of[slot] += 1
+                if on_token is not None:
+                    on_token(slot, tok)
                 if len(out[slot]) < max_new_tokens:
                     still.append(slot)
             active = still

@@ -1,0 +1,144 @@
+"""The CUDA backend end to end: against HF transformers, against itself, and its errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llamagraph
+import models
+from numerics import DECODE, PROMPTS, check_against_hf, rel_err
+
+pytestmark = pytest.mark.gpu
+
+MATRIX = ["mha", "gqa", "mqa", "bias", "tied", "rope_linear", "rope_dynamic", "rope_llama3", "head_dim"]
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_fp32_logits_match_hf(hf_model, name):
+    check_against_hf(hf_model(name), backend="cuda", dtype="float32", tol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", MATRIX)
+def test_half_precision_logits_match_hf(hf_model, name, dtype):
+    # the checkpoint holds the rounded weights; HF computes in fp32 from them
+    d = hf_model(name, dtype=dtype)
+    check_against_hf(d, backend="cuda", dtype=dtype, tol=3e-2)
+
+
+def test_meta_checkpoint_on_gpu(meta_model):
+    meta_dir, hf_dir = meta_model("meta_llama3")
+    check_against_hf(meta_dir, backend="cuda", dtype="float32", tol=1e-3, hf_dir=hf_dir)
+
+
+def test_chunked_and_long_prefill(hf_model):
+    # max_tokens 8 forces chunked prefill through the cuBLAS path and the tiled attention
+    check_against_hf(hf_model("gqa"), backend="cuda", dtype="float32", tol=1e-3, max_tokens=8)
+
+
+@pytest.mark.parametrize("name", ["gqa", "bias", "head_dim"])
+def test_greedy_32_tokens_identical_to_hf(hf_model, name):
+    d = hf_model(name)
+    plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64, backend="cuda")
+    outs = plan.generate(PROMPTS, max_new_tokens=32)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == models.hf_greedy(d, prompt, 32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_matches_reference_backend(hf_model, dtype):
+    d = hf_model("bias", dtype=dtype)
+    ref = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32)
+    gpu = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32, backend="cuda")
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert rel_err(gpu.run(PROMPTS), ref.run(PROMPTS)) < tol
+    for step in range(4):
+        feed = [[DECODE[0][step]], [DECODE[1][step]]]
+        assert rel_err(gpu.run(feed), ref.run(feed)) < tol
+
+
+def test_graph_replay_bit_identical_to_eager(hf_model):
+    d = hf_model("gqa", dtype="float16")
+    plan = llamagraph.compile(d, dtype="float16", max_batch=2, max_seq=32, backend="cuda")
+    ex = plan.executor
+    plan.run(PROMPTS)
+    snapshot = {k: v.copy() for k, v in ex.persistent.items()}
+    lengths = list(plan.lengths)
+    replayed = plan.run([[DECODE[0][0]], [DECODE[1][0]]])  # a captured graph replay
+    assert 2 in ex.graphs
+    replay_arena = ex.arena.get()
+    # restore the cache and run the same step's kernels eagerly, without the graph
+    for k, v in snapshot.items():
+        ex.persistent[k][...] = v
+    plan.lengths = lengths
+    ex.graphs.clear()
+    ex._capture = lambda n: _EagerGraph(ex, n)
+    eager = plan.run([[DECODE[0][0]], [DECODE[1][0]]])
+    assert np.array_equal(replayed, eager)
+    assert np.array_equal(replay_arena, ex.arena.get())
+
+
+class _EagerGraph:
+    def __init__(self, ex, n):
+        self.ex, self.n = ex, n
+
+    def launch(self, stream):
+        self.ex._launch_all(self.n, self.n, prefill=False)
+
+
+def test_decode_graphs_per_batch_size(hf_model):
+    d = hf_model("gqa")
+    plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64, backend="cuda")
+    ref = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64)
+    # different stop points shrink the batch from 2 to 1 mid-generation
+    full = plan.generate(PROMPTS, 12)
+    stop = full[1][4]
+    assert plan.generate(PROMPTS, 12, stop_tokens=[stop]) == ref.generate(PROMPTS, 12, stop_tokens=[stop])
+    assert set(plan.executor.graphs) >= {1, 2}
+
+
+def test_sampling_seeded_and_topk1_is_greedy(hf_model):
+    d = hf_model("gqa")
+    plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64, backend="cuda")
+    a = plan.generate(PROMPTS, 16, temperature=0.8, top_k=40, top_p=0.95, seed=11)
+    b = plan.generate(PROMPTS, 16, temperature=0.8, top_k=40, top_p=0.95, seed=11)
+    c = plan.generate(PROMPTS, 16, temperature=0.8, top_k=40, top_p=0.95, seed=12)
+    assert a == b and a != c
+    assert plan.generate(PROMPTS, 16, temperature=1.0, top_k=1, seed=5) == plan.generate(PROMPTS, 16)
+
+
+def test_user_errors_on_gpu(hf_model):
+    d = hf_model("gqa")
+    plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=16, backend="cuda")
+    with pytest.raises(llamagraph.InputError, match="max_seq"):
+        plan.run([list(range(20))])
+    with pytest.raises(llamagraph.InputError, match="max_batch"):
+        plan.run([[1], [2], [3]])
+    with pytest.raises(llamagraph.InputError, match="outside the vocabulary"):
+        plan.run([[1, 96]])
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_compute_sanitizer_memcheck_clean(hf_model, tmp_path):
+    d = hf_model("bias", dtype="float16")
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import llamagraph\n"
+        f"plan = llamagraph.compile({d!r}, dtype='float16', max_batch=2, max_seq=32, backend='cuda')\n"
+        f"plan.run({PROMPTS!r})\n"
+        "plan.run([[3], [4]])\n"
+        "plan.generate([[1, 2, 3]], 3, temperature=1.0, top_p=0.9)\n"
+        "print('SANITIZER-RUN-OK')\n"
+    )
+    env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "7", sys.executable, str(script)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "SANITIZER-RUN-OK" in res.stdout
+    assert "ERROR SUMMARY: 0 errors" in res.stdout + res.stderr
