@@ -3,6 +3,9 @@
     llamagraph compile CONFIG [-o OUTDIR] [--dtype D] [--max-batch N] [--max-seq N]
                               [--max-tokens N] [--dump-dir DIR] [--arch sm_90]
     llamagraph dump CONFIG [--after PASS] [--dtype D] [--max-batch N] [--max-seq N] [--json]
+    llamagraph run MODEL [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
+                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
+    llamagraph bench CONFIG --random-weights [--batch B] [--prompt-len P] [--gen-len G] [--peers hf,compile]
 
 Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and sets
 ``func``; ``COMMANDS`` lists them in help order, so adding ``run`` or ``bench`` is one function
@@ -129,6 +132,122 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+def probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return v
+
+
+def non_negative(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a non-negative {kind.__name__}, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative {kind.__name__}, got {text!r}")
+        return v
+    return parse
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="generate text from a prompt, streaming it",
+                       description="Generate from a checkpoint (its tokenizer.model / tokenizer.json encodes the "
+                                   "prompt), streaming the text. --random-weights runs a config's shape on random "
+                                   "weights with token ids in place of text.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory, or a config.json / params.json")
+    p.add_argument("--weights", metavar="PATH", help="checkpoint to load (default: the MODEL directory)")
+    p.add_argument("--random-weights", action="store_true", help="random weights; the prompt is random token ids")
+    p.add_argument("--prompt", default="", help="prompt text (ignored with --random-weights)")
+    p.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt length (--random-weights)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
+    p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=non_negative(int), default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument("--max-seq", type=positive_int, metavar="N")
+    p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import llamagraph
+    from llamagraph.textgen import find_tokenizer, stream_text
+
+    if args.random_weights and args.weights:
+        raise UsageError("--weights and --random-weights exclude each other")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    weights = "random" if args.random_weights else args.weights
+    if args.random_weights:
+        plan = llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
+                                  seed=args.seed)
+        import numpy as np
+
+        prompt = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.prompt_len).tolist()
+        print(f"prompt ids: {prompt}")
+        sys.stdout.write("generated ids:")
+        plan.generate([prompt], args.max_new_tokens, on_token=lambda _s, t: (sys.stdout.write(f" {t}"), sys.stdout.flush()),
+                      **sampling)
+        sys.stdout.write("\n")
+        return 0
+    if not args.prompt:
+        raise UsageError("--prompt is required (or pass --random-weights)")
+    model_dir = args.model if os.path.isdir(args.model) else os.path.dirname(os.path.abspath(args.model))
+    tokenizer = find_tokenizer(args.weights if args.weights and os.path.isdir(args.weights) else model_dir)
+    plan = llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
+                              progress=sys.stderr.isatty())
+    cfg = plan.config
+    stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,
+                stop_tokens=cfg.eos_token_ids, **sampling)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="decode speed vs the bandwidth floor and PyTorch peers (GPU)",
+                       description="Time prefill and decode on random weights and print tok/s, ms/step, the "
+                                   "bandwidth floor and the %% of it reached, beside HF transformers eager and "
+                                   "torch.compile + CUDA graphs measured in the same run.")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--random-weights", action="store_true", required=True,
+                   help="required: the benchmark runs on random weights")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--prompt-len", type=positive_int, default=128)
+    p.add_argument("--gen-len", type=positive_int, default=128)
+    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument("--peers", default="hf,compile", help="comma list of hf, compile; 'none' for no peers")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llamagraph.bench import bench
+    from llamagraph.ir import load_config
+    from llamagraph.runtime.cuda import CudaExecutor
+
+    peers = tuple(x for x in args.peers.split(",") if x and x != "none")
+    bad = [x for x in peers if x not in ("hf", "compile")]
+    if bad:
+        raise UsageError(f"argument --peers: unknown peer {bad[0]!r}; choose from hf, compile, none")
+    load_config(args.config)  # a bad config fails before any GPU work
+    CudaExecutor.check_available()
+    report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
+                   peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+    print(report.table())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # the command table and main
 # ---------------------------------------------------------------------------------------------
 
@@ -136,6 +255,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable] = {
     "compile": add_compile,
     "dump": add_dump,
+    "run": add_run,
+    "bench": add_bench,
 }
 
 
