@@ -1,0 +1,297 @@
+"""Codegen for the attention-side kernels: rope + KV append, decode and prefill attention, sampling.
+
+Each ``foo(...)`` returns the ``Kernel`` (or kernels) for one specialisation and ``foo_launch(...)``
+the launch shape for the sizes of one call. Kernel names encode every constant the code depends
+on, so equal names mean equal code. The numpy references these kernels implement are in
+``llamagraph.ir.ops`` (``_rope_ref``, ``_kv_append_ref``, ``_rope_kv_append_ref``, ``_sdpa_ref``,
+``sample_row``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ir.ops import rope_inv_freq
+from .render import DTYPE_TAG, Kernel, Launch, render
+
+ESIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+LOG2E = 1.4426950408889634
+LAYOUT_TAG = {"rotate_half": "rh", "interleaved": "il"}
+
+
+def _check(dtype: str, H: int, KV: int, D: int) -> None:
+    if dtype not in ESIZE:
+        raise ValueError(f"unsupported storage dtype {dtype!r}")
+    if H <= 0 or KV <= 0 or H % KV:
+        raise ValueError(f"num_heads {H} must be a positive multiple of num_kv_heads {KV}")
+    if D <= 0 or D % 2:
+        raise ValueError(f"head_dim {D} must be positive and even")
+
+
+def _num(x: float | int) -> str:
+    """A float for a kernel name: 10000.0 -> '10000', 2.5 -> '2p5', 1e-05 -> '1em05'."""
+    s = repr(float(x))
+    if s.endswith(".0"):
+        s = s[:-2]
+    return s.replace(".", "p").replace("-", "m").replace("+", "")
+
+
+def _c_float(x: float) -> str:
+    """A C float literal that rounds to the same float32 as numpy does."""
+    return f"{float(np.float32(x))!r}f"
+
+
+# ---------------------------------------------------------------------------------------------
+# rope + KV append
+# ---------------------------------------------------------------------------------------------
+
+ROPE_THREADS = 128
+
+
+def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: int, mode: str,
+                   rope_scaling: dict | None = None, theta: float = 10000.0) -> Kernel:
+    """Rotary embedding and/or KV-cache append (one template, three modes).
+
+    Kernel arguments, in order (every kernel of every mode takes all of them):
+      src        qkv [T, (H+2KV)*D] (fused, rope) or qkv_rot [T, H+2KV, D] (append), storage dtype
+      positions  int32 [T]
+      seq_ids    int32 [T]            KV-cache slot of each token
+      seq_lens   int32 [max_batch]    slot length after this step (read only for dynamic rope)
+      inv_freq   float32 [D/2]        ``rope_inv_freq_table(D, theta, rope_scaling)`` (unused for
+                                      dynamic rope and for append; may then be any pointer)
+      out        fused: q_out [T, H, D]; rope: qkv_rot [T, H+2KV, D]; append: unused
+      kcache     [max_batch, max_seq, KV, D] (fused, append; unused for rope)
+      vcache     [max_batch, max_seq, KV, D]
+      n_tokens   int32 T
+    Launch with ``rope_kv_append_launch``. Tokens whose position is outside [0, max_seq) are
+    not written to the cache.
+    """
+    _check(dtype, H, KV, D)
+    if layout not in LAYOUT_TAG:
+        raise ValueError(f"unknown rope layout {layout!r}")
+    if mode not in ("fused", "rope", "append"):
+        raise ValueError(f"unknown rope_kv_append mode {mode!r}")
+    kind = (rope_scaling or {}).get("rope_type", "default")
+    dynamic = kind == "dynamic" and mode != "append"
+    params = dict(dtype=dtype, H=H, KV=KV, D=D, layout=layout, max_seq=max_seq, mode=mode, dynamic=dynamic,
+                  theta="", factor="", orig="")
+    name = f"rope_kv_append_{mode}_{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}"
+    if mode != "append":
+        name += f"_{LAYOUT_TAG[layout]}"
+    if mode != "rope":
+        name += f"_s{max_seq}"
+    if dynamic:
+        factor = float(rope_scaling["factor"])
+        orig = int(rope_scaling["original_max_position_embeddings"])
+        params.update(theta=repr(float(theta)), factor=repr(factor), orig=str(orig))
+        name += f"_dyn_t{_num(theta)}_f{_num(factor)}_o{orig}"
+    return Kernel(name, render("rope_kv_append", name=name, **params))
+
+
+def rope_kv_append_launch(n_tokens: int, H: int, KV: int, D: int, mode: str) -> Launch:
+    """Grid (T, ceil(pairs / 128)): one thread per element pair of one head of one token."""
+    heads = 2 * KV if mode == "append" else H + 2 * KV
+    work = heads * (D // 2)
+    return Launch((max(n_tokens, 1), -(-work // ROPE_THREADS), 1), (ROPE_THREADS, 1, 1), 0)
+
+
+def rope_inv_freq_table(D: int, theta: float, rope_scaling: dict | None) -> np.ndarray:
+    """float32 [D/2] to upload as the kernel's ``inv_freq`` (default, linear and llama3 rope).
+
+    Dynamic rope computes its frequencies in the kernel from each slot's length; this returns
+    the unscaled table for it, which the kernel ignores.
+    """
+    if (rope_scaling or {}).get("rope_type") == "dynamic":
+        return rope_inv_freq(D, theta, None)
+    return np.ascontiguousarray(rope_inv_freq(D, theta, rope_scaling), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention (flash-decoding, split KV)
+# ---------------------------------------------------------------------------------------------
+
+DECODE_THREADS = 128
+DECODE_CHUNK = 64       # keys per split at the finest grain
+DECODE_SPLIT_CAP = 64   # at most this many splits; longer caches use chunks of several CHUNKs
+COMBINE_THREADS_MAX = 256
+
+
+def decode_chunking(max_seq: int, chunk: int | None = None, max_splits: int | None = None) -> tuple[int, int]:
+    """(CHUNK, MAX_SPLITS) of the decode kernels for a cache of ``max_seq`` keys.
+
+    A token with n keys uses splits of CHUNK * ceil(ceil(n / CHUNK) / MAX_SPLITS) keys. With the
+    defaults MAX_SPLITS = min(ceil(max_seq / CHUNK), 64), so short caches split every CHUNK keys
+    and long ones never allocate more than 64 partials per (token, head).
+    """
+    chunk = DECODE_CHUNK if chunk is None else int(chunk)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    full = -(-max_seq // chunk)
+    max_splits = min(full, DECODE_SPLIT_CAP) if max_splits is None else min(int(max_splits), full)
+    return chunk, max(max_splits, 1)
+
+
+def _heads_per_block(group: int) -> int:
+    """Largest divisor of the GQA group that is <= 8: a block reads K/V once for that many heads."""
+    return max(d for d in range(1, min(group, 8) + 1) if group % d == 0)
+
+
+def _decode_tiling(dtype: str, D: int, group: int) -> dict:
+    esize = ESIZE[dtype]
+    vec_bytes = next(v for v in (16, 8, 4) if (D * esize) % v == 0)
+    nv = D * esize // vec_bytes
+    lpk = min(32, 1 << (nv - 1).bit_length())
+    vpl = -(-nv // lpk)
+    gpb = _heads_per_block(group)
+    el = vpl * vec_bytes // esize
+    unroll = 4 if gpb * el <= 32 else 2
+    return dict(gpb=gpb, vec_bytes=vec_bytes, lpk=lpk, vpl=vpl, unroll=unroll, threads=DECODE_THREADS,
+                min_blocks=3 if gpb * el <= 32 else 2)
+
+
+def attention_decode(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
+                     chunk: int | None = None, max_splits: int | None = None,
+                     scale: float | None = None) -> tuple[Kernel, Kernel]:
+    """(split, combine) kernels of split-KV decode attention.
+
+    Token t's query ``q[t*qstride + h*D : ... + D]`` attends keys 0..positions[t] of cache slot
+    seq_ids[t]; q head h uses kv head h // (H/KV); softmax scale 1/sqrt(D) unless given.
+
+    split arguments:   q [T, qstride], kcache, vcache [max_batch, max_seq, KV, D], positions
+                       int32 [T], seq_ids int32 [T], ws float32 workspace
+                       (``attention_decode_workspace_bytes``), n_tokens int32
+    combine arguments: ws, positions int32 [T], out [T, H*D] (storage dtype), n_tokens int32
+    Launch both with ``attention_decode_launch``, split first, on one stream. Every length comes
+    from ``positions``, so the pair captures into a CUDA graph once per token count.
+    """
+    _check(dtype, H, KV, D)
+    if qstride < H * D or qstride % D:
+        raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
+    chunk, max_splits = decode_chunking(max_seq, chunk, max_splits)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    tiling = _decode_tiling(dtype, D, H // KV)
+    tag = f"{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}"
+    tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{_num(scale)}")
+    common = dict(dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq, chunk=chunk,
+                  max_splits=max_splits, qscale=_c_float(scale * LOG2E))
+    split_name = f"attn_decode_split_{tag}_q{qstride}{tail}"
+    combine_name = f"attn_decode_combine_{DTYPE_TAG[dtype]}_h{H}_d{D}_s{max_seq}_c{chunk}_n{max_splits}"
+    split = Kernel(split_name, render("attention_decode", name=split_name, part="split", **common, **tiling))
+    combine = Kernel(combine_name, render("attention_decode", name=combine_name, part="combine",
+                                          threads=_combine_threads(D), **common))
+    return split, combine
+
+
+def _combine_threads(D: int) -> int:
+    return min(COMBINE_THREADS_MAX, 32 * -(-D // 32))
+
+
+def attention_decode_launch(n_tokens: int, H: int, KV: int, D: int, max_seq: int,
+                            chunk: int | None = None, max_splits: int | None = None) -> tuple[Launch, Launch]:
+    """(split, combine) launch shapes: grid (KV * heads-splits, T, MAX_SPLITS) then (H, T)."""
+    _, ms = decode_chunking(max_seq, chunk, max_splits)
+    group = H // KV
+    hsplit = group // _heads_per_block(group)
+    t = max(n_tokens, 1)
+    return (Launch((KV * hsplit, t, ms), (DECODE_THREADS, 1, 1), 0),
+            Launch((H, t, 1), (_combine_threads(D), 1, 1), 0))
+
+
+def attention_decode_workspace_bytes(max_tokens: int, H: int, D: int, max_seq: int,
+                                     chunk: int | None = None, max_splits: int | None = None) -> int:
+    """Bytes of the fp32 partials workspace [max_tokens, H, MAX_SPLITS, D+2]."""
+    _, ms = decode_chunking(max_seq, chunk, max_splits)
+    return max_tokens * H * ms * (D + 2) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill attention (tiled, causal, packed sequences)
+# ---------------------------------------------------------------------------------------------
+
+PREFILL_THREADS = 256  # 16 x 16: ty owns RM query rows, tx owns CN keys and D/16 output columns
+
+
+def _prefill_tiling(D: int) -> dict:
+    rm = 4
+    cn = 4 if D <= 64 else 2
+    bq, bk = 16 * rm, 16 * cn
+    dq = -(-D // 4)                  # float4 quads per row
+    dsq = dq if dq % 2 else dq + 1   # odd quad stride: conflict-free float4 reads across rows
+    ps = next((p for p in range(bk, bk + 32) if (rm * p) % 32 == 16), bk + 1)
+    smem = ((bq + 2 * bk) * 4 * dsq + bq * ps) * 4
+    # two blocks per SM fit in shared memory up to D = 128; beyond, give one block all registers
+    return dict(rm=rm, cn=cn, bq=bq, bk=bk, dq=dq, dsq=dsq, ps=ps, smem=smem, nd4=-(-dq // 16),
+                min_blocks=2 if 2 * smem <= 227 * 1024 else 1)
+
+
+def attention_prefill_rows(D: int) -> int:
+    """BQ: the most query rows one tile of ``prefill_tiles`` may hold for head dim D."""
+    return _prefill_tiling(D)["bq"]
+
+
+def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
+                      scale: float | None = None) -> Kernel:
+    """Tiled causal attention for prefill (many query rows per sequence), fp32 CUDA-core math.
+
+    Arguments: q [T, qstride] (head h of row r at q[r*qstride + h*D]), kcache, vcache
+    [max_batch, max_seq, KV, D], positions int32 [T], seq_ids int32 [T], tiles int32 [n_tiles, 2]
+    (``prefill_tiles``), out [T, H*D] (storage dtype), n_tiles int32.
+    A tile's rows belong to one sequence, are contiguous and have nondecreasing positions; row r
+    attends keys 0..positions[r] of its slot (earlier chunks already in the cache included).
+    Launch with ``attention_prefill_launch``; its dynamic shared memory may exceed 48 KiB, so the
+    caller raises the kernel's max dynamic shared memory attribute to ``Launch.smem``.
+    """
+    _check(dtype, H, KV, D)
+    if qstride < H * D or qstride % D:
+        raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    tiling = _prefill_tiling(D)
+    name = f"attn_prefill_{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}_bq{tiling['bq']}_bk{tiling['bk']}"
+    if scale != 1.0 / math.sqrt(D):
+        name += f"_sc{_num(scale)}"
+    src = render("attention_prefill", name=name, dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq,
+                 qscale=_c_float(scale * LOG2E), threads=PREFILL_THREADS, **tiling)
+    return Kernel(name, src)
+
+
+def attention_prefill_launch(n_tiles: int, H: int, D: int) -> Launch:
+    """Grid (n_tiles, H), 256 threads, dynamic shared memory for Q, K, V and P tiles."""
+    return Launch((max(n_tiles, 1), H, 1), (PREFILL_THREADS, 1, 1), _prefill_tiling(D)["smem"])
+
+
+def prefill_tiles(seq_row_starts, seq_row_counts, bq: int) -> np.ndarray:
+    """Tile table int32 [n_tiles, 2] of (first row, row count <= bq); a tile never crosses a
+    sequence. Sequences with no rows get no tile."""
+    tiles = [(int(s) + i, min(bq, int(n) - i))
+             for s, n in zip(seq_row_starts, seq_row_counts) for i in range(0, int(n), bq)]
+    return np.asarray(tiles, dtype=np.int32).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_THREADS = 1024
+
+
+def sample(V: int) -> Kernel:
+    """Temperature / top-k / top-p sampling of one token per row, without host synchronisation.
+
+    Arguments: logits float32 [B, V], temperature float32 [B], top_k int32 [B], top_p float32 [B],
+    seed int64 [B], step int32 [B], out int32 [B], n_rows int32 B.
+    Semantics of ``llamagraph.ir.ops.sample_row`` with u = ``sample_uniform(seed, step)``:
+    temperature <= 0 is greedy (first index of the maximum); top_k <= 0 or >= V and top_p >= 1
+    disable those filters; top_p <= 0 keeps only the most likely token(s). Thresholds are found by
+    radix selection on the logits' order (logits are monotone in probability) and kept masses are
+    summed as 2^-40 fixed point, so the result is deterministic.
+    """
+    vec = 4 if V % 4 == 0 else 1
+    name = f"sample_v{V}"
+    return Kernel(name, render("sample", name=name, V=V, vec=vec, threads=SAMPLE_THREADS))
+
+
+def sample_launch(n_rows: int) -> Launch:
+    """Grid (B), one 1024-thread block per row."""
+    return Launch((max(n_rows, 1), 1, 1), (SAMPLE_THREADS, 1, 1), 0)
