@@ -15,8 +15,10 @@ Artifacts written by ``write_artifacts`` into one output directory:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 from llamagraph import viz
@@ -197,14 +199,33 @@ def _codegen_ready() -> bool:
 
 
 def write_cuda_artifacts(graph: Graph, outdir: str, arch: str) -> Section | None:
-    """HOOK (to be filled): write the generated CUDA source for ``graph`` into ``outdir`` and
-    return a report Section with its compile stats (kernels, registers, spills for ``arch``).
+    """Write the plan's generated CUDA source (``kernels.cu``, deterministic) and, where NVRTC
+    or nvcc is present, compile it for ``arch`` and report kernels, registers and spills
+    (``kernels.txt``)."""
+    from llamagraph.codegen import nvrtc
+    from llamagraph.codegen.plan import plan_source
 
-    Called by ``write_artifacts`` only when ``llamagraph.codegen.plan_kernels`` exists.
-    Contract: return ``Section(title, lines, files)`` with ``files`` relative to ``outdir``,
-    or None to add nothing; raise ``LlamagraphError`` for user-facing failures.
-    """
-    return Section("cuda", [f"codegen found; CUDA artifacts for {arch} are not written yet (report.write_cuda_artifacts)"])
+    files: list[str] = []
+    source = plan_source(graph)
+    _write(outdir, "kernels.cu", source, files)
+    n_kernels = source.count("__global__")
+    lines = [f"kernels.cu: {n_kernels} distinct kernels, {len(source.encode())} bytes, "
+             f"sha256 {hashlib.sha256(source.encode()).hexdigest()[:16]}"]
+    if nvrtc.available() is None:
+        lines.append("no NVRTC library or nvcc found: source written, not compiled")
+        return Section(f"cuda ({arch})", lines, files)
+    t = time.perf_counter()
+    result = nvrtc.compile_source(source, arch)
+    elapsed = time.perf_counter() - t
+    rows = sorted(result.kernels.items())
+    spills = sum(r.spill_stores + r.spill_loads for _, r in rows)
+    lines.append(f"compiled with {result.compiler} for {arch} in {elapsed:.1f} s: {len(rows)} kernels, "
+                 f"max {max((r.registers for _, r in rows), default=0)} registers, {spills} spill bytes")
+    width = max((len(k) for k, _ in rows), default=6)
+    table = [f"{'kernel':<{width}}  regs  spill_st  spill_ld  smem_static"]
+    table += [f"{k:<{width}}  {r.registers:>4}  {r.spill_stores:>8}  {r.spill_loads:>8}  {r.shared_bytes:>11}" for k, r in rows]
+    _write(outdir, "kernels.txt", "\n".join(table) + "\n", files)
+    return Section(f"cuda ({arch})", lines, files)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def plan_kernels(graph: Graph) -> list[NodeKernels]:
             H, KV, D = a["num_heads"], a["num_kv_heads"], a["head_dim"]
             qstride = ins[0].shape[1] * ins[0].shape[2]  # q: [T, Hq, D]; Hq is H or H+2KV
             split, combine = attention.attention_decode(dtype, H, KV, D, qstride, max_seq)
-            nk.kernels.update(split=split, combine=combine, prefill=attention.attention_prefill(dtype, H, KV, D, qstride))
+            prefill = attention.attention_prefill(dtype, H, KV, D, qstride, max_seq)
+            nk.kernels.update(split=split, combine=combine, prefill=prefill)
             nk.params = dict(H=H, KV=KV, D=D, qstride=qstride)
         elif op == "gather_last":
             D = outs[0].shape[1]

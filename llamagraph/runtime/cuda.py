@@ -21,7 +21,6 @@ from llamagraph.codegen import attention as attn_codegen
 from llamagraph.codegen import dense as dense_codegen
 from llamagraph.codegen.plan import LINEAR_OPS, ROPE_MODES, NodeKernels, plan_kernels, plan_source
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Graph
-from llamagraph.ir.ops import rope_inv_freq
 
 from .dtypes import NUMPY_STORAGE
 
@@ -196,7 +195,8 @@ class CudaExecutor:
     def inv_freq(self, attrs: dict):
         key = (attrs["head_dim"], attrs["theta"], repr(attrs.get("scaling")))
         if key not in self._inv_freq:
-            self._inv_freq[key] = self.cp.asarray(rope_inv_freq(attrs["head_dim"], attrs["theta"], attrs.get("scaling")))
+            table = attn_codegen.rope_inv_freq_table(attrs["head_dim"], attrs["theta"], attrs.get("scaling"))
+            self._inv_freq[key] = self.cp.asarray(np.ascontiguousarray(table, np.float32))
         return self._inv_freq[key]
 
     # ---- stepping -----------------------------------------------------------------------------
@@ -250,11 +250,17 @@ class CudaExecutor:
             self.stream.synchronize()
 
     def _prepare_prefill(self, inputs: dict[str, np.ndarray]) -> None:
+        """Tile table of the tiled prefill attention: tiles never cross a sequence."""
         seq_ids = np.asarray(inputs["seq_ids"])
         starts = np.flatnonzero(np.r_[True, seq_ids[1:] != seq_ids[:-1]])
         counts = np.diff(np.r_[starts, len(seq_ids)])
-        tiles = attn_codegen.prefill_tiles(starts, counts, attn_codegen.PREFILL_BQ)
-        self._prefill_tiles = self.cp.asarray(np.ascontiguousarray(tiles, np.int32))
+        self._prefill_tiles = {}
+        for nk in self.kernels:
+            if nk.node.op == "sdpa":
+                bq = attn_codegen.attention_prefill_rows(nk.params["D"])
+                if bq not in self._prefill_tiles:
+                    tiles = attn_codegen.prefill_tiles(starts, counts, bq)
+                    self._prefill_tiles[bq] = self.cp.asarray(np.ascontiguousarray(tiles, np.int32))
 
     def _launch_all(self, T: int, B: int, prefill: bool) -> None:
         for nk in self.kernels:
@@ -331,7 +337,9 @@ class CudaExecutor:
         inv = self.inv_freq(n.attrs) if "theta" in n.attrs else None
         args = (self.ptr(src), self.ptr(positions), self.ptr(seq_ids), self.ptr(seq_lens),
                 _ptr(inv) if inv is not None else np.uint64(0), q_out, kout, vout, np.int32(T))
-        launch = attn_codegen.rope_kv_append_launch(p["H"], p["KV"], p["D"], T)
+        if mode == "append":  # kv_append has no rope attrs; the kernel ignores inv_freq
+            args = args[:4] + (np.uint64(0),) + args[5:]
+        launch = attn_codegen.rope_kv_append_launch(T, p["H"], p["KV"], p["D"], mode)
         self._go(nk.kernels["main"], launch, args)
 
     def _launch_sdpa(self, nk: NodeKernels, T, B, prefill) -> None:
@@ -339,13 +347,13 @@ class CudaExecutor:
         q, kc, vc, positions, seq_ids = n.inputs
         out = self.ptr(n.outputs[0])
         if prefill:
-            tiles = self._prefill_tiles
-            launch = attn_codegen.attention_prefill_launch(p["H"], p["D"], int(tiles.shape[0]))
+            tiles = self._prefill_tiles[attn_codegen.attention_prefill_rows(p["D"])]
+            launch = attn_codegen.attention_prefill_launch(int(tiles.shape[0]), p["H"], p["D"])
             self._go(nk.kernels["prefill"], launch, (self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(positions),
                                                       self.ptr(seq_ids), _ptr(tiles), out, np.int32(tiles.shape[0])))
             return
         ws = _ptr(self._attn_ws)
-        split, combine = attn_codegen.attention_decode_launch(p["H"], p["KV"], p["D"], self.max_seq, T)
+        split, combine = attn_codegen.attention_decode_launch(T, p["H"], p["KV"], p["D"], self.max_seq)
         self._go(nk.kernels["split"], split, (self.ptr(q), self.ptr(kc), self.ptr(vc), self.ptr(positions),
                                               self.ptr(seq_ids), ws, np.int32(T)))
         self._go(nk.kernels["combine"], combine, (ws, self.ptr(positions), out, np.int32(T)))
@@ -357,7 +365,7 @@ class CudaExecutor:
 
     def _launch_sample(self, nk: NodeKernels, T, B, prefill) -> None:
         args = tuple(self.ptr(v) for v in nk.node.inputs) + (self.ptr(nk.node.outputs[0]), np.int32(B))
-        self._go(nk.kernels["main"], attn_codegen.sample_launch(nk.params["V"], B), args)
+        self._go(nk.kernels["main"], attn_codegen.sample_launch(B), args)
 
     def _launch_elementwise(self, nk: NodeKernels, T, B, prefill) -> None:
         n = nk.node
