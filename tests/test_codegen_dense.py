@@ -93,7 +93,7 @@ def test_source_shows_its_constants():
     k = dense.gemv("bfloat16", 2 * 11008, 4096, 8, epilogue="silu_mul", has_bias=True)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in k.source
     assert "constexpr int N_OUT = 11008;" in k.source and "constexpr int K = 4096;" in k.source
-    assert f'extern "C" __global__' in k.source and k.name + "(" in k.source
+    assert 'extern "C" __global__' in k.source and k.name + "(" in k.source
     n = dense.add_rmsnorm("float16", 4096, 1e-6, has_bias=True)
     assert "1e-06f" in n.source
 

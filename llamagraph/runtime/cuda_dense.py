@@ -25,19 +25,28 @@ def _const(module, name_value: tuple[str, int]) -> int:
 
 
 def launch(fn, shape: Launch, args, stream=None) -> None:
-    """Launch the cupy ``RawKernel`` ``fn`` with a ``Launch`` shape.
+    """Launch the cupy ``RawKernel`` ``fn`` with a ``Launch`` shape on ``stream`` (None: current).
 
     ``args``: cupy arrays (passed as pointers), ints (passed as C ``int``), or ``np.uint64``
     raw device pointers. Dynamic shared memory above 48 KiB needs the kernel's limit raised
     first (``fn.max_dynamic_shared_size_bytes = n``); this does it when ``shape.smem`` asks.
     """
-    import cupy
-
     if shape.smem > _SMEM_DEFAULT_LIMIT and fn.max_dynamic_shared_size_bytes < shape.smem:
         fn.max_dynamic_shared_size_bytes = shape.smem
     conv = tuple(np.int32(a) if isinstance(a, (int, np.integer)) and not isinstance(a, np.uint64) else a for a in args)
-    stream = stream if stream is not None else cupy.cuda.get_current_stream()
-    fn(shape.grid, shape.block, conv, shared_mem=shape.smem, stream=stream)
+    with _as_stream(stream):  # cupy launches on the current stream
+        fn(shape.grid, shape.block, conv, shared_mem=shape.smem)
+
+
+def _as_stream(stream):
+    """A cupy Stream for ``stream``: a cupy Stream, a raw cudaStream_t, or None (the current one)."""
+    import cupy
+
+    if stream is None:
+        return cupy.cuda.get_current_stream()
+    if isinstance(stream, (int, np.integer)):
+        return cupy.cuda.ExternalStream(int(stream))
+    return stream
 
 
 def linear_cublas(x_ptr: int, w_ptr: int, out_ptr: int, rows: int, N: int, K: int, dtype: str, out_dtype: str | None = None, stream=None) -> None:
@@ -50,6 +59,25 @@ def linear_cublas(x_ptr: int, w_ptr: int, out_ptr: int, rows: int, N: int, K: in
     stream pointer, or None for the current stream. Not usable during CUDA-graph capture.
     """
     import cupy
+    from cupy.cuda import cublas
+
+    args, _scalars = gemm_ex_args(x_ptr, w_ptr, out_ptr, rows, N, K, dtype, out_dtype)
+    if rows == 0:
+        return
+    handle = cupy.cuda.device.get_cublas_handle()
+    with _as_stream(stream):  # cupy's gemmEx binds the handle to the current stream
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.gemmEx(handle, *args)
+        finally:
+            cublas.setPointerMode(handle, mode)
+
+
+def gemm_ex_args(x_ptr, w_ptr, out_ptr, rows, N, K, dtype, out_dtype=None) -> tuple[tuple, tuple]:
+    """The arguments after ``handle`` of ``cupy.cuda.cublas.gemmEx`` for ``linear_cublas``,
+    and the host alpha/beta arrays they point to (keep them alive while the args are used).
+    The handle must be in host pointer mode."""
     from cupy.cuda import cublas, runtime
 
     out_dtype = out_dtype or dtype
@@ -57,42 +85,15 @@ def linear_cublas(x_ptr: int, w_ptr: int, out_ptr: int, rows: int, N: int, K: in
         raise ValueError(f"linear_cublas: unsupported dtypes {dtype} -> {out_dtype}")
     if dtype == "float32" and out_dtype != "float32":
         raise ValueError("linear_cublas: float32 inputs need a float32 output")
-    if rows == 0:
-        return
     in_t = _const(runtime, _CUDA_DATA_TYPE[dtype])
     out_t = _const(runtime, _CUDA_DATA_TYPE[out_dtype])
     compute = _const(cublas, _COMPUTE_32F_PEDANTIC if dtype == "float32" else _COMPUTE_32F)
-    alpha = np.ones(1, np.float32)  # host scalars: the handle is in host pointer mode
-    beta = np.zeros(1, np.float32)
-    if stream is None:
-        stream = cupy.cuda.get_current_stream()
-    elif isinstance(stream, (int, np.integer)):
-        stream = cupy.cuda.ExternalStream(int(stream))
-    handle = cupy.cuda.device.get_cublas_handle()
-    with stream:  # cupy's gemmEx binds the handle to the current stream
-        mode = cublas.getPointerMode(handle)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        try:
-            cublas.gemmEx(
-                handle,
-                cublas.CUBLAS_OP_T,
-                cublas.CUBLAS_OP_N,
-                N,
-                rows,
-                K,
-                alpha.ctypes.data,
-                int(w_ptr),
-                in_t,
-                K,
-                int(x_ptr),
-                in_t,
-                K,
-                beta.ctypes.data,
-                int(out_ptr),
-                out_t,
-                N,
-                compute,
-                getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1),
-            )
-        finally:
-            cublas.setPointerMode(handle, mode)
+    alpha, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
+    args = (
+        cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, rows, K,
+        alpha.ctypes.data, int(w_ptr), in_t, K,
+        int(x_ptr), in_t, K,
+        beta.ctypes.data, int(out_ptr), out_t, N,
+        compute, getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1),
+    )  # fmt: skip
+    return args, (alpha, beta)
