@@ -173,10 +173,12 @@ def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str
     two 256-thread blocks resident per SM (checked by tests through ptxas -v)."""
     nt = _cdiv(row_tile, 8)
     if dtype == "float32":
-        return GemvTuning(warps=8, unroll=4 if row_tile <= 4 else 2 if row_tile <= 8 else 1)
-    if epilogue == "silu_mul":
-        return GemvTuning(warps=8, unroll=4 if nt == 1 else 2)
-    return GemvTuning(warps=8, unroll=8 if nt == 1 else 4)
+        unroll = 4 if row_tile <= 4 else 2 if row_tile <= 8 else 1
+        per_lane = _cdiv(K // 4, 32)  # float4 chunks of a W row per lane
+        return GemvTuning(warps=8, unroll=max(1, min(unroll, per_lane)))
+    unroll = (4 if nt == 1 else 2) if epilogue == "silu_mul" else (8 if nt == 1 else 4)
+    per_warp = _cdiv(_cdiv(K // 8, 4), 8)  # 32-k steps of the block's W rows per warp
+    return GemvTuning(warps=8, unroll=max(1, min(unroll, per_warp)))
 
 
 def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning):

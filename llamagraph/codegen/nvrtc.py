@@ -84,6 +84,11 @@ def _nvrtc_paths() -> list[str]:
 def _load_nvrtc() -> tuple[ctypes.CDLL, str] | None:
     for path in _nvrtc_paths():
         try:
+            # NVRTC dlopens its builtins library by soname at compile time; some wheels do not
+            # put their own directory on its search path, so load the builtins beside it first
+            for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*"))):
+                if ".alt." not in builtins:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             lib = ctypes.CDLL(path)
             lib.nvrtcCompileProgram  # noqa: B018 - raises AttributeError if this is not NVRTC
         except (OSError, AttributeError):
