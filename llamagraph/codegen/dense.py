@@ -221,6 +221,7 @@ def gemv(
     Rows are processed row_tile at a time (W is read once per row tile), so pick
     row_tile >= the usual row count (<= 16; 8 covers one tensor-core tile).
     16-bit W uses tensor cores (needs sm_80+); fp32 W uses CUDA-core FMAs.
+    out must not alias x (x is read through the non-coherent cache while out is written).
     """
     out_dtype = out_dtype or dtype
     default = gemv_default_tuning(dtype, N, K, row_tile, epilogue)
