@@ -148,7 +148,9 @@ def _compile_nvrtc(source: str, arch: str, options: tuple[str, ...]) -> tuple[by
     prog = ctypes.c_void_p()
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"llamagraph.cu", 0, None, None), "create")
     try:
-        opts = [f"--gpu-architecture={arch}", "--ptxas-options=-v", *options]
+        # -default-device: unannotated functions (e.g. generic lambdas inside kernels) are device
+        # code, as under nvcc; NVRTC 13.0 otherwise rejects them as host functions.
+        opts = [f"--gpu-architecture={arch}", "--ptxas-options=-v", "-default-device", *options]
         argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
         status = lib.nvrtcCompileProgram(prog, len(opts), argv)
         size = ctypes.c_size_t()
