@@ -208,7 +208,8 @@ class CudaExecutor:
             self.inputs_host_np[off : off + raw.size] = raw
         decode = n_tokens == n_seqs
         with self.stream:
-            self.inputs_dev.data.copy_from_host_async(self.inputs_host, self.input_bytes, self.stream)
+            cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
+                                        cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
             if decode:
                 g = self.graphs.get(n_seqs)
                 if g is None:
