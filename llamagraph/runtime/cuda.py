@@ -142,6 +142,7 @@ class CudaExecutor:
         self._inv_freq = {}
         self._prefill_tiles = None
         self.graphs = {}  # batch size -> captured decode step
+        self._smem_raised: dict[str, int] = {}
         out_logits, out_next = graph.outputs
         self._logits_host = cp.cuda.alloc_pinned_memory(self.max_batch * graph.values[out_logits].shape[1] * 4)
         self._next_host = cp.cuda.alloc_pinned_memory(self.max_batch * 4)
@@ -269,9 +270,9 @@ class CudaExecutor:
 
     def _go(self, kernel, launch, args) -> None:
         fn = self.fns[kernel.name]
-        if launch.smem > 48 * 1024 and getattr(fn, "_lg_smem", 0) < launch.smem:
-            fn.max_dynamic_shared_size_bytes = launch.smem
-            fn._lg_smem = launch.smem
+        if launch.smem > 48 * 1024 and self._smem_raised.get(kernel.name, 0) < launch.smem:
+            fn.max_dynamic_shared_size_bytes = launch.smem  # opt in to more than 48 KiB
+            self._smem_raised[kernel.name] = launch.smem
         fn(launch.grid, launch.block, args, shared_mem=launch.smem)
 
     # ---- one launcher per op family ----------------------------------------------------------------
