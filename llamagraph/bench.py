@@ -137,9 +137,13 @@ def bench_hf(cfg_path: str, prompts, gen_len: int, dtype: str, compiled: bool) -
                            pad_token_id=0)
     name = "HF eager"
     if compiled:
+        # HF's own path: a static KV cache, and generate() compiles the decode step with
+        # torch.compile(mode="reduce-overhead"), which replays it as a CUDA graph.
+        from transformers import CompileConfig
+
         name = "torch.compile + CUDA graphs"
         gen.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        gen.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
 
     def run(n_new):
         g = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": n_new, "min_new_tokens": n_new})

@@ -25,6 +25,7 @@ from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Gra
 from .dtypes import NUMPY_STORAGE
 
 ALIGN = 256
+SYNC_EACH = os.environ.get("LLAMAGRAPH_SYNC_EACH") == "1"
 
 
 def _cupy():
@@ -109,43 +110,47 @@ class CudaExecutor:
                 if k.name not in self.fns:
                     self.fns[k.name] = self.module.get_function(k.name)
 
-        # ---- persistent memory ----------------------------------------------------------------
-        self.weights = self._upload_weights(weights, progress)
-        self.persistent = {}
-        for v in graph.values.values():
-            if v.kind == KV_CACHE and "alias" not in v.attrs:
-                self.persistent[v.name] = cp.zeros(v.concrete_shape(graph.dims), NUMPY_STORAGE[v.dtype])
-        # step inputs: one device region, one pinned host mirror, one copy per step
-        self.input_offsets, total = {}, 0
-        for v in graph.values.values():
-            if v.kind == INPUT:
-                self.input_offsets[v.name] = total
-                total += (v.nbytes(graph.dims) + ALIGN - 1) // ALIGN * ALIGN
-        self.input_bytes = total
-        self.inputs_dev = cp.zeros(total, np.uint8)
-        self.inputs_host = cp.cuda.alloc_pinned_memory(total)
-        self.inputs_host_np = np.frombuffer(self.inputs_host, np.uint8, total)
-        self.arena = cp.empty(max(graph.meta["memory"]["arena_bytes"], 1), np.uint8)
-        # workspaces
-        self._attn_ws = None
-        for nk in self.kernels:
-            if nk.node.op == "sdpa":
-                p = nk.params
-                nbytes = attn_codegen.attention_decode_workspace_bytes(self.max_batch, p["H"], p["D"], self.max_seq)
-                self._attn_ws = cp.empty(max(nbytes, 1), np.uint8)
-                break
-        scratch = 0
-        for nk in self.kernels:
-            if nk.node.op in LINEAR_OPS:
-                scratch = max(scratch, self.max_tokens * nk.params["N"] * 4)
-        self._gemm_scratch = cp.empty(max(scratch, 1), np.uint8)
-        self._inv_freq = {}
-        self._prefill_tiles = None
-        self.graphs = {}  # batch size -> captured decode step
-        self._smem_raised: dict[str, int] = {}
-        out_logits, out_next = graph.outputs
-        self._logits_host = cp.cuda.alloc_pinned_memory(self.max_batch * graph.values[out_logits].shape[1] * 4)
-        self._next_host = cp.cuda.alloc_pinned_memory(self.max_batch * 4)
+        # Everything is allocated and uploaded on the executor's own (non-blocking) stream, which
+        # does not wait for cupy's default stream; one synchronize before the first step.
+        with self.stream:
+            # ---- persistent memory ----------------------------------------------------------------
+            self.weights = self._upload_weights(weights, progress)
+            self.persistent = {}
+            for v in graph.values.values():
+                if v.kind == KV_CACHE and "alias" not in v.attrs:
+                    self.persistent[v.name] = cp.zeros(v.concrete_shape(graph.dims), NUMPY_STORAGE[v.dtype])
+            # step inputs: one device region, one pinned host mirror, one copy per step
+            self.input_offsets, total = {}, 0
+            for v in graph.values.values():
+                if v.kind == INPUT:
+                    self.input_offsets[v.name] = total
+                    total += (v.nbytes(graph.dims) + ALIGN - 1) // ALIGN * ALIGN
+            self.input_bytes = total
+            self.inputs_dev = cp.zeros(total, np.uint8)
+            self.inputs_host = cp.cuda.alloc_pinned_memory(total)
+            self.inputs_host_np = np.frombuffer(self.inputs_host, np.uint8, total)
+            self.arena = cp.empty(max(graph.meta["memory"]["arena_bytes"], 1), np.uint8)
+            # workspaces
+            self._attn_ws = None
+            for nk in self.kernels:
+                if nk.node.op == "sdpa":
+                    p = nk.params
+                    nbytes = attn_codegen.attention_decode_workspace_bytes(self.max_batch, p["H"], p["D"], self.max_seq)
+                    self._attn_ws = cp.empty(max(nbytes, 1), np.uint8)
+                    break
+            scratch = 0
+            for nk in self.kernels:
+                if nk.node.op in LINEAR_OPS:
+                    scratch = max(scratch, self.max_tokens * nk.params["N"] * 4)
+            self._gemm_scratch = cp.empty(max(scratch, 1), np.uint8)
+            self._inv_freq = {}
+            self._prefill_tiles = None
+            self.graphs = {}  # batch size -> captured decode step
+            self._smem_raised: dict[str, int] = {}
+            out_logits, out_next = graph.outputs
+            self._logits_host = cp.cuda.alloc_pinned_memory(self.max_batch * graph.values[out_logits].shape[1] * 4)
+            self._next_host = cp.cuda.alloc_pinned_memory(self.max_batch * 4)
+        self.stream.synchronize()
 
     # ---- memory ---------------------------------------------------------------------------------
     def _upload_weights(self, weights, progress: bool) -> dict:
@@ -179,8 +184,10 @@ class CudaExecutor:
         return x.astype(NUMPY_STORAGE[dtype])
 
     def reset(self) -> None:
-        for arr in self.persistent.values():
-            arr.fill(0)
+        with self.stream:
+            for arr in self.persistent.values():
+                arr.fill(0)
+        self.stream.synchronize()
 
     def ptr(self, name: str) -> np.uint64:
         """Device address of a value: arena offset, persistent region, input slot or weight."""
@@ -274,6 +281,11 @@ class CudaExecutor:
             fn.max_dynamic_shared_size_bytes = launch.smem  # opt in to more than 48 KiB
             self._smem_raised[kernel.name] = launch.smem
         fn(launch.grid, launch.block, args, shared_mem=launch.smem)
+        if SYNC_EACH and not self.stream.is_capturing():  # debugging aid: name the kernel that faults
+            try:
+                self.stream.synchronize()
+            except Exception as e:
+                raise RuntimeError(f"kernel {kernel.name} grid {launch.grid} block {launch.block} failed: {e}") from e
 
     # ---- one launcher per op family ----------------------------------------------------------------
     def _rows(self, name: str, T: int, B: int) -> int:

@@ -74,6 +74,7 @@ def test_graph_replay_bit_identical_to_eager(hf_model):
     # restore the cache and run the same step's kernels eagerly, without the graph
     for k, v in snapshot.items():
         ex.persistent[k][...] = v
+    ex.cp.cuda.Device().synchronize()  # the executor's stream does not wait for the default stream
     plan.lengths = lengths
     ex.graphs.clear()
     ex._capture = lambda n: _EagerGraph(ex, n)
