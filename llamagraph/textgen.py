@@ -9,10 +9,17 @@ from llamagraph.ir import ConfigError
 
 
 class Tokenizer:
-    """sentencepiece ``tokenizer.model`` or HF ``tokenizer.json`` (needs the tokenizers package)."""
+    """sentencepiece ``tokenizer.model`` or HF ``tokenizer.json`` (needs the tokenizers package).
 
-    def __init__(self, encode, decode, path: str):
-        self.encode, self.decode, self.path = encode, decode, path
+    Models often pad their vocabulary past the tokenizer's; ids the tokenizer does not know
+    decode to nothing.
+    """
+
+    def __init__(self, encode, decode, size: int, path: str):
+        self.encode, self._decode, self.size, self.path = encode, decode, size, path
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode([i for i in ids if 0 <= i < self.size])
 
 
 def find_tokenizer(model_dir: str) -> Tokenizer:
@@ -25,14 +32,15 @@ def find_tokenizer(model_dir: str) -> Tokenizer:
             sp = sentencepiece.SentencePieceProcessor(model_file=spm)
         except (OSError, RuntimeError) as e:
             raise ConfigError(f"{spm}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), spm)
+        return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), sp.get_piece_size(), spm)
     if os.path.isfile(hf):
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise ConfigError(f"{hf} needs the 'tokenizers' package (pip install tokenizers)") from None
         tok = HFTokenizer.from_file(hf)
-        return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(ids), hf)
+        return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(ids),
+                         tok.get_vocab_size(), hf)
     raise ConfigError(f"{model_dir}: no tokenizer.model or tokenizer.json; pass --random-weights to run on token ids")
 
 

@@ -1,0 +1,79 @@
+"""`llamagraph run` (text in, text out) on the reference backend, and the no-GPU errors."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import llamagraph
+from llamagraph.cli import main
+
+CORPUS = "the quick brown fox jumps over the lazy dog. a llama graph compiles kernels fast.\n" * 40
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_tokenizer(tmp_path_factory, hf_model):
+    """The tiny gqa checkpoint plus a sentencepiece tokenizer.model trained for its vocabulary."""
+    import shutil
+
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("run")
+    src = hf_model("gqa")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), d / f)
+    (d / "corpus.txt").write_text(CORPUS)
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=60,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    return str(d)
+
+
+def test_run_streams_text_from_a_sentencepiece_checkpoint(checkpoint_with_tokenizer, capsys):
+    import sentencepiece as spm
+
+    rc = main(["run", checkpoint_with_tokenizer, "--prompt", "the quick brown", "--max-new-tokens", "6",
+               "--backend", "reference", "--dtype", "float32"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    # the streamed text is the decode of the greedy tokens the API generates
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(checkpoint_with_tokenizer, "tokenizer.model"))
+    plan = llamagraph.compile(checkpoint_with_tokenizer, dtype="float32", max_batch=1)
+    ids = [1] + sp.encode("the quick brown")
+    new = plan.generate([ids], 6, stop_tokens=[2])[0]
+    assert text == sp.decode([t for t in new if t < sp.get_piece_size()]) + "\n"
+    assert len(text.strip()) > 0
+
+
+def test_run_with_random_weights_prints_token_ids(capsys):
+    rc = main(["run", "examples/tinyllama-1.1b.json", "--random-weights", "--backend", "reference",
+               "--dtype", "float32", "--max-seq", "24", "--prompt-len", "4", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("prompt ids: [") and len(out.split("generated ids:")[1].split()) == 3
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["run", "examples/tinyllama-1.1b.json", "--random-weights", "--top-p", "1.5"], "--top-p"),
+    (["run", "examples/tinyllama-1.1b.json", "--random-weights", "--temperature", "-1"], "--temperature"),
+    (["run", "examples/tinyllama-1.1b.json", "--prompt", "hi", "--backend", "reference"], "tokenizer"),
+    (["bench", "examples/tinyllama-1.1b.json", "--random-weights", "--peers", "vllm"], "vllm"),
+])
+def test_run_and_bench_bad_input(argv, culprit, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and culprit in err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed here")
+def test_cuda_backend_without_cupy_is_one_clear_error():
+    with pytest.raises(llamagraph.BackendError, match="needs cupy"):
+        llamagraph.compile({"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                            "num_hidden_layers": 1, "vocab_size": 50}, "random", backend="cuda")
+    res = subprocess.run([sys.executable, "-m", "llamagraph", "bench", "examples/tinyllama-1.1b.json",
+                          "--random-weights"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == ["llamagraph: error: backend 'cuda' needs cupy: pip install "
+                                               "'llamagraph[cuda]' (cupy-cuda13x)"]
