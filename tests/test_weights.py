@@ -272,7 +272,7 @@ def test_random_weights_same_numbers_for_any_grouping(hf_model, dtype):
     a, b = W.random_weights(g, seed=3), W.random_weights(g, seed=3)
     fused = W.random_weights(regrouped(g), seed=3)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert a["embed.w"].dtype == W.STORAGE_NP[dtype]
+    assert a["embed.w"].dtype == W.NUMPY_STORAGE[dtype]
     cfg = load_config(hf_model("bias"))
     H, KV, HD = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     for i in range(cfg.num_layers):

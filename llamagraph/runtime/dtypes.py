@@ -39,4 +39,6 @@ def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     """float32 (or integer) array -> storage array of ``dtype``."""
     if dtype == "bfloat16":
         return f32_to_bf16(np.asarray(arr, np.float32))
+    if dtype not in NUMPY_STORAGE:
+        raise ValueError(f"unknown storage dtype {dtype!r}")
     return np.asarray(arr).astype(NUMPY_STORAGE[dtype], copy=False)

@@ -28,40 +28,17 @@ import numpy as np
 
 from ..ir.errors import WeightError
 from ..ir.graph import WEIGHT, Graph
+from .dtypes import NUMPY_STORAGE, to_float32, to_storage
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
-STORAGE_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 # ---- dtype conversion -------------------------------------------------------------------------
 
 
-def float32_to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """fp32 values -> storage array of ``dtype`` (bf16: uint16 bits, round to nearest even)."""
-    if dtype == "float32":
-        return np.asarray(arr, dtype=np.float32)
-    if dtype == "float16":
-        return np.asarray(arr).astype(np.float16)
-    if dtype != "bfloat16":
-        raise ValueError(f"unknown storage dtype {dtype!r}")
-    f32 = np.ascontiguousarray(arr, dtype=np.float32)
-    bits = f32.view(np.uint32)
-    # Adding 0x7FFF plus the lowest kept bit rounds half to even; NaNs must stay NaN (quiet them)
-    # instead of rounding into the exponent, so they are patched separately.
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(f32)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
-def weights_to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage array of ``dtype`` -> fp32 values (bf16 bits widen exactly)."""
-    if dtype == "bfloat16":
-        return (np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("float32", "float16"):
-        return np.asarray(arr).astype(np.float32)
-    raise ValueError(f"unknown storage dtype {dtype!r}")
+# The storage conversions live in dtypes.py; these names are the loader's vocabulary for them.
+float32_to_storage = to_storage
+weights_to_float32 = to_float32
 
 
 def _to_storage(arr: np.ndarray, src: str, dtype: str) -> np.ndarray:
