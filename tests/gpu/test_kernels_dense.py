@@ -21,14 +21,8 @@ from llamagraph.ir import ops  # noqa: E402
 from llamagraph.runtime.cuda_dense import launch, linear_cublas  # noqa: E402
 
 
-def _gpu_count() -> int:
-    try:
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no driver / no device
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_count() == 0, reason="needs a CUDA GPU")]
+# tests/gpu/conftest.py skips these without a CUDA device
+pytestmark = pytest.mark.gpu
 
 DTYPES = ("float32", "float16", "bfloat16")
 ROWS = (1, 2, 3, 5, 8, 13)
