@@ -77,3 +77,23 @@ def test_cuda_backend_without_cupy_is_one_clear_error():
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == ["llamagraph: error: backend 'cuda' needs cupy: pip install "
                                                "'llamagraph[cuda]' (cupy-cuda13x)"]
+
+
+def test_run_with_an_hf_tokenizer_json(tmp_path, hf_model, capsys):
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    src = hf_model("gqa")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert main(["run", str(tmp_path), "--prompt", "the lazy dog", "--max-new-tokens", "5",
+                 "--backend", "reference", "--dtype", "float32"]) == 0
+    plan = llamagraph.compile(str(tmp_path), dtype="float32")
+    new = plan.generate([[1] + tok.encode("the lazy dog").ids], 5, stop_tokens=[2])[0]
+    assert capsys.readouterr().out == tok.decode([t for t in new if t < tok.get_vocab_size()]) + "\n"

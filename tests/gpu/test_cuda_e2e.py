@@ -112,6 +112,24 @@ def test_sampling_seeded_and_topk1_is_greedy(hf_model):
     assert plan.generate(PROMPTS, 16, temperature=1.0, top_k=1, seed=5) == plan.generate(PROMPTS, 16)
 
 
+def test_compiled_module_cached_on_disk_by_source_hash(hf_model, tmp_path, monkeypatch):
+    from llamagraph.codegen import nvrtc
+
+    monkeypatch.setenv("LLAMAGRAPH_CACHE", str(tmp_path))
+    d = hf_model("gqa")
+    llamagraph.compile(d, dtype="float16", max_batch=2, max_seq=32, backend="cuda")
+    (cubin,) = list((tmp_path / "kernels").iterdir())
+    stamp = cubin.stat().st_mtime_ns
+    calls = []
+    real = nvrtc.compile_source
+    monkeypatch.setattr(nvrtc, "compile_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = llamagraph.compile(d, dtype="float16", max_batch=2, max_seq=32, backend="cuda")
+    assert calls == [] and cubin.stat().st_mtime_ns == stamp  # loaded, not recompiled
+    assert np.isfinite(plan.run(PROMPTS)).all()
+    llamagraph.compile(d, dtype="bfloat16", max_batch=2, max_seq=32, backend="cuda")  # other source, other file
+    assert len(list((tmp_path / "kernels").iterdir())) == 2 and calls == [1]
+
+
 def test_user_errors_on_gpu(hf_model):
     d = hf_model("gqa")
     plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=16, backend="cuda")
