@@ -45,8 +45,9 @@ def find_tokenizer(model_dir: str) -> Tokenizer:
 
 
 def stream_text(plan, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *, bos: int | None,
-                stop_tokens: list[int], out=sys.stdout, **sampling) -> list[int]:
+                stop_tokens: list[int], out=None, **sampling) -> list[int]:
     """Generate from ``prompt`` and write the text to ``out`` as tokens arrive."""
+    out = out or sys.stdout  # looked up per call: stdout may have been replaced since import
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
     generated: list[int] = []
     shown = ""
