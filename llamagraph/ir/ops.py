@@ -145,9 +145,11 @@ def sample_row(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
         kept = np.where(keep, p, 0.0)
         order = np.argsort(-kept, kind="stable")
         sorted_p = kept[order]
-        more_likely = np.cumsum(sorted_p) - sorted_p  # mass of tokens ranked above each
+        before = np.cumsum(sorted_p) - sorted_p  # mass ranked above each position
+        # tied tokens share the mass of the *strictly* more likely ones: ties stay or go together
+        group_start = np.searchsorted(-sorted_p, -sorted_p, side="left")
         in_p = np.zeros(p.shape, bool)
-        in_p[order] = more_likely < top_p * kept.sum()
+        in_p[order] = before[group_start] < top_p * kept.sum()
         keep &= in_p
     kept = np.where(keep, p, 0.0).astype(np.float32)
     c = np.cumsum(kept, dtype=np.float32)
