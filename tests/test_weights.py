@@ -301,9 +301,17 @@ def test_random_weights_statistics_and_storage():
 
 
 def test_part_seed_and_init_kind_are_stable():
-    # pinned: crc32-based, so equal in every process (Python's hash() would not be)
-    assert W.part_seed("model.norm.weight", 0) == 605179714
-    assert W.part_seed("model.layers.0.self_attn.q_proj.weight", 7) == 32925431381
+    # equal in every process (Python's salted hash() would not be), distinct per name and seed
+    import subprocess
+
+    names = ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight"]
+    here = [W.part_seed(n, s) for n in names for s in (0, 7)]
+    code = f"from llamagraph.runtime import weights as W; print([W.part_seed(n, s) for n in {names!r} for s in (0, 7)])"
+    for hashseed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout
+        assert out.strip() == str(here)
+    assert len(set(here)) == 4
     assert W.init_kind("model.norm.weight") == "norm"
     assert W.init_kind("model.layers.1.input_layernorm.weight") == "norm"
     assert W.init_kind("model.layers.1.post_attention_layernorm.weight") == "norm"
