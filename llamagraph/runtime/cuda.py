@@ -20,7 +20,7 @@ import numpy as np
 from llamagraph.codegen import attention as attn_codegen
 from llamagraph.codegen import dense as dense_codegen
 from llamagraph.codegen.plan import LINEAR_OPS, ROPE_MODES, NodeKernels, plan_kernels, plan_source
-from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Graph
+from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Graph, WeightError
 
 from .dtypes import NUMPY_STORAGE
 
@@ -144,7 +144,7 @@ class CudaExecutor:
                     scratch = max(scratch, self.max_tokens * nk.params["N"] * 4)
             self._gemm_scratch = cp.empty(max(scratch, 1), np.uint8)
             self._inv_freq = {}
-            self._prefill_tiles = None
+            self._prefill_tiles: dict = {}  # rows per tile -> tile table of this prefill step
             self.graphs = {}  # batch size -> captured decode step
             self._smem_raised: dict[str, int] = {}
             out_logits, out_next = graph.outputs
@@ -170,10 +170,15 @@ class CudaExecutor:
                 out[v.name] = self._device_storage(x, v.dtype)
                 bar(v.nbytes(self.graph.dims), v.name)
             return out
-        for v in values:
-            arr = np.ascontiguousarray(weights[v.name])
-            out[v.name] = cp.asarray(arr)
-            bar(arr.nbytes, v.name)
+        # a dict of arrays, or an iterator of (name, array) streamed from a checkpoint
+        items = weights.items() if isinstance(weights, dict) else weights
+        for name, arr in items:
+            arr = np.ascontiguousarray(arr)
+            out[name] = cp.asarray(arr)
+            bar(arr.nbytes, name)
+        missing = [v.name for v in values if v.name not in out]
+        if missing:
+            raise WeightError(f"no array for graph weight {missing[0]!r}")
         return out
 
     def _device_storage(self, x, dtype: str):

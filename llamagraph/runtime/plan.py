@@ -91,7 +91,7 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
 
 
 def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference"):
-    from .weights import load_weights, random_weights
+    from .weights import iter_weights, load_weights, random_weights
 
     if isinstance(weights, dict):
         missing = [v.name for v in graph.values.values() if v.kind == "weight" and v.name not in weights]
@@ -109,6 +109,8 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
             raise WeightError("no weights given: pass weights=PATH to a checkpoint, or weights='random'")
         path = os.fspath(model)
         weights = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if backend == "cuda":  # streamed: one weight value in host memory at a time, uploaded as read
+        return iter_weights(graph, os.fspath(weights), source=cfg.source)
     return load_weights(graph, os.fspath(weights), source=cfg.source)
 
 

@@ -130,6 +130,32 @@ def test_compiled_module_cached_on_disk_by_source_hash(hf_model, tmp_path, monke
     assert len(list((tmp_path / "kernels").iterdir())) == 2 and calls == [1]
 
 
+def test_checkpoint_streams_to_gpu_with_progress(hf_model, capfd):
+    d = hf_model("bias", dtype="bfloat16")
+    plan = llamagraph.compile(d, dtype="bfloat16", max_batch=2, max_seq=32, backend="cuda", progress=True)
+    err = capfd.readouterr().err
+    assert "uploading weights" in err and "100.0%" in err
+    ref = llamagraph.compile(d, dtype="bfloat16", max_batch=2, max_seq=32)
+    assert rel_err(plan.run(PROMPTS), ref.run(PROMPTS)) < 2e-2
+
+
+def test_bad_weights_on_gpu_are_one_line_errors(hf_model, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = hf_model("gqa")
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    shutil.copy(os.path.join(d, "config.json"), tmp_path / "config.json")
+    missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(llamagraph.WeightError, match="model.layers.1.mlp.up_proj.weight") as e:
+        llamagraph.compile(str(tmp_path), dtype="float16", backend="cuda")
+    assert "\n" not in str(e.value)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:-1]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(llamagraph.WeightError, match="k_proj.weight.*shape"):
+        llamagraph.compile(str(tmp_path), dtype="float16", backend="cuda")
+
+
 def test_user_errors_on_gpu(hf_model):
     d = hf_model("gqa")
     plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=16, backend="cuda")
