@@ -98,13 +98,11 @@ def default_outdir(config: str) -> str:
 # numbers the report prints
 # ---------------------------------------------------------------------------------------------
 
-# Launches per op in one decode step where an op is more than one kernel: decode attention
-# splits the sequence across blocks, then a combine kernel merges the partial softmaxes.
-DECODE_LAUNCHES = {"sdpa": 2}
-
-
 def kernels_per_decode_step(graph: Graph) -> int:
-    return sum(DECODE_LAUNCHES.get(n.op, 1) for n in graph.nodes)
+    """Launches in one decode step (decode attention is a split and a combine kernel)."""
+    from llamagraph.codegen.plan import decode_launches
+
+    return decode_launches(graph)
 
 
 def _mib(n: int) -> str:

@@ -22,6 +22,8 @@ from llamagraph.codegen import dense as dense_codegen
 from llamagraph.codegen.plan import LINEAR_OPS, ROPE_MODES, NodeKernels, plan_kernels, plan_source
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Graph, WeightError
 
+from .cuda_dense import launch as launch_kernel
+from .cuda_dense import linear_cublas
 from .dtypes import NUMPY_STORAGE
 
 ALIGN = 256
@@ -146,7 +148,6 @@ class CudaExecutor:
             self._inv_freq = {}
             self._prefill_tiles: dict = {}  # rows per tile -> tile table of this prefill step
             self.graphs = {}  # batch size -> captured decode step
-            self._smem_raised: dict[str, int] = {}
             out_logits, out_next = graph.outputs
             self._logits_host = cp.cuda.alloc_pinned_memory(self.max_batch * graph.values[out_logits].shape[1] * 4)
             self._next_host = cp.cuda.alloc_pinned_memory(self.max_batch * 4)
@@ -281,11 +282,7 @@ class CudaExecutor:
             getattr(self, "_launch_" + _family(nk.node.op))(nk, T, B, prefill)
 
     def _go(self, kernel, launch, args) -> None:
-        fn = self.fns[kernel.name]
-        if launch.smem > 48 * 1024 and self._smem_raised.get(kernel.name, 0) < launch.smem:
-            fn.max_dynamic_shared_size_bytes = launch.smem  # opt in to more than 48 KiB
-            self._smem_raised[kernel.name] = launch.smem
-        fn(launch.grid, launch.block, args, shared_mem=launch.smem)
+        launch_kernel(self.fns[kernel.name], launch, args, self.stream)  # raises the smem limit if needed
         if SYNC_EACH and not self.stream.is_capturing():  # debugging aid: name the kernel that faults
             try:
                 self.stream.synchronize()
@@ -314,8 +311,6 @@ class CudaExecutor:
         self._go(nk.kernels["main"], dense_codegen.add_rmsnorm_launch(self.dtype, nk.params["D"], rows), args)
 
     def _launch_linear(self, nk: NodeKernels, T, B, prefill) -> None:
-        from .cuda_dense import linear_cublas
-
         p, ins, out = nk.params, nk.node.inputs, nk.node.outputs[0]
         rows = self._rows(out, T, B)
         bias = self.ptr(ins[2]) if p["has_bias"] else np.uint64(0)
