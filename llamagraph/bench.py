@@ -114,7 +114,7 @@ def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, progre
     res = Result("llamagraph (CUDA graphs)", batch * len(prompts[0]) / prefill, batch * (gen_len - 1) / decode,
                  1e3 * decode / (gen_len - 1))
     graph = plan.graph
-    del plan
+    plan = None  # free the GPU memory before the peers run
     gc.collect()
     return res, graph
 
@@ -162,7 +162,7 @@ def bench_hf(cfg_path: str, prompts, gen_len: int, dtype: str, compiled: bool) -
     decode = max(total - prefill, 1e-9)
     batch = len(prompts)
     res = Result(name, batch * len(prompts[0]) / prefill, batch * (gen_len - 1) / decode, 1e3 * decode / (gen_len - 1))
-    del model
+    model = None
     gc.collect()
     torch.cuda.empty_cache()
     return res

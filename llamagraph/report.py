@@ -1,7 +1,7 @@
 """What ``llamagraph compile`` and ``llamagraph dump`` produce: artifacts on disk and a text report.
 
 The CLI is a thin face over this module, and this module a thin layer over the Python API
-(``load_config``, ``compile_graph``, ``run_pipeline``): nothing here changes what is compiled.
+(``load_config``, ``build_unfused``, ``run_pipeline``): nothing here changes what is compiled.
 
 Artifacts written by ``write_artifacts`` into one output directory:
   graph.txt / graph.json     the fused, memory-planned graph (text IR; JSON that round-trips)
@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from llamagraph import viz
-from llamagraph.ir import Graph, ModelConfig, build_graph, load_config
+from llamagraph.ir import Graph, ModelConfig, load_config
 from llamagraph.passes import PASS_NAMES, run_pipeline
-from llamagraph.runtime.plan import compile_graph
+from llamagraph.runtime.plan import build_unfused
 
 BUILD = "build"  # the stage name of the unfused graph, before any pass
 
@@ -56,17 +56,8 @@ class Section:
 def compile_model(config: str, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                   max_tokens: int | None = None, dump_dir: str | None = None) -> Compiled:
     cfg = load_config(config)
-    fused = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                          dump_dir=dump_dir)
-    return Compiled(os.fspath(config), cfg, unfused_like(cfg, fused), fused)
-
-
-def unfused_like(cfg: ModelConfig, fused: Graph) -> Graph:
-    """The builder's graph with the same resolved sizes as ``fused`` (compile_graph fills the
-    max_seq / max_tokens defaults; reading them back keeps one place that decides them)."""
-    m = fused.meta
-    return build_graph(cfg, dtype=m["dtype"], max_batch=m["max_batch"], max_seq=m["max_seq"],
-                       max_tokens=m["max_tokens"])
+    unfused = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    return Compiled(os.fspath(config), cfg, unfused, run_pipeline(unfused, None, dump_dir))
 
 
 def graph_after(config: str, after: str | None = None, *, dtype: str = "float16", max_batch: int = 1,
@@ -76,12 +67,11 @@ def graph_after(config: str, after: str | None = None, *, dtype: str = "float16"
     after = after or names[-1]
     if after not in names:
         raise ValueError(f"unknown pass {after!r}; valid names: {', '.join(names)}")
-    c = compile_model(config, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
-    if after == names[-1]:
-        return c.fused
+    unfused = build_unfused(load_config(config), dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                            max_tokens=max_tokens)
     if after == BUILD:
-        return c.unfused
-    return run_pipeline(c.unfused, PASS_NAMES[: PASS_NAMES.index(after) + 1])
+        return unfused
+    return run_pipeline(unfused, PASS_NAMES[: PASS_NAMES.index(after) + 1])
 
 
 def default_outdir(config: str) -> str:

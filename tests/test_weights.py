@@ -16,6 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from llamagraph.ir import WeightError, build_graph, load_config  # noqa: E402
 from llamagraph.runtime import weights as W  # noqa: E402
+from llamagraph.runtime.dtypes import NUMPY_STORAGE  # noqa: E402
 
 
 def graph_for(path, dtype="float32"):
@@ -272,7 +273,7 @@ def test_random_weights_same_numbers_for_any_grouping(hf_model, dtype):
     a, b = W.random_weights(g, seed=3), W.random_weights(g, seed=3)
     fused = W.random_weights(regrouped(g), seed=3)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert a["embed.w"].dtype == W.NUMPY_STORAGE[dtype]
+    assert a["embed.w"].dtype == NUMPY_STORAGE[dtype]
     cfg = load_config(hf_model("bias"))
     H, KV, HD = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     for i in range(cfg.num_layers):

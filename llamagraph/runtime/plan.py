@@ -74,9 +74,9 @@ def compile(
     return Plan(graph, cfg, executor_cls(graph, arrays, **kwargs))
 
 
-def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
-    """Build the unfused graph and run the pass pipeline (the memory planner always runs)."""
+def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None) -> Graph:
+    """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("max_tokens", max_tokens)):
@@ -84,7 +84,13 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     max_seq = max_seq or min(cfg.max_position_embeddings, 4096)
     max_tokens = max_tokens or min(max_batch * max_seq, 4096)
-    graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    return build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+
+
+def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
+    """Build the unfused graph and run the pass pipeline (the memory planner always runs)."""
+    graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
     if passes is not None:
         passes = list(passes) + ["dce", "plan_memory"]
     return run_pipeline(graph, passes, dump_dir)

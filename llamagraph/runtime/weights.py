@@ -28,7 +28,7 @@ import numpy as np
 
 from ..ir.errors import WeightError
 from ..ir.graph import WEIGHT, Graph
-from .dtypes import NUMPY_STORAGE, to_float32, to_storage
+from .dtypes import to_float32, to_storage
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
