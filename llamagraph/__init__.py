@@ -3,13 +3,16 @@
     plan = llamagraph.compile("model_dir", dtype="float16", max_batch=2, backend="cuda")
     logits = plan.run([[1, 15043, 29892], [1, 22172]])   # float32 [batch, vocab]
     tokens = plan.generate([[1, 15043]], max_new_tokens=32)
+    plan = llamagraph.load("model.llamagraph", "model_dir", backend="cuda")   # a saved plan
 """
 
-from .ir.errors import BackendError, ConfigError, InputError, LlamagraphError, WeightError
-from .runtime.plan import Plan, compile, compile_graph
+from .api import Plan, bind, compile, load
+from .codegen.compiled import CompiledPlan
+from .compiler import compile_graph, compile_plan
+from .ir.errors import BackendError, ConfigError, InputError, LlamagraphError, PlanError, WeightError
 from .runtime.weights import random_weights
 
 __all__ = [
-    "BackendError", "ConfigError", "InputError", "LlamagraphError", "WeightError",
-    "Plan", "compile", "compile_graph", "random_weights",
+    "BackendError", "ConfigError", "InputError", "LlamagraphError", "PlanError", "WeightError",
+    "CompiledPlan", "Plan", "bind", "compile", "compile_graph", "compile_plan", "load", "random_weights",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llamagraph.ir import WEIGHT, Graph, ModelConfig, load_config
+from llamagraph.ir import KV_CACHE, WEIGHT, Graph, ModelConfig, load_config
 
 
 @dataclass
@@ -79,15 +79,15 @@ def decode_step_bytes(graph: Graph, cfg: ModelConfig, batch: int, context: float
     total = 0
     embed_read_whole = cfg.tie_word_embeddings
     for v in graph.values.values():
-        if v.kind != WEIGHT:
-            continue
-        if v.name == "embed.w" and not embed_read_whole:
-            total += batch * v.nbytes(graph.dims) // v.shape[0]
-        else:
-            total += v.nbytes(graph.dims)
-    elt = 4 if graph.meta["dtype"] == "float32" else 2
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elt
-    return int(total + batch * context * kv)
+        if v.kind == WEIGHT:
+            if v.role == "embedding_table" and not embed_read_whole:
+                total += batch * v.nbytes(graph.dims) // v.shape[0]
+            else:
+                total += v.nbytes(graph.dims)
+    # every layer's K and V cache: [max_batch, max_seq, KV, D]; a token's row is nbytes / (max_batch * max_seq)
+    caches = [v for v in graph.values.values() if v.kind == KV_CACHE and "alias" not in v.attrs]
+    per_token = sum(v.nbytes(graph.dims) // (v.shape[0] * v.shape[1]) for v in caches)
+    return int(total + batch * context * per_token)
 
 
 def _sync_time(fn) -> float:

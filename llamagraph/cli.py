@@ -3,7 +3,7 @@
     llamagraph compile CONFIG [-o OUTDIR] [--dtype D] [--max-batch N] [--max-seq N]
                               [--max-tokens N] [--dump-dir DIR] [--arch sm_90]
     llamagraph dump CONFIG [--after PASS] [--dtype D] [--max-batch N] [--max-seq N] [--json]
-    llamagraph run MODEL [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
+    llamagraph run MODEL|PLAN_DIR [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
     llamagraph bench CONFIG --random-weights [--batch B] [--prompt-len P] [--gen-len G] [--peers hf,compile]
 
@@ -83,9 +83,10 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def add_compile(sub) -> None:
-    p = sub.add_parser("compile", help="compile a model config; write the fused graph, memory plan and pictures",
-                       description="Compile a Llama config into a fused, memory-planned graph and write it, "
-                                   "with pictures and a report, into OUTDIR.")
+    p = sub.add_parser("compile", help="compile a model config; write the plan, fused graph, memory plan and pictures",
+                       description="Compile a Llama config into a plan (plan.json + kernels.cu, which "
+                                   "`llamagraph run OUTDIR` and llamagraph.load run) and write it, with the fused "
+                                   "graph, memory plan, pictures and a report, into OUTDIR.")
     add_model_options(p)
     p.add_argument("-o", "--outdir", metavar="OUTDIR", help="output directory (default: ./<config stem>.llamagraph/)")
     p.add_argument("--dump-dir", metavar="DIR", help="also write the IR after every pass into DIR")
@@ -121,12 +122,14 @@ def add_dump(sub) -> None:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from llamagraph import report
+    from llamagraph.compiler import graph_after, stage_names
 
-    names = report.stage_names()
+    names = stage_names()
     if args.after is not None and args.after not in names:
         raise UsageError(f"argument --after: unknown pass {args.after!r}; valid names: {', '.join(names)}")
-    graph = report.graph_after(args.config, args.after, **model_kwargs(args))
+    kwargs = model_kwargs(args)
+    kwargs.pop("max_tokens")
+    graph = graph_after(args.config, args.after, **kwargs)
     sys.stdout.write(graph.to_json() + "\n" if args.json else str(graph))
     return 0
 
@@ -162,8 +165,10 @@ def add_run(sub) -> None:
                        description="Generate from a checkpoint (its tokenizer.model / tokenizer.json encodes the "
                                    "prompt), streaming the text. --random-weights runs a config's shape on random "
                                    "weights with token ids in place of text.")
-    p.add_argument("model", metavar="MODEL", help="checkpoint directory, or a config.json / params.json")
-    p.add_argument("--weights", metavar="PATH", help="checkpoint to load (default: the MODEL directory)")
+    p.add_argument("model", metavar="MODEL",
+                   help="checkpoint directory, a config.json / params.json, or a plan directory from `llamagraph compile -o`")
+    p.add_argument("--weights", metavar="PATH",
+                   help="checkpoint to load (default: the MODEL directory, or the checkpoint a plan was compiled from)")
     p.add_argument("--random-weights", action="store_true", help="random weights; the prompt is random token ids")
     p.add_argument("--prompt", default="", help="prompt text (ignored with --random-weights)")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt length (--random-weights)")
@@ -172,10 +177,16 @@ def add_run(sub) -> None:
     p.add_argument("--top-k", type=non_negative(int), default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="float16")
-    p.add_argument("--max-seq", type=positive_int, metavar="N")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
+    p.add_argument("--max-seq", type=positive_int, metavar="N", help="(not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
     p.set_defaults(func=cmd_run)
+
+
+def _is_plan_dir(path: str) -> bool:
+    from llamagraph.codegen.compiled import PLAN_FILE
+
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PLAN_FILE))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -186,9 +197,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--weights and --random-weights exclude each other")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     weights = "random" if args.random_weights else args.weights
+    compiled = None
+    if _is_plan_dir(args.model):
+        from llamagraph.codegen.compiled import CompiledPlan
+
+        compiled = CompiledPlan.load(args.model)
+
+    def make_plan(progress: bool = False):
+        if compiled is not None:
+            return llamagraph.bind(compiled, weights, backend=args.backend, seed=args.seed, progress=progress)
+        return llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
+                                  seed=args.seed, progress=progress)
+
     if args.random_weights:
-        plan = llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
-                                  seed=args.seed)
+        plan = make_plan()
         import numpy as np
 
         prompt = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.prompt_len).tolist()
@@ -200,10 +222,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if not args.prompt:
         raise UsageError("--prompt is required (or pass --random-weights)")
-    model_dir = args.model if os.path.isdir(args.model) else os.path.dirname(os.path.abspath(args.model))
-    tokenizer = find_tokenizer(args.weights if args.weights and os.path.isdir(args.weights) else model_dir)
-    plan = llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
-                              progress=sys.stderr.isatty())
+    source = compiled.model if compiled is not None else args.model
+    if args.weights and os.path.isdir(args.weights):
+        model_dir = args.weights
+    elif source is None:
+        raise UsageError(f"{args.model}: the plan records no model directory to find a tokenizer in; pass --weights DIR")
+    else:
+        model_dir = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    tokenizer = find_tokenizer(model_dir)
+    plan = make_plan(progress=sys.stderr.isatty())
     cfg = plan.config
     stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,
                 stop_tokens=cfg.eos_token_ids, **sampling)

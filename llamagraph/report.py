@@ -1,15 +1,16 @@
 """What ``llamagraph compile`` and ``llamagraph dump`` produce: artifacts on disk and a text report.
 
-The CLI is a thin face over this module, and this module a thin layer over the Python API
-(``load_config``, ``build_unfused``, ``run_pipeline``): nothing here changes what is compiled.
+The CLI is a thin face over this module, and this module a thin layer over the compiler
+(``llamagraph.compiler``): nothing here changes what is compiled, and nothing here runs it.
 
 Artifacts written by ``write_artifacts`` into one output directory:
-  graph.txt / graph.json     the fused, memory-planned graph (text IR; JSON that round-trips)
+  plan.json / kernels.cu     the compiled plan (``llamagraph.load`` and ``llamagraph run DIR`` read it)
+  graph.txt / graph.json     the fused, memory-planned graph (text IR that parses back; JSON)
   graph_unfused.txt          the builder's graph before any pass
-  memory_plan.json / .txt    graph.meta["memory"] plus the schedule; a buffer table
+  memory_plan.json / .txt    the memory plan's totals and buffers, with the schedule; a buffer table
   graph.html                 picture of the fused graph (llamagraph.viz)
   memory_plan.html           picture of the memory plan (llamagraph.viz)
-  + whatever ``write_cuda_artifacts`` adds (hook for generated CUDA source, see below)
+  kernels.txt                registers and spills per kernel, when NVRTC or nvcc is present
 """
 
 from __future__ import annotations
@@ -22,26 +23,25 @@ import time
 from dataclasses import dataclass, field
 
 from llamagraph import viz
+from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.compiler import build_unfused, lower
 from llamagraph.ir import Graph, ModelConfig, load_config
-from llamagraph.passes import PASS_NAMES, run_pipeline
-from llamagraph.runtime.plan import build_unfused
-
-BUILD = "build"  # the stage name of the unfused graph, before any pass
-
-
-def stage_names() -> list[str]:
-    """Names ``dump --after`` accepts, in pipeline order: ``build`` then every pass."""
-    return [BUILD, *PASS_NAMES]
+from llamagraph.ir.memory import buffers
+from llamagraph.passes import run_pipeline
 
 
 @dataclass
 class Compiled:
-    """A config compiled to its unfused and fused graphs."""
+    """A config compiled to its unfused graph and its compiled plan."""
 
     source: str  # the config path as given
     cfg: ModelConfig
     unfused: Graph
-    fused: Graph
+    plan: CompiledPlan
+
+    @property
+    def fused(self) -> Graph:
+        return self.plan.graph
 
 
 @dataclass
@@ -57,21 +57,8 @@ def compile_model(config: str, *, dtype: str = "float16", max_batch: int = 1, ma
                   max_tokens: int | None = None, dump_dir: str | None = None) -> Compiled:
     cfg = load_config(config)
     unfused = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
-    return Compiled(os.fspath(config), cfg, unfused, run_pipeline(unfused, None, dump_dir))
-
-
-def graph_after(config: str, after: str | None = None, *, dtype: str = "float16", max_batch: int = 1,
-                max_seq: int | None = None, max_tokens: int | None = None) -> Graph:
-    """The IR after the named stage (``build`` or a pass name; default: the last pass)."""
-    names = stage_names()
-    after = after or names[-1]
-    if after not in names:
-        raise ValueError(f"unknown pass {after!r}; valid names: {', '.join(names)}")
-    unfused = build_unfused(load_config(config), dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                            max_tokens=max_tokens)
-    if after == BUILD:
-        return unfused
-    return run_pipeline(unfused, PASS_NAMES[: PASS_NAMES.index(after) + 1])
+    plan = lower(run_pipeline(unfused, None, dump_dir), os.path.abspath(os.fspath(config)))
+    return Compiled(os.fspath(config), cfg, unfused, plan)
 
 
 def default_outdir(config: str) -> str:
@@ -87,13 +74,6 @@ def default_outdir(config: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # numbers the report prints
 # ---------------------------------------------------------------------------------------------
-
-def kernels_per_decode_step(graph: Graph) -> int:
-    """Launches in one decode step (decode attention is a split and a combine kernel)."""
-    from llamagraph.codegen.plan import decode_launches
-
-    return decode_launches(graph)
-
 
 def _mib(n: int) -> str:
     if n < 2**20:
@@ -131,16 +111,17 @@ def op_table(unfused: Graph, fused: Graph) -> list[str]:
     return rows
 
 
-def memory_lines(graph: Graph) -> list[str]:
+def memory_lines(graph: Graph, workspace_bytes: int = 0) -> list[str]:
     mem = graph.meta["memory"]
     arena, lb = mem["arena_bytes"], mem["lower_bound_bytes"]
     ratio = arena / lb if lb else 1.0
     rows = [
-        ("arena", arena, f"{len(mem['buffers'])} buffers"),
+        ("arena", arena, f"{mem['buffers']} buffers"),
         ("lower bound", lb, f"arena / lower bound = {ratio:.3f}"),
         ("weights", mem["weight_bytes"], ""),
         ("kv cache", mem["kv_cache_bytes"], ""),
         ("step inputs", mem["input_bytes"], ""),
+        ("workspaces", workspace_bytes, "scratch and tables of the launch lists"),
     ]
     rows.append(("total", sum(n for _, n, _ in rows[:1] + rows[2:]), "device memory the plan holds"))
     w = max(len(f"{n}") for _, n, _ in rows)
@@ -148,8 +129,9 @@ def memory_lines(graph: Graph) -> list[str]:
 
 
 def memory_doc(graph: Graph) -> dict:
-    """memory_plan.json: the planner's result plus the schedule its step numbers index."""
+    """memory_plan.json: the planner's totals, its buffers, and the schedule their steps index."""
     doc = dict(graph.meta["memory"])
+    doc["buffers"] = [b.as_dict() for b in buffers(graph)]
     doc["schedule"] = [{"step": i, "op": n.op, "name": n.name} for i, n in enumerate(graph.nodes)]
     return doc
 
@@ -162,42 +144,43 @@ def memory_table(graph: Graph) -> str:
         f"# memory plan: {graph.meta.get('dtype')} max_batch={graph.meta.get('max_batch')} "
         + " ".join(f"{k}={v}" for k, v in graph.dims.items()),
         f"# arena {arena} bytes, lower bound {lb} bytes, ratio {arena / lb if lb else 1.0:.3f}, "
-        f"{len(mem['buffers'])} buffers",
+        f"{mem['buffers']} buffers",
         "# first/last: schedule steps (node indices in graph.txt order); offset/size in bytes",
     ]
     rows = [("buffer", "offset", "size", "first", "last", "values")]
-    for b in sorted(mem["buffers"], key=lambda b: b["id"]):
-        rows.append((str(b["id"]), str(b["offset"]), str(b["size"]), str(b["first"]), str(b["last"]),
-                     ", ".join(b["values"])))
+    for b in buffers(graph):
+        rows.append((str(b.id), str(b.offset), str(b.size), str(b.first), str(b.last), ", ".join(b.values)))
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     body = ["  ".join(r[k].rjust(widths[k]) for k in range(5)) + "  " + r[5] for r in rows]
     return "\n".join(head + body) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# hook: generated CUDA source + compile stats (to be filled by the codegen engineer)
+# the compiled plan and its CUDA source
 # ---------------------------------------------------------------------------------------------
 
-def _codegen_ready() -> bool:
-    try:
-        import llamagraph.codegen as codegen
-    except ImportError:
-        return False
-    return hasattr(codegen, "plan_kernels")
+def kernel_lines(plan: CompiledPlan) -> list[str]:
+    g = plan.graph
+    dec, pre = plan.phases["decode"], plan.phases["prefill"]
+    return [
+        f"kernels per decode step: {plan.kernel_launches('decode')} ({len(g.nodes)} nodes, "
+        f"{plan.kernel_launches('decode') / max(1, g.meta['config']['num_layers']):.1f} per layer)",
+        f"decode launches: {len(dec)}, captured as one CUDA graph per batch size; prefill launches: {len(pre)} "
+        f"({sum(1 for x in pre if x.kind == 'library')} cuBLAS, {sum(1 for x in pre if x.when)} conditional on "
+        "the step's rows)",
+        "workspaces: " + ", ".join(f"{w.name} {_mib(w.nbytes)}" for w in plan.workspaces),
+    ]
 
 
-def write_cuda_artifacts(graph: Graph, outdir: str, arch: str) -> Section | None:
-    """Write the plan's generated CUDA source (``kernels.cu``, deterministic) and, where NVRTC
-    or nvcc is present, compile it for ``arch`` and report kernels, registers and spills
+def write_cuda_artifacts(plan: CompiledPlan, outdir: str, arch: str) -> Section:
+    """Write the plan (``plan.json``, ``kernels.cu``: deterministic) and, where NVRTC or nvcc is
+    present, compile the source for ``arch`` and report kernels, registers and spills
     (``kernels.txt``)."""
     from llamagraph.codegen import nvrtc
-    from llamagraph.codegen.plan import plan_source
 
-    files: list[str] = []
-    source = plan_source(graph)
-    _write(outdir, "kernels.cu", source, files)
-    n_kernels = source.count("__global__")
-    lines = [f"kernels.cu: {n_kernels} distinct kernels, {len(source.encode())} bytes, "
+    files = plan.save(outdir)
+    source = plan.source
+    lines = [f"kernels.cu: {len(plan.kernels)} distinct kernels, {len(source.encode())} bytes, "
              f"sha256 {hashlib.sha256(source.encode()).hexdigest()[:16]}"]
     if nvrtc.available() is None:
         lines.append("no NVRTC library or nvcc found: source written, not compiled")
@@ -245,15 +228,12 @@ def write_artifacts(c: Compiled, outdir: str, *, arch: str = "sm_90") -> list[Se
     sections = [
         Section("model", model_summary(c.cfg, g)),
         Section("ops (unfused -> fused)", op_table(c.unfused, g)),
-        Section("kernels", [f"kernels per decode step: {kernels_per_decode_step(g)} "
-                            f"({len(g.nodes)} nodes; sdpa counts 2: split + combine)"]),
-        Section("memory", memory_lines(g)),
+        Section("kernels", kernel_lines(c.plan)),
+        Section("memory", memory_lines(g, c.plan.sizes()["workspaces"])),
     ]
-    if _codegen_ready():
-        cuda = write_cuda_artifacts(g, outdir, arch)
-        if cuda is not None:
-            sections.append(cuda)
-            files += cuda.files
+    cuda = write_cuda_artifacts(c.plan, outdir, arch)
+    sections.append(cuda)
+    files = cuda.files[:2] + files + cuda.files[2:]
     sections.append(Section(f"files written to {outdir}", list(files)))
     return sections
 

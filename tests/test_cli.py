@@ -14,15 +14,15 @@ import sys
 import pytest
 
 from llamagraph.cli import main
+from llamagraph.codegen.compiled import CompiledPlan, defined_kernels
+from llamagraph.compiler import compile_graph
 from llamagraph.ir import Graph, load_config
 from llamagraph.passes import PASS_NAMES
-from llamagraph.report import kernels_per_decode_step
-from llamagraph.runtime.plan import compile_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json")))
-ARTIFACTS = ["graph.txt", "graph.json", "graph_unfused.txt", "memory_plan.json", "memory_plan.txt",
-             "graph.html", "memory_plan.html"]
+ARTIFACTS = ["plan.json", "kernels.cu", "graph.txt", "graph.json", "graph_unfused.txt", "memory_plan.json",
+             "memory_plan.txt", "graph.html", "memory_plan.html"]
 SMALL = "llama-3.2-1b.json"  # the example the single-case tests use
 
 # A tiny valid HF config: bad-input cases each break one thing of it.
@@ -82,6 +82,7 @@ def test_compile_example(path, tmp_path, capsys):
     assert g.meta["dtype"] == "float16"
     assert g.to_json() + "\n" == text
     assert (outdir / "graph.txt").read_text() == str(expected)
+    assert Graph.from_text((outdir / "graph.txt").read_text()) == g
     assert "add_rmsnorm" not in (outdir / "graph_unfused.txt").read_text()
 
     # the report's memory numbers are the plan's, and the plan is near the lower bound
@@ -99,7 +100,12 @@ def test_compile_example(path, tmp_path, capsys):
     cfg = load_config(path)
     assert int(total.group(1)) > int(total.group(2))
     n_kernels = int(re.search(r"kernels per decode step: (\d+)", report).group(1))
-    assert n_kernels == kernels_per_decode_step(expected) == len(expected.nodes) + cfg.num_layers  # sdpa = 2
+    saved = CompiledPlan.load(str(outdir))
+    assert n_kernels == saved.kernel_launches("decode") == len(expected.nodes) + cfg.num_layers  # sdpa = 2
+    # every kernel plan.json names is defined in kernels.cu
+    named = {launch.fn for launches in saved.phases.values() for launch in launches if launch.kind == "kernel"}
+    assert named and named <= set(defined_kernels((outdir / "kernels.cu").read_text()))
+    assert saved.graph == g
 
     # memory_plan.txt: a header and one row per buffer
     rows = [ln for ln in (outdir / "memory_plan.txt").read_text().splitlines() if ln and not ln.startswith("#")]
@@ -294,29 +300,3 @@ def test_python_m_compile(tmp_path):
     assert p.stderr == ""
     assert "kernels per decode step: 149" in p.stdout
     assert (tmp_path / "out" / "graph.html").is_file()
-
-
-def test_cuda_hook_called_only_when_codegen_can_plan(tmp_path, capsys, monkeypatch):
-    """report.write_cuda_artifacts runs iff llamagraph.codegen.plan_kernels exists; its section
-    and files join the report."""
-    import llamagraph.codegen as codegen
-    from llamagraph import report
-
-    calls = []
-
-    def fake_hook(graph, outdir, arch):
-        calls.append(arch)
-        (tmp_path / "out" / "kernels.cu").write_text("// generated\n")
-        return report.Section("cuda", ["3 kernels, 0 spills"], ["kernels.cu"])
-
-    monkeypatch.setattr(report, "write_cuda_artifacts", fake_hook)
-    monkeypatch.delattr(codegen, "plan_kernels", raising=False)
-    rc, out, err = run(capsys, "compile", _tiny(tmp_path), "-o", tmp_path / "out")
-    assert rc == 0, err
-    assert calls == [] and "kernels.cu" not in out
-
-    monkeypatch.setattr(codegen, "plan_kernels", lambda *a, **k: None, raising=False)
-    rc, out, err = run(capsys, "compile", _tiny(tmp_path), "-o", tmp_path / "out", "--arch", "sm_80")
-    assert rc == 0, err
-    assert calls == ["sm_80"]
-    assert "cuda:\n  3 kernels, 0 spills" in out and "  kernels.cu" in out

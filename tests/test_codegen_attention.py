@@ -16,6 +16,8 @@ import pytest
 
 from llamagraph.codegen import attention as A
 from llamagraph.codegen import nvrtc
+from llamagraph.codegen.launch import Scaled, seq_tiles
+from llamagraph.codegen.sample import sample, sample_launch
 from llamagraph.codegen.render import module_source
 from llamagraph.ir import ops
 
@@ -65,7 +67,7 @@ def _all(dtype: str) -> list:
 
 
 def _samplers() -> list:
-    return [A.sample(V) for V in VOCABS]
+    return [sample(V) for V in VOCABS]
 
 
 def _module(dtype: str) -> list:
@@ -97,12 +99,12 @@ def test_rendering_is_deterministic():
         a, b = _all(dtype), _all(dtype)
         assert [k.name for k in a] == [k.name for k in b]
         assert module_source(a).encode() == module_source(b).encode()
-    assert module_source([A.sample(V) for V in VOCABS]) == module_source([A.sample(V) for V in VOCABS])
+    assert module_source([sample(V) for V in VOCABS]) == module_source([sample(V) for V in VOCABS])
 
 
 def test_names_are_distinct_per_constants():
     # every distinct source has its own name and every name one source (module_source enforces the latter)
-    kernels = [k for dtype in DTYPES for k in _all(dtype)] + [A.sample(V) for V in VOCABS]
+    kernels = [k for dtype in DTYPES for k in _all(dtype)] + [sample(V) for V in VOCABS]
     by_name: dict[str, str] = {}
     for k in kernels:
         assert by_name.setdefault(k.name, k.source) == k.source, k.name
@@ -125,7 +127,7 @@ def test_names_are_distinct_per_constants():
         ("float16", 32, 8, 128, 4096, 4096, 128),
     ]}
     assert len(split_names) == 7
-    assert len({A.sample(V).name for V in VOCABS}) == len(VOCABS)
+    assert len({sample(V).name for V in VOCABS}) == len(VOCABS)
 
 
 def test_static_rope_ignores_theta_in_code_and_name():
@@ -158,16 +160,16 @@ def test_bad_arguments_are_errors():
 # host-side helpers
 # ---------------------------------------------------------------------------------------------
 
-def test_prefill_tiles():
-    tiles = A.prefill_tiles([0, 70, 75, 75], [70, 5, 0, 129], 64)
+def test_seq_tiles():
+    seq_ids = np.repeat([0, 1, 3], [70, 5, 129])  # slot 2 has no rows in this step
+    tiles = seq_tiles(seq_ids, 64)
     assert tiles.dtype == np.int32
     assert tiles.tolist() == [[0, 64], [64, 6], [70, 5], [75, 64], [139, 64], [203, 1]]
-    assert A.prefill_tiles([], [], 64).shape == (0, 2)
+    assert seq_tiles(np.zeros(0, np.int32), 64).shape == (0, 2)
     # every row in exactly one tile, tiles within one sequence and <= bq rows
     rng = np.random.default_rng(0)
-    counts = rng.integers(0, 200, 9)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    t = A.prefill_tiles(starts, counts, 64)
+    counts = rng.integers(1, 200, 9)
+    t = seq_tiles(np.repeat(rng.permutation(9), counts), 64)
     covered = np.concatenate([np.arange(f, f + n) for f, n in t])
     assert np.array_equal(covered, np.arange(counts.sum()))
     assert (t[:, 1] >= 1).all() and (t[:, 1] <= 64).all()
@@ -196,6 +198,10 @@ def test_decode_chunking_and_workspace():
     assert combine.grid == (32, 3, 1) and combine.block[0] >= 128
     split, _ = A.attention_decode_launch(2, 32, 1, 128, 4096)  # MQA: the group of 32 is split 4 ways
     assert split.grid == (4, 2, 64)
+    # a step scalar instead of a number: the grid follows it when the launch is resolved
+    split, combine = A.attention_decode_launch("T", 32, 8, 128, 4096)
+    assert split.grid == (8, Scaled("T"), 64) and split.at({"T": 5}).grid == (8, 5, 64)
+    assert combine.at({"T": 0}).grid == (32, 1, 1)
 
 
 def _splits_cover(n_keys: int, chunk: int, max_splits: int) -> list[tuple[int, int]]:
@@ -232,7 +238,7 @@ def test_inv_freq_table_matches_reference():
 
 
 def test_sample_launch():
-    la = A.sample_launch(5)
+    la = sample_launch(5)
     assert la.grid == (5, 1, 1) and la.block == (1024, 1, 1) and la.smem == 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from llamagraph.codegen import dense, nvrtc
+from llamagraph.codegen.launch import Scaled
+from llamagraph.codegen.lowering import ELEMENTWISE, PREFILL_EPILOGUES
 from llamagraph.codegen.render import module_source
 from llamagraph.ir.errors import BackendError
 
@@ -31,15 +33,20 @@ GEMV_SHAPES = [  # (N, K, epilogue)
     (36, 296, "silu_mul"),
 ]
 ROW_TILES = (1, 8, 16)
+EW = {**ELEMENTWISE, **PREFILL_EPILOGUES}  # every element-wise kernel a plan uses: tag -> (expr, operand)
+
+
+def ew(tag: str, dtype: str, D: int):
+    return dense.elementwise(tag, *EW[tag], dtype, D)
 
 
 def _kernels(dtype: str) -> list:
     ks = []
     for D in HIDDEN + (5632, 100):
-        ks += [dense.embedding(dtype, D), dense.gather_rows(dtype, D)]
+        ks.append(dense.gather_rows(dtype, D))
         ks += [dense.add_rmsnorm(dtype, D, 1e-5, has_residual=False), dense.add_rmsnorm(dtype, D, 1e-6)]
         ks.append(dense.add_rmsnorm(dtype, D, 1e-5, has_residual=True, has_bias=True))
-        ks += [dense.elementwise(op, dtype, D) for op in dense.EW_OPS]
+        ks += [ew(tag, dtype, D) for tag in EW]
     for N, K, epi in GEMV_SHAPES:
         if dtype == "float32" and K % 4:
             continue
@@ -73,11 +80,10 @@ def test_names_encode_constants():
         dense.add_rmsnorm("float16", 4096, 1e-5, has_bias=True),
         dense.add_rmsnorm("bfloat16", 4096, 1e-5),
         dense.add_rmsnorm("float16", 2048, 1e-5),
-        dense.embedding("float16", 4096),
-        dense.embedding("float32", 4096),
+        dense.gather_rows("float32", 4096),
         dense.gather_rows("float16", 4096),
         dense.gather_rows("float16", 2048),
-    ] + [dense.elementwise(op, dt, 4096) for op in dense.EW_OPS for dt in DTYPES]
+    ] + [ew(tag, dt, 4096) for tag in EW for dt in DTYPES]
     names = [k.name for k in variants]
     assert len(set(names)) == len(names), names
     assert all(k.name.isidentifier() for k in variants)
@@ -108,7 +114,7 @@ def test_source_shows_its_constants():
         (lambda: dense.gemv("float16", 64, 64, 1, epilogue="gelu"), "epilogue"),
         (lambda: dense.gemv("int8", 64, 64, 1), "dtype"),
         (lambda: dense.add_rmsnorm("float16", 64, 1e-5, has_residual=False, has_bias=True), "has_bias"),
-        (lambda: dense.elementwise("tanh", "float16", 64), "op"),
+        (lambda: dense.elementwise("tanh", "tanhf(a)", "diagonal", "float16", 64), "operand"),
     ],
 )
 def test_bad_constants_are_refused(call, message):
@@ -117,16 +123,26 @@ def test_bad_constants_are_refused(call, message):
 
 
 def test_launch_shapes():
-    assert dense.gemv_launch("float16", 4096, 4096, 8, rows=3).grid == (256, 1, 1)
-    assert dense.gemv_launch("float16", 100, 72, 8, rows=3).grid == (7, 1, 1)  # 100 columns, 16 per block
-    assert dense.gemv_launch("float16", 2 * 11008, 4096, 8, rows=1, epilogue="silu_mul").grid == (688, 1, 1)
-    fp32 = dense.gemv_launch("float32", 100, 64, 8, rows=1)
+    assert dense.gemv_launch("float16", 4096, 4096, 8).grid == (256, 1, 1)  # rows loop inside the kernel
+    assert dense.gemv_launch("float16", 100, 72, 8).grid == (7, 1, 1)  # 100 columns, 16 per block
+    assert dense.gemv_launch("float16", 2 * 11008, 4096, 8, epilogue="silu_mul").grid == (688, 1, 1)
+    fp32 = dense.gemv_launch("float32", 100, 64, 8)
     assert fp32.grid[0] * fp32.block[0] // 32 >= 100
     assert dense.add_rmsnorm_launch("float16", 4096, rows=5).grid == (5, 1, 1)
-    e = dense.embedding_launch("float16", 4096, rows=3)
+    e = dense.gather_rows_launch("float16", 4096, rows=3)
     assert e.grid[0] * e.block[0] >= 3 * 4096 // 8
-    w = dense.elementwise_launch("silu_mul_halves", "bfloat16", 100, rows=7)
+    w = dense.elementwise_launch("bfloat16", 100, rows=7)
     assert w.grid[0] * w.block[0] >= 7 * 100
+
+
+def test_launch_shapes_follow_step_scalars():
+    """A row count given as a step scalar leaves the grid symbolic until a step resolves it."""
+    for rows in (1, 3, 129):
+        sym = dense.elementwise_launch("float16", 4096, rows="T")
+        assert sym.grid[0] == Scaled("T", 4096 // 8, dense.EW_THREADS)
+        assert sym.at({"T": rows}) == dense.elementwise_launch("float16", 4096, rows=rows)
+        assert dense.add_rmsnorm_launch("float16", 4096, "B").at({"B": rows}).grid == (rows, 1, 1)
+    assert dense.gather_rows_launch("float16", 64, "B").at({"B": 0}).grid == (1, 1, 1)  # never an empty grid
 
 
 def test_ptxas_log_parsing():

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamagraph.ir import ACTIVATION, INPUT, OPS, WEIGHT, Graph, verify
+from llamagraph.ir.memory import buffers
 from llamagraph.passes.plan_memory import plan_memory
 
 WIDTHS = (8, 16, 24)
@@ -91,8 +92,10 @@ def test_live_buffers_never_share_a_byte(g):
             overlap_bytes = x.attrs["offset"] < y.attrs["offset"] + ys and y.attrs["offset"] < x.attrs["offset"] + xs
             assert not (overlap_time and overlap_bytes), (x.name, y.name)
     assert mem["arena_bytes"] >= mem["lower_bound_bytes"]
-    for b in mem["buffers"]:
-        assert b["offset"] + b["size"] <= mem["arena_bytes"]
+    bufs = buffers(planned)
+    assert len(bufs) == mem["buffers"]
+    for b in bufs:
+        assert b.offset + b.size <= mem["arena_bytes"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,8 +104,8 @@ def test_inplace_sharing_only_where_the_op_allows(g):
     planned = plan_memory(g)
     first, last = _liveness(g)
     prod = g.producers()
-    for b in planned.meta["memory"]["buffers"]:
-        for prev, nxt in zip(b["values"], b["values"][1:]):
+    for b in buffers(planned):
+        for prev, nxt in zip(b.values, b.values[1:]):
             node = g.nodes[prod[nxt]]
             oi, ii = node.outputs.index(nxt), node.inputs.index(prev) if prev in node.inputs else None
             assert ii is not None, f"{nxt} shares {prev}'s buffer but does not read it"

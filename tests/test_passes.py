@@ -1,217 +1,314 @@
-"""Golden tests: for each pass, a hand-written `before` graph and the `expected` graph.
-
-Graphs are compared structurally (ops, wiring, types, attrs in schedule order).
+"""Golden tests, TVM style: for each pass a Before graph and the Expected graph, written in the
+text IR and compared structurally (ops, wiring, types, attributes, layers; node names aside).
+Every fusion also has negative cases: patterns that must not fuse.
 """
+
+import textwrap
 
 import numpy as np
 import pytest
 
-from llamagraph.ir import INPUT, KV_CACHE, WEIGHT, Graph, GraphError, verify
+from llamagraph.ir import Graph, GraphError, verify
 from llamagraph.passes.dce import dce
 from llamagraph.passes.fuse_gate_up_silu import fuse_gate_up_silu
 from llamagraph.passes.fuse_gemm_bias import fuse_gemm_bias
 from llamagraph.passes.fuse_residual_rmsnorm import fuse_residual_rmsnorm
 from llamagraph.passes.fuse_rope_kv_append import fuse_rope_kv_append
 from llamagraph.passes.fuse_silu_mul import fuse_silu_mul
-from llamagraph.passes.pipeline import PIPELINE, run_pipeline
-
-D, I = 8, 12
+from llamagraph.passes.pipeline import PASS_NAMES, PIPELINE, run_pipeline
 
 
-def base() -> Graph:
-    g = Graph(dims={"T": 4, "B": 1})
-    g.add_value("x", ("T", D), "float32", INPUT)
-    g.add_value("r", ("T", D), "float32", INPUT)
+def parse(text: str) -> Graph:
+    g = Graph.from_text(textwrap.dedent(text))
+    verify(g)
     return g
 
 
-def w(g: Graph, name: str, shape) -> str:
-    return g.add_value(name, shape, "float32", WEIGHT, parts=[[name, list(shape)]])
-
-
-def act(g: Graph, name: str, shape=("T", D)) -> str:
-    return g.add_value(name, shape, "float32")
-
-
-def check(before: Graph, expected: Graph, p) -> Graph:
-    verify(before)
-    verify(expected)
-    after = p(before)
+def check(p, before: str, expected: str) -> Graph:
+    after = p(parse(before))
     verify(after)
-    assert after.structure() == expected.structure(), f"\nafter:\n{after}\nexpected:\n{expected}"
+    want = parse(expected)
+    assert after.structure() == want.structure(), f"\nafter:\n{after}\nexpected:\n{want}"
     return after
 
 
-def test_fuse_residual_rmsnorm_with_bias():
-    before = base()
-    wo, bo, wn = w(before, "wo", (D, D)), w(before, "bo", (D,)), w(before, "wn", (D,))
-    before.add_node("o_proj", ["x", wo], [act(before, "y")])
-    before.add_node("bias_add", ["y", bo], [act(before, "yb")])
-    before.add_node("residual", ["yb", "r"], [act(before, "s")])
-    before.add_node("rmsnorm", ["s", wn], [act(before, "n")], eps=1e-5)
-    before.outputs = ["s", "n"]
+def unchanged(p, before: str) -> None:
+    check(p, before, before)
 
-    expected = base()
-    for name, shape in (("wo", (D, D)), ("bo", (D,)), ("wn", (D,))):
-        w(expected, name, shape)
-    expected.add_node("o_proj", ["x", "wo"], [act(expected, "y")])
-    expected.add_node("add_rmsnorm", ["y", "r", "wn", "bo"], [act(expected, "s"), act(expected, "n")], eps=1e-5)
-    expected.outputs = ["s", "n"]
-    check(before, expected, fuse_residual_rmsnorm)
+
+HEAD = """
+graph (T=4, B=1)
+  input %x: f32[T,8]
+  input %r: f32[T,8]
+"""
+
+# ---------------------------------------------------------------------------------------------
+# fuse_residual_rmsnorm
+# ---------------------------------------------------------------------------------------------
+
+RESIDUAL_NORM = HEAD + """
+  weight @wo: f32[8,8]
+  weight @bo: f32[8] {role="bias"}
+  weight @wn: f32[8] {role="norm"}
+  %y: f32[T,8] = o_proj(%x, @wo) loc(layer=0)
+  %yb: f32[T,8] = bias_add(%y, @bo) loc(layer=0)
+  %s: f32[T,8] = residual(%yb, %r) loc(layer=0)
+  %n: f32[T,8] = rmsnorm(%s, @wn) {eps=1e-05} loc(layer=0)
+"""
+
+
+def test_fuse_residual_rmsnorm_takes_the_bias():
+    check(fuse_residual_rmsnorm, RESIDUAL_NORM + "  return %s, %n", HEAD + """
+      weight @wo: f32[8,8]
+      weight @bo: f32[8] {role="bias"}
+      weight @wn: f32[8] {role="norm"}
+      %y: f32[T,8] = o_proj(%x, @wo) loc(layer=0)
+      %s: f32[T,8], %n: f32[T,8] = add_rmsnorm(%y, %r, @wn, @bo) {eps=1e-05} loc(layer=0)
+      return %s, %n
+    """)
+
+
+def test_fuse_residual_rmsnorm_keeps_a_shared_bias_add():
+    # the biased value has a second reader: the norm fuses with the residual, the bias add stays
+    check(fuse_residual_rmsnorm, RESIDUAL_NORM + """
+      %z: f32[T,8] = mul(%yb, %n)
+      return %z
+    """, HEAD + """
+      weight @wo: f32[8,8]
+      weight @bo: f32[8] {role="bias"}
+      weight @wn: f32[8] {role="norm"}
+      %y: f32[T,8] = o_proj(%x, @wo) loc(layer=0)
+      %yb: f32[T,8] = bias_add(%y, @bo) loc(layer=0)
+      %s: f32[T,8], %n: f32[T,8] = add_rmsnorm(%yb, %r, @wn) {eps=1e-05} loc(layer=0)
+      %z: f32[T,8] = mul(%yb, %n)
+      return %z
+    """)
 
 
 def test_fuse_residual_rmsnorm_leaves_lone_norm():
-    before = base()
-    wn = w(before, "wn", (D,))
-    before.add_node("rmsnorm", ["x", wn], [act(before, "n")], eps=1e-5)
-    before.outputs = ["n"]
-    check(before, before.copy(), fuse_residual_rmsnorm)
+    unchanged(fuse_residual_rmsnorm, HEAD + """
+      weight @wn: f32[8]
+      %n: f32[T,8] = rmsnorm(%x, @wn) {eps=1e-05}
+      return %n
+    """)
 
+
+# ---------------------------------------------------------------------------------------------
+# fuse_gemm_bias
+# ---------------------------------------------------------------------------------------------
 
 def test_fuse_gemm_bias():
-    before = base()
-    wq, bq = w(before, "wq", (3 * D, D)), w(before, "bq", (3 * D,))
-    before.add_node("qkv_gemm", ["x", wq], [act(before, "q", ("T", 3 * D))])
-    before.add_node("bias_add", ["q", bq], [act(before, "qb", ("T", 3 * D))])
-    before.outputs = ["qb"]
-
-    expected = base()
-    w(expected, "wq", (3 * D, D)), w(expected, "bq", (3 * D,))
-    expected.add_node("qkv_gemm", ["x", "wq", "bq"], [act(expected, "qb", ("T", 3 * D))])
-    expected.outputs = ["qb"]
-    check(before, expected, fuse_gemm_bias)
+    check(fuse_gemm_bias, HEAD + """
+      weight @wq: f32[24,8]
+      weight @bq: f32[24]
+      %q: f32[T,24] = qkv_gemm(%x, @wq)
+      %qb: f32[T,24] = bias_add(%q, @bq)
+      return %qb
+    """, HEAD + """
+      weight @wq: f32[24,8]
+      weight @bq: f32[24]
+      %qb: f32[T,24] = qkv_gemm(%x, @wq, @bq)
+      return %qb
+    """)
 
 
 def test_fuse_gemm_bias_skips_when_gemm_output_has_other_readers():
-    before = base()
-    wq, bq = w(before, "wq", (D, D)), w(before, "bq", (D,))
-    before.add_node("o_proj", ["x", wq], [act(before, "q")])
-    before.add_node("bias_add", ["q", bq], [act(before, "qb")])
-    before.outputs = ["q", "qb"]
-    check(before, before.copy(), fuse_gemm_bias)
+    unchanged(fuse_gemm_bias, HEAD + """
+      weight @wq: f32[8,8]
+      weight @bq: f32[8]
+      %q: f32[T,8] = o_proj(%x, @wq)
+      %qb: f32[T,8] = bias_add(%q, @bq)
+      %z: f32[T,8] = mul(%q, %qb)
+      return %z
+    """)
 
 
-def swiglu_before(with_bias: bool) -> Graph:
-    g = base()
-    wg, wu = w(g, "l0.gate.w", (I, D)), w(g, "l0.up.w", (I, D))
-    extra = []
-    if with_bias:
-        extra = [w(g, "l0.gate_bias.w", (I,)), w(g, "l0.up_bias.w", (I,))]
-    g.add_node("gate_proj", ["x", wg] + extra[:1], [act(g, "gate", ("T", I))])
-    g.add_node("up_proj", ["x", wu] + extra[1:], [act(g, "up", ("T", I))])
-    g.add_node("silu", ["gate"], [act(g, "act", ("T", I))])
-    g.add_node("mul", ["act", "up"], [act(g, "h", ("T", I))])
-    g.outputs = ["h"]
-    return g
+def test_fuse_gemm_bias_skips_a_gemm_with_an_epilogue_or_a_bias():
+    # gate_up_silu's output is after SwiGLU, and a GEMM that has a bias takes no second one
+    unchanged(fuse_gemm_bias, HEAD + """
+      weight @wgu: f32[16,8]
+      weight @b: f32[8]
+      weight @wo: f32[8,8]
+      %h: f32[T,8] = gate_up_silu(%x, @wgu)
+      %hb: f32[T,8] = bias_add(%h, @b)
+      %o: f32[T,8] = o_proj(%hb, @wo, @b)
+      %ob: f32[T,8] = bias_add(%o, @b)
+      return %ob
+    """)
 
 
-def test_fuse_silu_mul():
-    before = swiglu_before(False)
-    expected = base()
-    w(expected, "l0.gate.w", (I, D)), w(expected, "l0.up.w", (I, D))
-    expected.add_node("gate_proj", ["x", "l0.gate.w"], [act(expected, "gate", ("T", I))])
-    expected.add_node("up_proj", ["x", "l0.up.w"], [act(expected, "up", ("T", I))])
-    expected.add_node("silu_mul", ["gate", "up"], [act(expected, "h", ("T", I))])
-    expected.outputs = ["h"]
-    check(before, expected, fuse_silu_mul)
+# ---------------------------------------------------------------------------------------------
+# fuse_silu_mul
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["%a, %r", "%r, %a"])
+def test_fuse_silu_mul_either_side(order):
+    check(fuse_silu_mul, HEAD + f"""
+      %a: f32[T,8] = silu(%x) loc(layer=2)
+      %h: f32[T,8] = mul({order}) loc(layer=2)
+      return %h
+    """, HEAD + """
+      %h: f32[T,8] = silu_mul(%x, %r) loc(layer=2)
+      return %h
+    """)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fuse_gate_up_silu(with_bias):
-    before = fuse_silu_mul(swiglu_before(with_bias))
-    after = fuse_gate_up_silu(before)
-    verify(after)
-    expected = base()
-    w(expected, "l0.gate.w", (I, D)), w(expected, "l0.up.w", (I, D))
-    ins = ["x", "l0.gate_up.w"]
-    if with_bias:
-        w(expected, "l0.gate_bias.w", (I,)), w(expected, "l0.up_bias.w", (I,))
-        expected.add_value("l0.gate_up.w", (2 * I, D), "float32", WEIGHT, parts=[["l0.gate.w", [I, D]], ["l0.up.w", [I, D]]])
-        expected.add_value("l0.gate_up_bias.w", (2 * I,), "float32", WEIGHT,
-                           parts=[["l0.gate_bias.w", [I]], ["l0.up_bias.w", [I]]])
-        ins.append("l0.gate_up_bias.w")
-    else:
-        expected.add_value("l0.gate_up.w", (2 * I, D), "float32", WEIGHT, parts=[["l0.gate.w", [I, D]], ["l0.up.w", [I, D]]])
-    expected.add_node("gate_up_silu", ins, [act(expected, "h", ("T", I))])
-    expected.outputs = ["h"]
-    check(before, expected, fuse_gate_up_silu)
-    # the concatenated weight lists gate rows, then up rows
-    assert [p[0] for p in after.values["l0.gate_up.w"].attrs["parts"]] == ["l0.gate.w", "l0.up.w"]
+def test_fuse_silu_mul_skips_a_shared_silu():
+    unchanged(fuse_silu_mul, HEAD + """
+      %a: f32[T,8] = silu(%x)
+      %h: f32[T,8] = mul(%a, %r)
+      %z: f32[T,8] = residual(%h, %a)
+      return %z
+    """)
 
 
-def attention_before() -> tuple[Graph, dict]:
-    H, KV, HD = 2, 1, 4
-    g = Graph(dims={"T": 4, "B": 1})
-    for name in ("positions", "seq_ids"):
-        g.add_value(name, ("T",), "int32", INPUT)
-    g.add_value("seq_lens", (1,), "int32", INPUT)
-    g.add_value("qkv", ("T", (H + 2 * KV) * HD), "float32", INPUT)
-    for c in ("k", "v"):
-        g.add_value(f"kv.{c}", (1, 8, KV, HD), "float32", KV_CACHE)
-        g.add_value(f"kv.{c}.appended", (1, 8, KV, HD), "float32", KV_CACHE, alias=f"kv.{c}")
-    heads = dict(num_heads=H, num_kv_heads=KV, head_dim=HD)
-    rope = dict(heads, theta=10000.0, scaling=None, layout="rotate_half")
-    g.add_node("rope", ["qkv", "positions", "seq_ids", "seq_lens"], [act(g, "l0.qkv_rot", ("T", H + 2 * KV, HD))], **rope)
-    g.add_node("kv_append", ["l0.qkv_rot", "positions", "seq_ids", "kv.k", "kv.v"], ["kv.k.appended", "kv.v.appended"], **heads)
-    g.add_node("sdpa", ["l0.qkv_rot", "kv.k.appended", "kv.v.appended", "positions", "seq_ids"],
-               [act(g, "attn", ("T", H * HD))], scale=0.5, **heads)
-    g.outputs = ["attn"]
-    return g, dict(H=H, KV=KV, HD=HD, heads=heads, rope=rope)
+# ---------------------------------------------------------------------------------------------
+# fuse_gate_up_silu
+# ---------------------------------------------------------------------------------------------
+
+def swiglu(bias: bool, up_input: str = "%x") -> str:
+    b = """
+      weight @l0.gate_bias.w: f32[12] {layer=0, role="bias", parts=[["g.b",[12]]]}
+      weight @l0.up_bias.w: f32[12] {layer=0, role="bias", parts=[["u.b",[12]]]}""" if bias else ""
+    return HEAD + f"""
+      weight @l0.gate.w: f32[12,8] {{layer=0, role="matrix", parts=[["g",[12,8]]]}}
+      weight @l0.up.w: f32[12,8] {{layer=0, role="matrix", parts=[["u",[12,8]]]}}{b}
+      %gate: f32[T,12] = gate_proj(%x, @l0.gate.w{", @l0.gate_bias.w" if bias else ""}) loc(layer=0)
+      %up: f32[T,12] = up_proj({up_input}, @l0.up.w{", @l0.up_bias.w" if bias else ""}) loc(layer=0)
+      %h: f32[T,12] = silu_mul(%gate, %up) loc(layer=0)
+      return %h
+    """
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fuse_gate_up_silu(bias):
+    fused_bias = """
+      weight @l0.gate_up_bias.w: f32[24] {layer=0, role="bias", parts=[["g.b",[12]],["u.b",[12]]]}""" if bias else ""
+    after = check(fuse_gate_up_silu, swiglu(bias), swiglu(bias).split("  %gate")[0] + f"""
+      weight @l0.gate_up.w: f32[24,8] {{layer=0, role="matrix", parts=[["g",[12,8]],["u",[12,8]]]}}{fused_bias}
+      %h: f32[T,12] = gate_up_silu(%x, @l0.gate_up.w{", @l0.gate_up_bias.w" if bias else ""}) loc(layer=0)
+      return %h
+    """)
+    # the concatenated weight lists gate rows, then up rows: the loader concatenates in this order
+    assert [p[0] for p in after.values["l0.gate_up.w"].attrs["parts"]] == ["g", "u"]
+
+
+def test_fuse_gate_up_silu_needs_one_input():
+    unchanged(fuse_gate_up_silu, swiglu(False, up_input="%r"))
+
+
+def test_fuse_gate_up_silu_waits_for_silu_mul():
+    before = swiglu(False).replace("%h: f32[T,12] = silu_mul(%gate, %up) loc(layer=0)",
+                                   "%a: f32[T,12] = silu(%gate)\n      %h: f32[T,12] = mul(%a, %up)")
+    unchanged(fuse_gate_up_silu, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_rope_kv_append
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION = """
+graph (T=4, B=1)
+  input %positions: i32[T]
+  input %seq_ids: i32[T]
+  input %seq_lens: i32[1]
+  input %qkv: f32[T,16]
+  cache %kv.k: f32[1,8,1,4] {layout={"kind":"dense"}}
+  cache %kv.v: f32[1,8,1,4] {layout={"kind":"dense"}}
+"""
+HEADS = 'head_dim=4, num_heads=2, num_kv_heads=1'
+ROPE = f'{HEADS}, layout="rotate_half", scaling=null, theta=10000.0'
+CACHES = ('%kv.k.appended: f32[1,8,1,4] {layout={"kind":"dense"}, alias="kv.k"}, '
+          '%kv.v.appended: f32[1,8,1,4] {layout={"kind":"dense"}, alias="kv.v"}')
+UNFUSED_ATTENTION = ATTENTION + f"""
+  %l0.qkv_rot: f32[T,4,4] = rope(%qkv, %positions, %seq_ids, %seq_lens) {{{ROPE}}} loc(layer=0)
+  {CACHES} = kv_append(%l0.qkv_rot, %positions, %seq_ids, %kv.k, %kv.v) {{{HEADS}}} loc(layer=0)
+  %attn: f32[T,8] = sdpa(%l0.qkv_rot, %kv.k.appended, %kv.v.appended, %positions, %seq_ids) {{{HEADS}, scale=0.5}} loc(layer=0)
+"""
 
 
 def test_fuse_rope_kv_append():
-    before, p = attention_before()
-    expected = Graph(dims={"T": 4, "B": 1})
-    expected.values = {k: v for k, v in before.copy().values.items() if k not in ("l0.qkv_rot", "attn")}
-    act(expected, "l0.q_rot", ("T", p["H"], p["HD"]))
-    act(expected, "attn", ("T", p["H"] * p["HD"]))
-    expected.add_node("rope_kv_append", ["qkv", "positions", "seq_ids", "seq_lens", "kv.k", "kv.v"],
-                      ["l0.q_rot", "kv.k.appended", "kv.v.appended"], **p["rope"])
-    expected.add_node("sdpa", ["l0.q_rot", "kv.k.appended", "kv.v.appended", "positions", "seq_ids"], ["attn"],
-                      scale=0.5, **p["heads"])
-    expected.outputs = ["attn"]
-    check(before, expected, fuse_rope_kv_append)
+    check(fuse_rope_kv_append, UNFUSED_ATTENTION + "  return %attn", ATTENTION + f"""
+      %l0.q_rot: f32[T,2,4], {CACHES} = rope_kv_append(%qkv, %positions, %seq_ids, %seq_lens, %kv.k, %kv.v) {{{ROPE}}} loc(layer=0)
+      %attn: f32[T,8] = sdpa(%l0.q_rot, %kv.k.appended, %kv.v.appended, %positions, %seq_ids) {{{HEADS}, scale=0.5}} loc(layer=0)
+      return %attn
+    """)
 
+
+def test_fuse_rope_kv_append_skips_rotated_qkv_read_elsewhere():
+    unchanged(fuse_rope_kv_append, UNFUSED_ATTENTION + """
+      %k: f32[T,4,4] = silu(%l0.qkv_rot)
+      return %attn, %k
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# dce and the verifier
+# ---------------------------------------------------------------------------------------------
 
 def test_dce_drops_dead_nodes_and_weights_but_keeps_cache_writes():
-    before, _ = attention_before()
-    wd = w(before, "wdead", (D, D))
-    before.add_value("x", ("T", D), "float32", INPUT)
-    before.add_node("o_proj", ["x", wd], [act(before, "dead")])
-    before.outputs = []  # nothing is read: only the effectful kv_append must stay
+    before = parse(UNFUSED_ATTENTION.replace("  %attn", "  # %attn") + """
+      input %x: f32[T,8]
+      weight @wdead: f32[8,8]
+      %dead: f32[T,8] = o_proj(%x, @wdead)
+      return
+    """)
     after = dce(before)
     verify(after)
-    assert [n.op for n in after.nodes] == ["rope", "kv_append"]
+    assert [n.op for n in after.nodes] == ["rope", "kv_append"]  # only the effectful append is read by nobody
     assert "wdead" not in after.values and "dead" not in after.values
     assert "x" in after.values  # step inputs stay
 
 
 def test_verifier_rejects_use_before_def():
-    g = base()
-    wo = w(g, "wo", (D, D))
-    act(g, "a")
-    act(g, "b")
-    g.add_node("o_proj", ["a", wo], ["b"])
-    g.add_node("o_proj", ["x", wo], ["a"])
     with pytest.raises(GraphError, match="before it is written"):
-        verify(g)
+        parse(HEAD + """
+          weight @wo: f32[8,8]
+          %b: f32[T,8] = o_proj(%a, @wo)
+          %a: f32[T,8] = o_proj(%x, @wo)
+          return %b
+        """)
 
 
 def test_verifier_rejects_wrong_declared_shape():
-    g = base()
-    wo = w(g, "wo", (D, D))
-    g.add_node("o_proj", ["x", wo], [act(g, "y", ("T", D + 1))])
     with pytest.raises(GraphError, match="declared"):
-        verify(g)
+        parse(HEAD + """
+          weight @wo: f32[8,8]
+          %y: f32[T,9] = o_proj(%x, @wo)
+          return %y
+        """)
 
 
-def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
+def test_verifier_rejects_a_read_after_an_in_place_update():
+    # attention reading the cache *before* the append, scheduled after the append overwrote it
+    bad = UNFUSED_ATTENTION.replace("sdpa(%l0.qkv_rot, %kv.k.appended, %kv.v.appended",
+                                    "sdpa(%l0.qkv_rot, %kv.k, %kv.v")
+    with pytest.raises(GraphError, match=r"overwrites %kv\.[kv] in place before node 2 'attn' reads it"):
+        parse(bad + "  return %attn")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+
+def _biased_model():
     from llamagraph.ir import build_graph, load_config
 
     cfg = load_config({"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2, "num_hidden_layers": 2,
                        "vocab_size": 32, "attention_bias": True, "mlp_bias": True})
-    g = build_graph(cfg, dtype="float32", max_batch=1, max_seq=8, max_tokens=8)
-    fused = run_pipeline(g, dump_dir=str(tmp_path))
+    return build_graph(cfg, dtype="float32", max_batch=1, max_seq=8, max_tokens=8)
+
+
+def _run(graph: Graph, order: list[str]) -> Graph:
+    passes = {p.__name__: p for p in PIPELINE}
+    for name in order:
+        graph = passes[name](graph)
+        verify(graph, name)
+    return graph
+
+
+def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
+    fused = run_pipeline(_biased_model(), dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00_build.txt"] + [f"{k:02d}_{p.__name__}.txt" for k, p in enumerate(PIPELINE, 1)]
     assert "rmsnorm: 5 -> 1" in (tmp_path / "01_fuse_residual_rmsnorm.txt").read_text()
@@ -219,25 +316,63 @@ def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
     for gone in ("residual", "bias_add", "silu", "mul", "rope", "kv_append", "gate_proj", "up_proj"):
         assert gone not in ops
     assert ops["add_rmsnorm"] == 4 and ops["gate_up_silu"] == 2 and ops["rope_kv_append"] == 2
+    # every dump parses back into the graph it shows
+    for k, p in enumerate(PIPELINE, 1):
+        text = (tmp_path / f"{k:02d}_{p.__name__}.txt").read_text()
+        assert str(Graph.from_text(text)) == text.split("\n\n", 1)[1]
 
 
-def test_fused_and_unfused_graphs_compute_the_same(tmp_path):
+def test_pipeline_order_residual_norm_before_gemm_bias():
+    """pipeline.py: the residual+norm fusion takes the o_proj/down biases; swapped, they stay on the GEMMs."""
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    assert fusions.index("fuse_residual_rmsnorm") < fusions.index("fuse_gemm_bias")
+    right = _run(_biased_model(), fusions)
+    swapped = _run(_biased_model(), ["fuse_gemm_bias", "fuse_residual_rmsnorm"] + fusions[2:])
+    inputs = {(g_, n.op): len(n.inputs) for g_, graph in (("right", right), ("swapped", swapped))
+              for n in graph.nodes if n.op in ("o_proj", "down_proj", "add_rmsnorm")}
+    assert inputs[("right", "o_proj")] == inputs[("right", "down_proj")] == 2
+    assert inputs[("right", "add_rmsnorm")] == 4  # (y, residual, weight, bias)
+    assert inputs[("swapped", "o_proj")] == inputs[("swapped", "down_proj")] == 3
+    assert inputs[("swapped", "add_rmsnorm")] == 3
+
+
+@pytest.mark.parametrize("first,then", [("fuse_silu_mul", "fuse_gate_up_silu"), ("fuse_gemm_bias", "fuse_gate_up_silu")])
+def test_pipeline_order_gate_up_silu_last_of_the_mlp_fusions(first, then):
+    """pipeline.py: gate/up fusion matches silu_mul over (biased) GEMMs, so it must come after both."""
+    assert PASS_NAMES.index(first) < PASS_NAMES.index(then)
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    right = _run(_biased_model(), fusions)
+    early = [n for n in fusions if n != then]
+    early.insert(early.index(first), then)
+    swapped = _run(_biased_model(), early)
+    assert right.op_counts().get("gate_up_silu") == 2 and "gate_up_silu" not in swapped.op_counts()
+
+
+def test_pipeline_order_dce_after_fusions_and_planner_last():
+    assert PASS_NAMES[-2:] == ["dce", "plan_memory"]
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    right = _run(_biased_model(), fusions + ["dce"])
+    early = _run(_biased_model(), ["dce"] + fusions)
+    assert "l0.gate.w" not in right.values and "l0.gate.w" in early.values  # the split gate weight lingers
+
+
+def test_fused_and_unfused_graphs_compute_the_same():
     """Execute both graphs on the reference backend with identical random weights."""
-    from llamagraph.ir import load_config
-    from llamagraph.runtime.plan import Plan, compile_graph
-    from llamagraph.runtime.reference import ReferenceExecutor
-    from llamagraph.runtime.weights import random_weights
+    import llamagraph
 
-    cfg = load_config({"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "num_hidden_layers": 2, "vocab_size": 64, "attention_bias": True, "mlp_bias": True})
+    cfg = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 2, "vocab_size": 64, "attention_bias": True, "mlp_bias": True}
     results = []
     for passes in (None, []):
-        g = compile_graph(cfg, dtype="float32", max_batch=2, max_seq=16, max_tokens=16, passes=passes)
-        plan = Plan(g, cfg, ReferenceExecutor(g, random_weights(g, seed=3, scale=0.2)))
+        plan = llamagraph.compile(cfg, "random", dtype="float32", max_batch=2, max_seq=16, max_tokens=16,
+                                  passes=passes)
+        graph = plan.graph
+        plan = llamagraph.bind(plan.compiled, llamagraph.random_weights(graph, seed=3, scale=0.2))
         first = plan.run([[1, 2, 3, 4, 5], [7, 8]])
         second = plan.run([[9], [10]])
-        results.append((first, second))
-    (f1, f2), (u1, u2) = results
+        results.append((first, second, graph))
+    (f1, f2, fg), (u1, u2, ug) = results
+    assert len(fg.nodes) < len(ug.nodes)
     np.testing.assert_allclose(f1, u1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(f2, u2, rtol=1e-5, atol=1e-5)
     assert np.abs(f1).max() > 1e-3  # not comparing zeros

@@ -14,7 +14,8 @@ import pytest
 
 from llamagraph import viz
 from llamagraph.ir import load_config
-from llamagraph.runtime.plan import compile_graph
+from llamagraph.compiler import compile_graph
+from llamagraph.ir.memory import buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SVG = "{http://www.w3.org/2000/svg}"
@@ -91,11 +92,10 @@ def by_class(root: ET.Element, tag: str, cls: str) -> list[ET.Element]:
 @pytest.mark.parametrize("which", ["g1b", "tiny_fused"])
 def test_memory_plan_one_rect_per_buffer(which, request):
     g = request.getfixturevalue(which)
-    mem = g.meta["memory"]
     root = parse(viz.memory_plan_html(g))
     rects = by_class(root, "rect", "buf")
-    assert len(rects) == len(mem["buffers"])
-    assert sorted(int(r.get("data-buffer")) for r in rects) == sorted(b["id"] for b in mem["buffers"])
+    assert len(rects) == len(buffers(g)) == g.meta["memory"]["buffers"]
+    assert sorted(int(r.get("data-buffer")) for r in rects) == sorted(b.id for b in buffers(g))
     assert len(by_class(root, "line", "lower-bound")) == 1
 
 
@@ -106,7 +106,7 @@ def test_memory_plan_geometry(g1b):
     n = len(g1b.nodes)
     ymax = max(mem["arena_bytes"], mem["lower_bound_bytes"]) * 1.08
     step_w = viz.PLOT_W / (n + 1)
-    bufs = {b["id"]: b for b in mem["buffers"]}
+    bufs = {b.id: b.as_dict() for b in buffers(g1b)}
     for r in by_class(root, "rect", "buf"):
         b = bufs[int(r.get("data-buffer"))]
         x, w = float(r.get("x")), float(r.get("width"))
@@ -124,8 +124,7 @@ def test_memory_plan_geometry(g1b):
 
 def test_live_bytes_peak_is_lower_bound(g1b, tiny_fused):
     for g in (g1b, tiny_fused):
-        mem = g.meta["memory"]
-        assert max(viz.live_bytes(mem, len(g.nodes))) == mem["lower_bound_bytes"]
+        assert max(viz.live_bytes(buffers(g), len(g.nodes))) == g.meta["memory"]["lower_bound_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +222,7 @@ def test_pictures_deterministic_across_hash_seeds(g1b):
         "import hashlib, os\n"
         "from llamagraph import viz\n"
         "from llamagraph.ir import load_config\n"
-        "from llamagraph.runtime.plan import compile_graph\n"
+        "from llamagraph.compiler import compile_graph\n"
         f"g = compile_graph(load_config({os.path.join(ROOT, 'examples', 'llama-3.2-1b.json')!r}), max_seq=512)\n"
         "print(hashlib.sha256((viz.graph_html(g) + viz.memory_plan_html(g)).encode()).hexdigest())\n"
     )

@@ -16,7 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from llamagraph.ir import WeightError, build_graph, load_config  # noqa: E402
 from llamagraph.runtime import weights as W  # noqa: E402
-from llamagraph.runtime.dtypes import NUMPY_STORAGE  # noqa: E402
+from llamagraph.ir.dtypes import DTYPES  # noqa: E402
 
 
 def graph_for(path, dtype="float32"):
@@ -273,7 +273,7 @@ def test_random_weights_same_numbers_for_any_grouping(hf_model, dtype):
     a, b = W.random_weights(g, seed=3), W.random_weights(g, seed=3)
     fused = W.random_weights(regrouped(g), seed=3)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert a["embed.w"].dtype == NUMPY_STORAGE[dtype]
+    assert a["embed.w"].dtype == DTYPES[dtype].storage
     cfg = load_config(hf_model("bias"))
     H, KV, HD = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     for i in range(cfg.num_layers):
@@ -301,7 +301,7 @@ def test_random_weights_statistics_and_storage():
             np.testing.assert_array_equal(wd[k], W.float32_to_storage(w[k], dtype))
 
 
-def test_part_seed_and_init_kind_are_stable():
+def test_part_seed_is_stable_and_roles_pick_the_draw():
     # equal in every process (Python's salted hash() would not be), distinct per name and seed
     import subprocess
 
@@ -313,12 +313,15 @@ def test_part_seed_and_init_kind_are_stable():
                              env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout
         assert out.strip() == str(here)
     assert len(set(here)) == 4
-    assert W.init_kind("model.norm.weight") == "norm"
-    assert W.init_kind("model.layers.1.input_layernorm.weight") == "norm"
-    assert W.init_kind("model.layers.1.post_attention_layernorm.weight") == "norm"
-    assert W.init_kind("model.layers.1.mlp.up_proj.bias") == "bias"
-    assert W.init_kind("model.embed_tokens.weight") == "matrix"
-    assert W.init_kind("lm_head.weight") == "matrix"
+    # the builder marks every norm weight (and only those) with the role the random draw reads
+    g = build_graph(load_config({**{k: v for k, v in models.TINY.items() if k != "rope_parameters"},
+                                 "attention_bias": True}), dtype="float32", max_batch=1, max_seq=8, max_tokens=8)
+    norms = {v.name for v in g.values.values() if v.role == "norm"}
+    assert norms == {"final_norm.w"} | {f"l{i}.{n}.w" for i in range(2) for n in ("attn_norm", "ffn_norm")}
+    assert g.values["l0.qkv_bias.w"].role == "bias" and g.values["embed.w"].role == "embedding_table"
+    norm = W.random_part("model.norm.weight", (4096,), role="norm")
+    other = W.random_part("model.norm.weight", (4096,), role="matrix", scale=0.02)
+    assert abs(norm.mean() - 1) < 0.01 and abs(other.mean()) < 0.002
 
 
 def test_weight_parts_order_and_shapes(hf_model):

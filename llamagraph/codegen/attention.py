@@ -1,10 +1,9 @@
-"""Codegen for the attention-side kernels: rope + KV append, decode and prefill attention, sampling.
+"""Codegen for the attention-side kernels: rope + KV append, decode and prefill attention.
 
 Each ``foo(...)`` returns the ``Kernel`` (or kernels) for one specialisation and ``foo_launch(...)``
 the launch shape for the sizes of one call. Kernel names encode every constant the code depends
 on, so equal names mean equal code. The numpy references these kernels implement are in
-``llamagraph.ir.ops`` (``_rope_ref``, ``_kv_append_ref``, ``_rope_kv_append_ref``, ``_sdpa_ref``,
-``sample_row``).
+``llamagraph.ir.ops`` (``_rope_ref``, ``_kv_append_ref``, ``_rope_kv_append_ref``, ``_sdpa_ref``).
 """
 
 from __future__ import annotations
@@ -13,16 +12,18 @@ import math
 
 import numpy as np
 
-from ..ir.ops import rope_inv_freq
-from .render import DTYPE_TAG, Kernel, Launch, render
+from llamagraph.ir.dtypes import DTYPES, FLOAT_DTYPES, itemsize
+from llamagraph.ir.ops import rope_inv_freq
 
-ESIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+from .launch import Shape, extent
+from .render import Kernel, render
+
 LOG2E = 1.4426950408889634
 LAYOUT_TAG = {"rotate_half": "rh", "interleaved": "il"}
 
 
 def _check(dtype: str, H: int, KV: int, D: int) -> None:
-    if dtype not in ESIZE:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"unsupported storage dtype {dtype!r}")
     if H <= 0 or KV <= 0 or H % KV:
         raise ValueError(f"num_heads {H} must be a positive multiple of num_kv_heads {KV}")
@@ -77,7 +78,7 @@ def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: in
     dynamic = kind == "dynamic" and mode != "append"
     params = dict(dtype=dtype, H=H, KV=KV, D=D, layout=layout, max_seq=max_seq, mode=mode, dynamic=dynamic,
                   theta="", factor="", orig="")
-    name = f"rope_kv_append_{mode}_{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}"
+    name = f"rope_kv_append_{mode}_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
     if mode != "append":
         name += f"_{LAYOUT_TAG[layout]}"
     if mode != "rope":
@@ -90,11 +91,11 @@ def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: in
     return Kernel(name, render("rope_kv_append", name=name, **params))
 
 
-def rope_kv_append_launch(n_tokens: int, H: int, KV: int, D: int, mode: str) -> Launch:
+def rope_kv_append_launch(n_tokens: int | str, H: int, KV: int, D: int, mode: str) -> Shape:
     """Grid (T, ceil(pairs / 128)): one thread per element pair of one head of one token."""
     heads = 2 * KV if mode == "append" else H + 2 * KV
     work = heads * (D // 2)
-    return Launch((max(n_tokens, 1), -(-work // ROPE_THREADS), 1), (ROPE_THREADS, 1, 1), 0)
+    return Shape((extent(n_tokens), -(-work // ROPE_THREADS), 1), (ROPE_THREADS, 1, 1), 0)
 
 
 def rope_inv_freq_table(D: int, theta: float, rope_scaling: dict | None) -> np.ndarray:
@@ -139,7 +140,7 @@ def _heads_per_block(group: int) -> int:
 
 
 def _decode_tiling(dtype: str, D: int, group: int) -> dict:
-    esize = ESIZE[dtype]
+    esize = itemsize(dtype)
     vec_bytes = next(v for v in (16, 8, 4) if (D * esize) % v == 0)
     nv = D * esize // vec_bytes
     lpk = min(32, 1 << (nv - 1).bit_length())
@@ -172,12 +173,12 @@ def attention_decode(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq:
     chunk, max_splits = decode_chunking(max_seq, chunk, max_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tiling = _decode_tiling(dtype, D, H // KV)
-    tag = f"{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}"
+    tag = f"{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
     tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{_num(scale)}")
     common = dict(dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq, chunk=chunk,
                   max_splits=max_splits, qscale=_c_float(scale * LOG2E))
     split_name = f"attn_decode_split_{tag}_q{qstride}{tail}"
-    combine_name = f"attn_decode_combine_{DTYPE_TAG[dtype]}_h{H}_d{D}_s{max_seq}_c{chunk}_n{max_splits}"
+    combine_name = f"attn_decode_combine_{DTYPES[dtype].short}_h{H}_d{D}_s{max_seq}_c{chunk}_n{max_splits}"
     split = Kernel(split_name, render("attention_decode", name=split_name, part="split", **common, **tiling))
     combine = Kernel(combine_name, render("attention_decode", name=combine_name, part="combine",
                                           threads=_combine_threads(D), **common))
@@ -188,15 +189,15 @@ def _combine_threads(D: int) -> int:
     return min(COMBINE_THREADS_MAX, 32 * -(-D // 32))
 
 
-def attention_decode_launch(n_tokens: int, H: int, KV: int, D: int, max_seq: int,
-                            chunk: int | None = None, max_splits: int | None = None) -> tuple[Launch, Launch]:
+def attention_decode_launch(n_tokens: int | str, H: int, KV: int, D: int, max_seq: int,
+                            chunk: int | None = None, max_splits: int | None = None) -> tuple[Shape, Shape]:
     """(split, combine) launch shapes: grid (KV * heads-splits, T, MAX_SPLITS) then (H, T)."""
     _, ms = decode_chunking(max_seq, chunk, max_splits)
     group = H // KV
     hsplit = group // _heads_per_block(group)
-    t = max(n_tokens, 1)
-    return (Launch((KV * hsplit, t, ms), (DECODE_THREADS, 1, 1), 0),
-            Launch((H, t, 1), (_combine_threads(D), 1, 1), 0))
+    t = extent(n_tokens)
+    return (Shape((KV * hsplit, t, ms), (DECODE_THREADS, 1, 1), 0),
+            Shape((H, t, 1), (_combine_threads(D), 1, 1), 0))
 
 
 def attention_decode_workspace_bytes(max_tokens: int, H: int, D: int, max_seq: int,
@@ -237,7 +238,7 @@ def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq
 
     Arguments: q [T, qstride] (head h of row r at q[r*qstride + h*D]), kcache, vcache
     [max_batch, max_seq, KV, D], positions int32 [T], seq_ids int32 [T], tiles int32 [n_tiles, 2]
-    (``prefill_tiles``), out [T, H*D] (storage dtype), n_tiles int32.
+    (``llamagraph.codegen.launch.seq_tiles``), out [T, H*D] (storage dtype), n_tiles int32.
     A tile's rows belong to one sequence, are contiguous and have nondecreasing positions; row r
     attends keys 0..positions[r] of its slot (earlier chunks already in the cache included).
     Launch with ``attention_prefill_launch``; its dynamic shared memory may exceed 48 KiB, so the
@@ -248,7 +249,7 @@ def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq
         raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tiling = _prefill_tiling(D)
-    name = f"attn_prefill_{DTYPE_TAG[dtype]}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}_bq{tiling['bq']}_bk{tiling['bk']}"
+    name = f"attn_prefill_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}_bq{tiling['bq']}_bk{tiling['bk']}"
     if scale != 1.0 / math.sqrt(D):
         name += f"_sc{_num(scale)}"
     src = render("attention_prefill", name=name, dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq,
@@ -256,42 +257,6 @@ def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq
     return Kernel(name, src)
 
 
-def attention_prefill_launch(n_tiles: int, H: int, D: int) -> Launch:
+def attention_prefill_launch(n_tiles: int | str, H: int, D: int) -> Shape:
     """Grid (n_tiles, H), 256 threads, dynamic shared memory for Q, K, V and P tiles."""
-    return Launch((max(n_tiles, 1), H, 1), (PREFILL_THREADS, 1, 1), _prefill_tiling(D)["smem"])
-
-
-def prefill_tiles(seq_row_starts, seq_row_counts, bq: int) -> np.ndarray:
-    """Tile table int32 [n_tiles, 2] of (first row, row count <= bq); a tile never crosses a
-    sequence. Sequences with no rows get no tile."""
-    tiles = [(int(s) + i, min(bq, int(n) - i))
-             for s, n in zip(seq_row_starts, seq_row_counts) for i in range(0, int(n), bq)]
-    return np.asarray(tiles, dtype=np.int32).reshape(-1, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling
-# ---------------------------------------------------------------------------------------------
-
-SAMPLE_THREADS = 1024
-
-
-def sample(V: int) -> Kernel:
-    """Temperature / top-k / top-p sampling of one token per row, without host synchronisation.
-
-    Arguments: logits float32 [B, V], temperature float32 [B], top_k int32 [B], top_p float32 [B],
-    seed int64 [B], step int32 [B], out int32 [B], n_rows int32 B.
-    Semantics of ``llamagraph.ir.ops.sample_row`` with u = ``sample_uniform(seed, step)``:
-    temperature <= 0 is greedy (first index of the maximum); top_k <= 0 or >= V and top_p >= 1
-    disable those filters; top_p <= 0 keeps only the most likely token(s). Thresholds are found by
-    radix selection on the logits' order (logits are monotone in probability) and kept masses are
-    summed as 2^-40 fixed point, so the result is deterministic.
-    """
-    vec = 4 if V % 4 == 0 else 1
-    name = f"sample_v{V}"
-    return Kernel(name, render("sample", name=name, V=V, vec=vec, threads=SAMPLE_THREADS))
-
-
-def sample_launch(n_rows: int) -> Launch:
-    """Grid (B), one 1024-thread block per row."""
-    return Launch((max(n_rows, 1), 1, 1), (SAMPLE_THREADS, 1, 1), 0)
+    return Shape((extent(n_tiles), H, 1), (PREFILL_THREADS, 1, 1), _prefill_tiling(D)["smem"])

@@ -1,9 +1,10 @@
-"""Dense kernels: embedding, (add+)RMSNorm, GEMV / skinny GEMM, row gather, element-wise ops.
+"""Dense kernels: row gather (embedding lookup, last-token rows), (add+)RMSNorm, GEMV / skinny
+GEMM, element-wise ops.
 
 Each kernel has a function returning its ``Kernel`` (the rendered template; ``module_source``
-adds the prelude) and a ``*_launch`` function returning the ``Launch`` shape for ``rows`` rows.
-``rows`` is a runtime kernel argument, so one kernel serves every batch size; the launch
-functions take the kernel function's arguments plus ``rows``.
+adds the prelude) and a ``*_launch`` function returning its ``Shape`` for ``rows`` rows.
+``rows`` is a runtime kernel argument, so one kernel serves every batch size; it may be a
+number or the name of a step scalar ("T", "B"), in which case the grid follows that scalar.
 
 Kernel names encode every constant the source depends on (derived choices such as block size
 or vector width are functions of those constants), so equal names mean equal code.
@@ -15,13 +16,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .render import DTYPE_TAG, Kernel, Launch, render
+from llamagraph.ir.dtypes import DTYPES, FLOAT_DTYPES, itemsize
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-ELT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-EW_OPS = ("bias_add", "residual", "silu", "mul", "silu_mul", "silu_mul_halves")
+from .launch import Shape, extent
+from .render import Kernel, render
+
 GEMV_EPILOGUES = ("none", "silu_mul")
+EW_OPERANDS = ("none", "row", "full", "halves")
 MAX_ROW_TILE = 16
+
+
+def _tag(dtype: str) -> str:
+    return DTYPES[dtype].short
 
 
 def _check_dtype(dtype: str) -> None:
@@ -36,14 +42,14 @@ def _check_dim(what: str, n: int) -> None:
 
 def _math_vec(dtype: str, D: int) -> int:
     """Elements per vector access for kernels that convert values: a 16-byte vector, else 1."""
-    v = 16 // ELT_BYTES[dtype]
+    v = 16 // itemsize(dtype)
     return v if D % v == 0 else 1
 
 
 def _copy_bytes(dtype: str, D: int) -> int:
     """Widest access (16, 8, 4 or element bytes) that tiles a row of D elements."""
-    row = D * ELT_BYTES[dtype]
-    return next(b for b in (16, 8, 4, ELT_BYTES[dtype]) if row % b == 0)
+    row = D * itemsize(dtype)
+    return next(b for b in (16, 8, 4, itemsize(dtype)) if row % b == 0)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -55,45 +61,28 @@ def _pow2_at_least(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# embedding / gather_rows: row copies
+# gather_rows: row copies (the embedding lookup and the last token of each sequence)
 # ---------------------------------------------------------------------------------------------
 
 COPY_THREADS = 256
 
 
-def embedding(dtype: str, D: int) -> Kernel:
-    """out[t, :] = table[tokens[t], :].
-
-    Args: (const int* tokens, const T* table, T* out, int n_tokens).
-    tokens: [n_tokens] int32 (must lie in [0, vocab)); table: [vocab, D]; out: [n_tokens, D].
-    """
-    _check_dtype(dtype)
-    _check_dim("D", D)
-    name = f"embedding_{DTYPE_TAG[dtype]}_d{D}"
-    src = render("embedding", name=name, dtype=dtype, D=D, copy_bytes=_copy_bytes(dtype, D), threads=COPY_THREADS)
-    return Kernel(name, src)
-
-
-def embedding_launch(dtype: str, D: int, rows: int) -> Launch:
-    per_row = D * ELT_BYTES[dtype] // _copy_bytes(dtype, D)
-    return Launch((max(1, _cdiv(rows * per_row, COPY_THREADS)), 1, 1), (COPY_THREADS, 1, 1), 0)
-
-
 def gather_rows(dtype: str, D: int) -> Kernel:
-    """out[b, :] = x[idx[b], :].
+    """out[i, :] = x[idx[i], :].
 
     Args: (const T* x, const int* idx, T* out, int n).
-    x: [*, D]; idx: [n] int32; out: [n, D].
+    x: [*, D]; idx: [n] int32 (each a row of x); out: [n, D].
     """
     _check_dtype(dtype)
     _check_dim("D", D)
-    name = f"gather_rows_{DTYPE_TAG[dtype]}_d{D}"
+    name = f"gather_rows_{_tag(dtype)}_d{D}"
     src = render("gather_rows", name=name, dtype=dtype, D=D, copy_bytes=_copy_bytes(dtype, D), threads=COPY_THREADS)
     return Kernel(name, src)
 
 
-def gather_rows_launch(dtype: str, D: int, rows: int) -> Launch:
-    return embedding_launch(dtype, D, rows)
+def gather_rows_launch(dtype: str, D: int, rows: int | str) -> Shape:
+    per_row = D * itemsize(dtype) // _copy_bytes(dtype, D)
+    return Shape((extent(rows, per_row, COPY_THREADS), 1, 1), (COPY_THREADS, 1, 1), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +118,7 @@ def add_rmsnorm(dtype: str, D: int, eps: float, has_residual: bool = True, has_b
     if has_bias and not has_residual:
         raise ValueError("add_rmsnorm: has_bias needs has_residual (the plain norm has no bias)")
     kind = "add_rmsnorm" if has_residual else "rmsnorm"
-    name = f"{kind}_{DTYPE_TAG[dtype]}_d{D}_e{eps_tag(eps)}" + ("_bias" if has_bias else "")
+    name = f"{kind}_{_tag(dtype)}_d{D}_e{eps_tag(eps)}" + ("_bias" if has_bias else "")
     src = render(
         "add_rmsnorm",
         name=name,
@@ -144,8 +133,8 @@ def add_rmsnorm(dtype: str, D: int, eps: float, has_residual: bool = True, has_b
     return Kernel(name, src)
 
 
-def add_rmsnorm_launch(dtype: str, D: int, rows: int) -> Launch:
-    return Launch((max(1, rows), 1, 1), (_norm_threads(dtype, D), 1, 1), 0)
+def add_rmsnorm_launch(dtype: str, D: int, rows: int | str) -> Shape:
+    return Shape((extent(rows), 1, 1), (_norm_threads(dtype, D), 1, 1), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +177,7 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning):
     _check_dim("K", K)
     if epilogue not in GEMV_EPILOGUES:
         raise ValueError(f"gemv epilogue must be one of {GEMV_EPILOGUES}, got {epilogue!r}")
-    vec = 16 // ELT_BYTES[dtype]
+    vec = 16 // itemsize(dtype)
     if K % vec:
         raise ValueError(
             f"gemv needs K to be a multiple of {vec} for {dtype} (rows are read in 16-byte vectors), got K={K}"
@@ -227,9 +216,9 @@ def gemv(
     default = gemv_default_tuning(dtype, N, K, row_tile, epilogue)
     tuning = tuning or default
     _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning)
-    name = f"gemv_{DTYPE_TAG[dtype]}"
+    name = f"gemv_{_tag(dtype)}"
     if out_dtype != dtype:
-        name += f"_o{DTYPE_TAG[out_dtype]}"
+        name += f"_o{_tag(out_dtype)}"
     name += f"_n{N}_k{K}_r{row_tile}"
     if epilogue == "silu_mul":
         name += "_silu"
@@ -261,15 +250,14 @@ def gemv_launch(
     N: int,
     K: int,
     row_tile: int,
-    rows: int,
     epilogue: str = "none",
     tuning: GemvTuning | None = None,
-) -> Launch:
-    """Grid over output columns; ``rows`` does not change it (row tiles loop inside)."""
+) -> Shape:
+    """Grid over output columns; the row count does not change it (row tiles loop inside)."""
     tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue)
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
-    return Launch((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1), 0)
+    return Shape((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,27 +267,29 @@ def gemv_launch(
 EW_THREADS = 256
 
 
-def elementwise(op: str, dtype: str, D: int) -> Kernel:
-    """Unfused element-wise ops over [rows, D] outputs, computed in fp32.
+def elementwise(tag: str, expr: str, operand: str, dtype: str, D: int) -> Kernel:
+    """out = expr(a, b) over [rows, D] outputs, computed in fp32.
 
-    Args: (const T* a, const T* b_or_null, T* out, int rows).
-      bias_add:        out = a + b[col]          (b: [D])
-      residual:        out = a + b               (b: [rows, D])
-      silu:            out = silu(a)             (b unused)
-      mul:             out = a * b
-      silu_mul:        out = silu(a) * b
-      silu_mul_halves: out = silu(a[:, :D]) * a[:, D:]   (a: [rows, 2D], b unused)
-    out may alias a or b, except for silu_mul_halves (whose rows are narrower than a's).
+    ``expr`` is a C expression of the floats ``a`` and ``b`` (``silu(x)`` is defined); ``tag``
+    names the kernel and must identify (expr, operand). Args: (const T* a, const T* b_or_null,
+    T* out, int rows). ``operand`` says how b is read:
+      none:   b unused;
+      row:    b: [D], broadcast over rows;
+      full:   b: [rows, D];
+      halves: a: [rows, 2D] read as a[:, :D] and b = a[:, D:]; the b argument is unused and
+              out must not alias a (its rows are narrower than a's).
+    Otherwise out may alias a or b.
     """
     _check_dtype(dtype)
     _check_dim("D", D)
-    if op not in EW_OPS:
-        raise ValueError(f"elementwise op must be one of {EW_OPS}, got {op!r}")
-    name = f"ew_{op}_{DTYPE_TAG[dtype]}_d{D}"
-    src = render("elementwise", name=name, op=op, dtype=dtype, D=D, vec=_math_vec(dtype, D), threads=EW_THREADS)
+    if operand not in EW_OPERANDS:
+        raise ValueError(f"elementwise operand must be one of {EW_OPERANDS}, got {operand!r}")
+    name = f"ew_{tag}_{_tag(dtype)}_d{D}"
+    src = render("elementwise", name=name, expr=expr, operand=operand, dtype=dtype, D=D, vec=_math_vec(dtype, D),
+                 threads=EW_THREADS)
     return Kernel(name, src)
 
 
-def elementwise_launch(op: str, dtype: str, D: int, rows: int) -> Launch:
+def elementwise_launch(dtype: str, D: int, rows: int | str) -> Shape:
     per_row = D // _math_vec(dtype, D)
-    return Launch((max(1, _cdiv(rows * per_row, EW_THREADS)), 1, 1), (EW_THREADS, 1, 1), 0)
+    return Shape((extent(rows, per_row, EW_THREADS), 1, 1), (EW_THREADS, 1, 1), 0)

@@ -8,19 +8,12 @@ deterministic, so the same plan always produces the same bytes and modules cache
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
 import jinja2
 
-# Storage dtype -> (C storage type, load-to-float, store-from-float) used by the templates.
-CTYPES = {
-    "float32": ("float", "", ""),
-    "float16": ("unsigned short", "lg_f16_to_f32", "lg_f32_to_f16"),
-    "bfloat16": ("unsigned short", "lg_bf16_to_f32", "lg_f32_to_bf16"),
-}
-DTYPE_TAG = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+from llamagraph.ir.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -30,18 +23,15 @@ class Kernel:
     name: str  # the function name; encodes every specialisation constant, so equal names mean equal code
     source: str  # the rendered template, without the prelude
 
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+def _load(dtype: str) -> str:
+    """The prelude function converting one stored element to float ("" for float32)."""
+    return "" if dtype == "float32" else f"lg_{DTYPES[dtype].short}_to_f32"
 
 
-@dataclass(frozen=True)
-class Launch:
-    """Launch shape of one kernel call, decided in Python from sizes known at launch time."""
-
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    smem: int = 0  # dynamic shared memory bytes (over 48 KiB needs the kernel's attribute raised)
+def _store(dtype: str) -> str:
+    """The prelude function converting a float to one stored element ("" for float32)."""
+    return "" if dtype == "float32" else f"lg_f32_to_{DTYPES[dtype].short}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,9 +44,10 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals["ctype"] = lambda dtype: CTYPES[dtype][0]
-    env.globals["load"] = lambda dtype: CTYPES[dtype][1]
-    env.globals["store"] = lambda dtype: CTYPES[dtype][2]
+    env.globals["ctype"] = lambda dtype: DTYPES[dtype].ctype
+    env.globals["load"] = _load
+    env.globals["store"] = _store
+    env.globals["tag"] = lambda dtype: f"lg_{DTYPES[dtype].short}"  # the prelude's dtype tag struct
     return env
 
 

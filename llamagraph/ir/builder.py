@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from .config import ModelConfig
-from .graph import INPUT, KV_CACHE, WEIGHT, Graph
+from .graph import INPUT, KV_CACHE, WEIGHT, CacheLayout, Graph
 
 HF_NAMES = {
     "embed": "model.embed_tokens.weight",
@@ -49,9 +49,14 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
         "config": cfg.to_dict(),
     }
 
-    def weight(name: str, shape: tuple, parts: list[str], part_shapes: list[tuple] | None = None) -> str:
+    def weight(name: str, shape: tuple, parts: list[str], part_shapes: list[tuple] | None = None, *,
+               role: str = "matrix", layer: int | None = None) -> str:
         part_shapes = part_shapes or [shape]
-        return g.add_value(name + ".w", shape, dtype, WEIGHT, parts=[[p, list(s)] for p, s in zip(parts, part_shapes)])
+        return g.add_value(name + ".w", shape, dtype, WEIGHT, layer=layer, role=role,
+                           parts=[[p, list(s)] for p, s in zip(parts, part_shapes)])
+
+    def act(name: str, shape: tuple, layer: int | None = None, dt: str = dtype, role: str | None = None) -> str:
+        return g.add_value(name, shape, dt, layer=layer, role=role)
 
     def hf(key: str, i: int = 0, p: str = "weight") -> str:
         return HF_NAMES[key].format(i=i, p=p)
@@ -67,80 +72,84 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
     g.add_value("sample.top_p", ("B",), "float32", INPUT)
     g.add_value("sample.seed", ("B",), "int64", INPUT)
 
-    embed = weight("embed", (V, D), [hf("embed")])
-    x = g.add_value("x0", ("T", D), dtype)
+    embed = weight("embed", (V, D), [hf("embed")], role="embedding_table")
+    x = act("x0", ("T", D))
     g.add_node("embedding", ["tokens", embed], [x])  # x: [T, D]
 
     heads = dict(num_heads=H, num_kv_heads=KV, head_dim=HD)
     rope_attrs = dict(heads, theta=cfg.rope_theta, scaling=cfg.rope_scaling, layout=cfg.rope_layout)
 
-    def linear(op: str, inp: str, w: str, out: str, rows_dim, width: int, bias: str | None) -> str:
-        y = g.add_value(out, (rows_dim, width), dtype)
-        g.add_node(op, [inp, w], [y])
+    def linear(op: str, inp: str, w: str, out: str, width: int, bias: str | None, layer: int) -> str:
+        y = act(out, ("T", width), layer)
+        g.add_node(op, [inp, w], [y], layer=layer)
         if bias is None:
             return y
-        yb = g.add_value(out + "_b", (rows_dim, width), dtype)
-        g.add_node("bias_add", [y, bias], [yb])
+        yb = act(out + "_b", ("T", width), layer)
+        g.add_node("bias_add", [y, bias], [yb], layer=layer)
         return yb
 
     for i in range(cfg.num_layers):
         L = f"l{i}."
+
+        def w(key: str, shape: tuple, parts: list[str], part_shapes=None, role: str = "matrix") -> str:
+            return weight(L + key, shape, parts, part_shapes, role=role, layer=i)
+
         # ---- attention block ------------------------------------------------------------------
-        w_norm = weight(L + "attn_norm", (D,), [hf("attn_norm", i)])
-        h = g.add_value(L + "attn_in", ("T", D), dtype)
-        g.add_node("rmsnorm", [x, w_norm], [h], eps=cfg.rms_norm_eps)
-        w_qkv = weight(
-            L + "qkv", (QKV, D), [hf("q", i), hf("k", i), hf("v", i)], [(H * HD, D), (KV * HD, D), (KV * HD, D)]
-        )
+        w_norm = w("attn_norm", (D,), [hf("attn_norm", i)], role="norm")
+        h = act(L + "attn_in", ("T", D), i)
+        g.add_node("rmsnorm", [x, w_norm], [h], layer=i, eps=cfg.rms_norm_eps)
+        w_qkv = w("qkv", (QKV, D), [hf("q", i), hf("k", i), hf("v", i)], [(H * HD, D), (KV * HD, D), (KV * HD, D)])
         b_qkv = None
         if cfg.attention_bias:
-            b_qkv = weight(
-                L + "qkv_bias", (QKV,), [hf("q", i, "bias"), hf("k", i, "bias"), hf("v", i, "bias")],
-                [(H * HD,), (KV * HD,), (KV * HD,)],
-            )
-        qkv = linear("qkv_gemm", h, w_qkv, L + "qkv", "T", QKV, b_qkv)  # qkv: [T, (H+2KV)*HD]
-        qkv_rot = g.add_value(L + "qkv_rot", ("T", H + 2 * KV, HD), dtype)  # [T, H+2KV, HD]
-        g.add_node("rope", [qkv, "positions", "seq_ids", "seq_lens"], [qkv_rot], **rope_attrs)
-        kc = g.add_value(f"kv.l{i}.k", (max_batch, max_seq, KV, HD), dtype, KV_CACHE)
-        vc = g.add_value(f"kv.l{i}.v", (max_batch, max_seq, KV, HD), dtype, KV_CACHE)
-        kc2 = g.add_value(f"kv.l{i}.k.appended", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, alias=kc)
-        vc2 = g.add_value(f"kv.l{i}.v.appended", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, alias=vc)
-        g.add_node("kv_append", [qkv_rot, "positions", "seq_ids", kc, vc], [kc2, vc2], name=L + "kv_append", **heads)
-        attn = g.add_value(L + "attn", ("T", H * HD), dtype)  # attn: [T, H*HD]
-        g.add_node("sdpa", [qkv_rot, kc2, vc2, "positions", "seq_ids"], [attn], scale=1.0 / math.sqrt(HD), **heads)
-        w_o = weight(L + "o", (D, H * HD), [hf("o", i)])
-        b_o = weight(L + "o_bias", (D,), [hf("o", i, "bias")]) if cfg.attention_bias else None
-        o = linear("o_proj", attn, w_o, L + "o", "T", D, b_o)
-        x_mid = g.add_value(L + "x_mid", ("T", D), dtype)
-        g.add_node("residual", [o, x], [x_mid])
+            b_qkv = w("qkv_bias", (QKV,), [hf("q", i, "bias"), hf("k", i, "bias"), hf("v", i, "bias")],
+                      [(H * HD,), (KV * HD,), (KV * HD,)], role="bias")
+        qkv = linear("qkv_gemm", h, w_qkv, L + "qkv", QKV, b_qkv, i)  # qkv: [T, (H+2KV)*HD]
+        qkv_rot = act(L + "qkv_rot", ("T", H + 2 * KV, HD), i)  # [T, H+2KV, HD]
+        g.add_node("rope", [qkv, "positions", "seq_ids", "seq_lens"], [qkv_rot], layer=i, **rope_attrs)
+        cache = dict(layer=i, layout=CacheLayout("dense"))
+        kc = g.add_value(f"kv.l{i}.k", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, **cache)
+        vc = g.add_value(f"kv.l{i}.v", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, **cache)
+        kc2 = g.add_value(f"kv.l{i}.k.appended", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, **cache, alias=kc)
+        vc2 = g.add_value(f"kv.l{i}.v.appended", (max_batch, max_seq, KV, HD), dtype, KV_CACHE, **cache, alias=vc)
+        g.add_node("kv_append", [qkv_rot, "positions", "seq_ids", kc, vc], [kc2, vc2], name=L + "kv_append", layer=i,
+                   **heads)
+        attn = act(L + "attn", ("T", H * HD), i)  # attn: [T, H*HD]
+        g.add_node("sdpa", [qkv_rot, kc2, vc2, "positions", "seq_ids"], [attn], layer=i, scale=1.0 / math.sqrt(HD),
+                   **heads)
+        w_o = w("o", (D, H * HD), [hf("o", i)])
+        b_o = w("o_bias", (D,), [hf("o", i, "bias")], role="bias") if cfg.attention_bias else None
+        o = linear("o_proj", attn, w_o, L + "o", D, b_o, i)
+        x_mid = act(L + "x_mid", ("T", D), i)
+        g.add_node("residual", [o, x], [x_mid], layer=i)
 
         # ---- MLP block ------------------------------------------------------------------------
-        w_norm2 = weight(L + "ffn_norm", (D,), [hf("ffn_norm", i)])
-        h2 = g.add_value(L + "ffn_in", ("T", D), dtype)
-        g.add_node("rmsnorm", [x_mid, w_norm2], [h2], eps=cfg.rms_norm_eps)
+        w_norm2 = w("ffn_norm", (D,), [hf("ffn_norm", i)], role="norm")
+        h2 = act(L + "ffn_in", ("T", D), i)
+        g.add_node("rmsnorm", [x_mid, w_norm2], [h2], layer=i, eps=cfg.rms_norm_eps)
         mb = cfg.mlp_bias
-        gate = linear("gate_proj", h2, weight(L + "gate", (I, D), [hf("gate", i)]), L + "gate", "T", I,
-                      weight(L + "gate_bias", (I,), [hf("gate", i, "bias")]) if mb else None)
-        up = linear("up_proj", h2, weight(L + "up", (I, D), [hf("up", i)]), L + "up", "T", I,
-                    weight(L + "up_bias", (I,), [hf("up", i, "bias")]) if mb else None)
-        act = g.add_value(L + "gate_act", ("T", I), dtype)
-        g.add_node("silu", [gate], [act])
-        prod = g.add_value(L + "swiglu", ("T", I), dtype)
-        g.add_node("mul", [act, up], [prod])
-        down = linear("down_proj", prod, weight(L + "down", (D, I), [hf("down", i)]), L + "down", "T", D,
-                      weight(L + "down_bias", (D,), [hf("down", i, "bias")]) if mb else None)
-        x = g.add_value(L + "x_out", ("T", D), dtype)
-        g.add_node("residual", [down, x_mid], [x])
 
-    w_final = weight("final_norm", (D,), [hf("norm")])
-    xn = g.add_value("final_norm_out", ("T", D), dtype)
+        def mlp_bias(key: str, width: int) -> str | None:
+            return w(key + "_bias", (width,), [hf(key, i, "bias")], role="bias") if mb else None
+
+        gate = linear("gate_proj", h2, w("gate", (I, D), [hf("gate", i)]), L + "gate", I, mlp_bias("gate", I), i)
+        up = linear("up_proj", h2, w("up", (I, D), [hf("up", i)]), L + "up", I, mlp_bias("up", I), i)
+        act_ = act(L + "gate_act", ("T", I), i)
+        g.add_node("silu", [gate], [act_], layer=i)
+        prod = act(L + "swiglu", ("T", I), i)
+        g.add_node("mul", [act_, up], [prod], layer=i)
+        down = linear("down_proj", prod, w("down", (D, I), [hf("down", i)]), L + "down", D, mlp_bias("down", D), i)
+        x = act(L + "x_out", ("T", D), i)
+        g.add_node("residual", [down, x_mid], [x], layer=i)
+
+    w_final = weight("final_norm", (D,), [hf("norm")], role="norm")
+    xn = act("final_norm_out", ("T", D))
     g.add_node("rmsnorm", [x, w_final], [xn], eps=cfg.rms_norm_eps)
-    last = g.add_value("last_hidden", ("B", D), dtype)  # last: [B, D]
+    last = act("last_hidden", ("B", D))  # last: [B, D]
     g.add_node("gather_last", [xn, "last_index"], [last])
     w_lm = embed if cfg.tie_word_embeddings else weight("lm_head", (V, D), [hf("lm_head")])
-    logits = g.add_value("logits", ("B", V), "float32")  # logits: [B, V] fp32
+    logits = act("logits", ("B", V), dt="float32", role="logits")  # logits: [B, V] fp32
     g.add_node("lm_head", [last, w_lm], [logits], out_dtype="float32")
-    nxt = g.add_value("next_token", ("B",), "int32")
+    nxt = act("next_token", ("B",), dt="int32", role="next_token")
     g.add_node(
         "topk_sample",
         [logits, "sample.temperature", "sample.top_k", "sample.top_p", "sample.seed", "sample.step"],

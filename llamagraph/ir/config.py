@@ -13,10 +13,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .dtypes import FLOAT_DTYPES
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = FLOAT_DTYPES  # the dtypes a plan computes in
 
 # Meta's reference code hard-codes the Llama 3.1 scaling when params.json says use_scaled_rope.
 META_LLAMA3_SCALING = {

@@ -28,3 +28,8 @@ class BackendError(LlamagraphError):
 
 class GraphError(Exception):
     """The verifier found an ill-formed graph: a compiler bug, not a user error."""
+
+
+class PlanError(LlamagraphError):
+    """A compiled plan cannot be built, read or captured: a node with no kernel for its layout,
+    a launch list that is not graph-safe, or a plan directory that is missing or inconsistent."""

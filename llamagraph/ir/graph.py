@@ -1,29 +1,70 @@
 """The operator graph: typed values and nodes in schedule order.
 
 The node list is the source of truth and is always a valid schedule (every input is produced
-before it is read). networkx views are built on demand for algorithms and drawing.
-A graph prints as readable text (``str(graph)``) and round-trips through JSON.
+before it is read). ``dataflow()`` gives the networkx view the verifier checks the schedule
+against. A graph prints as readable text that parses back (``str(graph)``,
+``Graph.from_text``; the grammar is in ``text.py``) and round-trips through JSON.
+
+Each value carries its own layout: a dtype (float32, float16, bfloat16, int8, packed int4, or
+an integer type for step inputs) and, where it applies, a quantization description and a shard
+description (weights) or a cache layout (the KV cache). Sizes come from the layout.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import networkx as nx
 
+from .dtypes import DTYPES, nbytes
+
 # Value kinds. Only "activation" values live in the planned arena; the others are
 # persistent regions that outlive a step.
 ACTIVATION, WEIGHT, KV_CACHE, INPUT = "activation", "weight", "kv_cache", "input"
-KINDS = (ACTIVATION, WEIGHT, KV_CACHE, INPUT)
-
-# Storage dtypes and their sizes in bytes. bf16 is held as raw 16-bit words.
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint32": 4, "int64": 8}
-DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int32": "i32", "uint32": "u32", "int64": "i64"}
 
 Dim = int | str  # an int, or a symbolic dim name: "T" tokens in the step, "B" sequences in the step
+
+# Weight roles: what a weight is, so nothing has to guess it from a name.
+ROLES = ("embedding_table", "norm", "matrix", "bias", "scales", "zeros", "logits", "next_token")
+
+
+@dataclass(frozen=True)
+class Quant:
+    """A quantized weight: its codes are this value; scales (and zeros) are other weight values.
+
+    scheme "int8": symmetric, one scale per output row (``scales``: [N]); group_size None.
+    scheme "int4": asymmetric, one scale and zero per group of ``group_size`` consecutive input
+    columns of an output row (``scales``, ``zeros``: [N, K / group_size]).
+    """
+
+    scheme: str
+    scales: str
+    group_size: int | None = None
+    zeros: str | None = None
+
+
+QUANT_SCHEMES = {"int8": "int8", "int4": "int4"}  # scheme -> the dtype of its codes
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This value is one rank's slice of a weight split along ``axis`` over ``ranks`` ranks."""
+
+    axis: int
+    ranks: int
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How a KV cache is laid out. "dense": [max_batch, max_seq, kv_heads, head_dim], one slot per sequence."""
+
+    kind: str = "dense"
+
+
+CACHE_LAYOUTS = ("dense",)
 
 
 @dataclass
@@ -34,22 +75,59 @@ class Value:
     kind: str = ACTIVATION
     # weight: {"parts": [[checkpoint_name, [rows, cols...]], ...]} concatenated along dim 0
     # kv_cache written by a node: {"alias": name of the cache it updates}
+    # planned activation: {"offset": bytes into the arena, "buffer": buffer id}
     attrs: dict = field(default_factory=dict)
+    layer: int | None = None  # the decoder layer it belongs to (None: outside the layers)
+    role: str | None = None  # one of ROLES, where it matters
+    quant: Quant | None = None
+    shard: Shard | None = None
+    layout: CacheLayout | None = None  # KV cache values only
 
     def numel(self, dims: dict[str, int]) -> int:
         n = 1
-        for d in self.shape:
-            n *= dims[d] if isinstance(d, str) else d
+        for d in self.concrete_shape(dims):
+            n *= d
         return n
 
     def nbytes(self, dims: dict[str, int]) -> int:
-        return self.numel(dims) * DTYPE_BYTES[self.dtype]
+        return nbytes(self.dtype, self.concrete_shape(dims))
 
     def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
 
     def type_str(self) -> str:
-        return f"{DTYPE_SHORT[self.dtype]}[{','.join(str(d) for d in self.shape)}]"
+        return f"{DTYPES[self.dtype].short}[{','.join(str(d) for d in self.shape)}]"
+
+    def fields(self) -> dict:
+        """Everything but name, shape, dtype and kind that is set, in a fixed order (for text
+        and JSON): layer, role, quant, shard, layout, then attrs by key."""
+        out: dict = {}
+        if self.layer is not None:
+            out["layer"] = self.layer
+        if self.role is not None:
+            out["role"] = self.role
+        for key in ("quant", "shard", "layout"):
+            obj = getattr(self, key)
+            if obj is not None:
+                out[key] = {k: v for k, v in asdict(obj).items() if v is not None}
+        for key in sorted(self.attrs):
+            out[key] = self.attrs[key]
+        return out
+
+    @classmethod
+    def from_fields(cls, name: str, shape, dtype: str, kind: str, fields: dict) -> "Value":
+        fields = dict(fields)
+        v = cls(name, tuple(shape), dtype, kind)
+        v.layer = fields.pop("layer", None)
+        v.role = fields.pop("role", None)
+        if "quant" in fields:
+            v.quant = Quant(**fields.pop("quant"))
+        if "shard" in fields:
+            v.shard = Shard(**fields.pop("shard"))
+        if "layout" in fields:
+            v.layout = CacheLayout(**fields.pop("layout"))
+        v.attrs = fields
+        return v
 
 
 @dataclass
@@ -59,6 +137,7 @@ class Node:
     outputs: list[str]
     attrs: dict = field(default_factory=dict)
     name: str = ""
+    layer: int | None = None  # the decoder layer it computes (None: outside the layers)
 
 
 @dataclass
@@ -67,19 +146,30 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)  # max sizes of symbolic dims, for planning
-    meta: dict = field(default_factory=dict)  # model config summary, dtype; planning results
+    meta: dict = field(default_factory=dict)  # model config summary; the memory plan's totals
 
     # ---- construction -------------------------------------------------------------------
-    def add_value(self, name: str, shape: Iterable[Dim], dtype: str, kind: str = ACTIVATION, **attrs) -> str:
+    def add_value(self, name: str, shape: Iterable[Dim], dtype: str, kind: str = ACTIVATION, *,
+                  layer: int | None = None, role: str | None = None, quant: Quant | None = None,
+                  shard: Shard | None = None, layout: CacheLayout | None = None, **attrs) -> str:
         if name in self.values:
             raise ValueError(f"duplicate value name {name!r}")
-        self.values[name] = Value(name, tuple(shape), dtype, kind, dict(attrs))
+        self.values[name] = Value(name, tuple(shape), dtype, kind, dict(attrs), layer, role, quant, shard, layout)
         return name
 
-    def add_node(self, op: str, inputs: list[str], outputs: list[str], name: str = "", **attrs) -> Node:
-        node = Node(op, list(inputs), list(outputs), dict(attrs), name or outputs[0])
+    def add_node(self, op: str, inputs: list[str], outputs: list[str], name: str = "", layer: int | None = None,
+                 **attrs) -> Node:
+        node = Node(op, list(inputs), list(outputs), dict(attrs), name or outputs[0], layer)
         self.nodes.append(node)
         return node
+
+    def fresh_name(self, base: str) -> str:
+        """``base``, or ``base.2``, ``base.3``... : the first name no value has."""
+        name, k = base, 1
+        while name in self.values:
+            k += 1
+            name = f"{base}.{k}"
+        return name
 
     def copy(self) -> "Graph":
         return copy.deepcopy(self)
@@ -97,88 +187,96 @@ class Graph:
                 out.setdefault(v, []).append(i)
         return out
 
-    def of_kind(self, kind: str) -> list[Value]:
-        return [v for v in self.values.values() if v.kind == kind]
-
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for n in self.nodes:
             counts[n.op] = counts.get(n.op, 0) + 1
         return dict(sorted(counts.items()))
 
-    def to_networkx(self) -> nx.DiGraph:
-        """Nodes are node indices; an edge i->j carries the value j reads from i."""
+    def with_role(self, role: str) -> str:
+        """The name of the one value with ``role`` (e.g. the graph output holding the logits)."""
+        found = [v.name for v in self.values.values() if v.role == role]
+        if len(found) != 1:
+            raise KeyError(f"graph has {len(found)} values with role {role!r}, expected one")
+        return found[0]
+
+    def dataflow(self) -> nx.DiGraph:
+        """Nodes are node indices; an edge i -> j means j must run after i.
+
+        "flow" edges carry a value i writes and j reads. "anti" edges order a cache update
+        after every reader of the cache it overwrites in place (a write-after-read hazard).
+        """
         g = nx.DiGraph()
+        g.add_nodes_from(range(len(self.nodes)))
         prod = self.producers()
-        for i, n in enumerate(self.nodes):
-            g.add_node(i, op=n.op, name=n.name)
+        readers = self.users()
+        for j, n in enumerate(self.nodes):
             for v in n.inputs:
                 if v in prod:
-                    g.add_edge(prod[v], i, value=v)
+                    g.add_edge(prod[v], j, value=v, kind="flow")
+            for o in n.outputs:
+                base = self.values[o].attrs.get("alias") if o in self.values else None
+                for i in readers.get(base, []) if base else []:
+                    if i != j:
+                        g.add_edge(i, j, value=base, kind="anti")
         return g
 
     # ---- text and JSON ----------------------------------------------------------------------
     def __str__(self) -> str:
-        dims = " ".join(f"{k}={v}" for k, v in self.dims.items())
-        lines = [f"graph {self.meta.get('name', 'llama')} ({dims})"]
-        for kind in (INPUT, WEIGHT, KV_CACHE):
-            vals = [v for v in self.values.values() if v.kind == kind and "alias" not in v.attrs]
-            if vals:
-                lines.append(f"  {kind}s: {len(vals)}")
-                if kind != WEIGHT:
-                    lines += [f"    %{v.name}: {v.type_str()}" for v in vals]
-        for n in self.nodes:
-            outs = ", ".join(f"%{o}: {self.values[o].type_str()}" for o in n.outputs)
-            ins = ", ".join(("@" if self.values[i].kind == WEIGHT else "%") + i for i in n.inputs)
-            attrs = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(n.attrs.items()))
-            lines.append(f"  {outs} = {n.op}({ins})" + (f" {{{attrs}}}" if attrs else ""))
-        lines.append("  return " + ", ".join(f"%{o}" for o in self.outputs))
-        return "\n".join(lines) + "\n"
+        from .text import print_graph
+
+        return print_graph(self)
+
+    @classmethod
+    def from_text(cls, text: str) -> "Graph":
+        from .text import parse_graph
+
+        return parse_graph(text)
+
+    def to_dict(self) -> dict:
+        def node(n: Node) -> dict:
+            d = {"op": n.op, "name": n.name, "inputs": n.inputs, "outputs": n.outputs, "attrs": n.attrs}
+            if n.layer is not None:
+                d["layer"] = n.layer
+            return d
+
+        return {
+            "dims": self.dims,
+            "meta": self.meta,
+            "outputs": self.outputs,
+            "values": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype, "kind": v.kind, **v.fields()}
+                       for v in self.values.values()],
+            "nodes": [node(n) for n in self.nodes],
+        }
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "dims": self.dims,
-                "meta": self.meta,
-                "outputs": self.outputs,
-                "values": [
-                    {"name": v.name, "shape": list(v.shape), "dtype": v.dtype, "kind": v.kind, "attrs": v.attrs}
-                    for v in self.values.values()
-                ],
-                "nodes": [{"op": n.op, "name": n.name, "inputs": n.inputs, "outputs": n.outputs, "attrs": n.attrs} for n in self.nodes],
-            },
-            indent=1,
-            sort_keys=False,
-        )
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Graph":
+        g = cls(dims=dict(d["dims"]), meta=d["meta"], outputs=list(d["outputs"]))
+        for v in d["values"]:
+            rest = {k: x for k, x in v.items() if k not in ("name", "shape", "dtype", "kind")}
+            g.values[v["name"]] = Value.from_fields(v["name"], v["shape"], v["dtype"], v["kind"], rest)
+        for n in d["nodes"]:
+            g.nodes.append(Node(n["op"], n["inputs"], n["outputs"], n["attrs"], n["name"], n.get("layer")))
+        return g
 
     @classmethod
     def from_json(cls, text: str) -> "Graph":
-        d = json.loads(text)
-        g = cls(dims=dict(d["dims"]), meta=d["meta"], outputs=list(d["outputs"]))
-        for v in d["values"]:
-            g.values[v["name"]] = Value(v["name"], tuple(v["shape"]), v["dtype"], v["kind"], v["attrs"])
-        for n in d["nodes"]:
-            g.nodes.append(Node(n["op"], n["inputs"], n["outputs"], n["attrs"], n["name"]))
-        return g
+        return cls.from_dict(json.loads(text))
 
-    def structure(self) -> list[tuple]:
-        """A canonical form for structural comparison in tests: ops, wiring, attrs and types."""
-        rows = []
-        for n in self.nodes:
-            rows.append(
-                (
-                    n.op,
-                    tuple((i, self.values[i].type_str()) for i in n.inputs),
-                    tuple((o, self.values[o].type_str()) for o in n.outputs),
-                    json.dumps(n.attrs, sort_keys=True),
-                )
-            )
-        return rows
+    def structure(self) -> tuple:
+        """A canonical form for structural comparison in tests: the non-activation values (any
+        order), then every node in schedule order with its wiring, types, attrs and layer."""
+        def typed(name: str) -> tuple:
+            v = self.values[name]
+            return name, v.type_str(), json.dumps(v.fields(), sort_keys=True)
 
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_fmt(x)}" for k, x in v.items()) + "}"
-    return str(v)
+        decls = sorted(typed(v.name) + (v.kind,) for v in self.values.values()
+                       if v.kind != ACTIVATION and "alias" not in v.attrs)
+        rows = tuple(
+            (n.op, tuple(n.inputs), tuple(typed(o) for o in n.outputs), json.dumps(n.attrs, sort_keys=True), n.layer)
+            for n in self.nodes
+        )
+        return tuple(decls), rows, tuple(self.outputs)

@@ -1,6 +1,8 @@
-"""The op registry: for every op, its shape/dtype rule, numpy reference and kernel template.
+"""The op registry: for every op, its shape/dtype rule and its numpy reference.
 
-Adding an op means one ``register(...)`` here plus one template under ``templates/``.
+An op is three pieces: ``register(...)`` here (what it computes), one lowering in
+``llamagraph.codegen.lowering`` (which kernels, launched how) and its template under
+``templates/``. Passes and executors read ops only through this registry.
 
 Shapes use symbolic dims: ``T`` is the number of tokens in the step (all sequences packed
 back to back, no padding) and ``B`` the number of sequences in the step. Reference functions
@@ -26,18 +28,22 @@ class OpDef:
     infer: Callable[[list[Value], dict], list[tuple[tuple, str]]]
     # (input arrays, attrs) -> output arrays
     reference: Callable[..., list[np.ndarray]]
-    template: str  # kernel template under templates/ (without .cu.j2)
     # out index -> input indices the output may overwrite (same size, element-wise safe)
     inplace: dict[int, tuple[int, ...]] = field(default_factory=dict)
     effects: bool = False  # writes persistent state (KV cache): never dead code
     n_inputs: tuple[int, int] = (1, 1)  # (min, max) number of inputs
+    gemm: bool = False  # y = x @ W^T (+ bias), nothing else: a bias add after it can fold in
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name, infer, reference, template, *, inplace=None, effects=False, n_inputs=(1, 1)):
-    OPS[name] = OpDef(name, infer, reference, template, dict(inplace or {}), effects, n_inputs)
+def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False):
+    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm)
+
+
+def gemm_ops() -> tuple[str, ...]:
+    return tuple(name for name, d in OPS.items() if d.gemm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,15 +312,13 @@ register(
     "embedding",
     lambda ins, a: [((ins[0].shape[0], ins[1].shape[1]), ins[1].dtype)],
     lambda ins, a: [ins[1][ins[0]]],
-    "embedding",
     n_inputs=(2, 2),
 )
-register("rmsnorm", _same, lambda ins, a: [rmsnorm(ins[0], ins[1], a["eps"])], "add_rmsnorm", n_inputs=(2, 2))
+register("rmsnorm", _same, lambda ins, a: [rmsnorm(ins[0], ins[1], a["eps"])], n_inputs=(2, 2))
 register(
     "add_rmsnorm",  # (y, residual, weight[, bias]) -> (y + bias + residual, rmsnorm of it)
     _add_rmsnorm_infer,
     _add_rmsnorm_ref,
-    "add_rmsnorm",
     # The sum overwrites the residual input, so the residual stream stays in one buffer for
     # the whole network; the normed row may overwrite y, which is fully read before the
     # row's reduction finishes.
@@ -322,28 +326,26 @@ register(
     n_inputs=(3, 4),
 )
 for _name in ("qkv_gemm", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
-    register(_name, _linear_infer, _linear_ref, "gemv", n_inputs=(2, 3))
-register("gate_up_silu", _gate_up_silu_infer, _gate_up_silu_ref, "gemv", n_inputs=(2, 3))
-register("bias_add", _same, lambda ins, a: [ins[0] + ins[1]], "elementwise", inplace={0: (0,)}, n_inputs=(2, 2))
-register("residual", _same, lambda ins, a: [ins[0] + ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
-register("silu", _same, lambda ins, a: [silu(ins[0])], "elementwise", inplace={0: (0,)})
-register("mul", _same, lambda ins, a: [ins[0] * ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
-register("silu_mul", _same, lambda ins, a: [silu(ins[0]) * ins[1]], "elementwise", inplace={0: (0, 1)}, n_inputs=(2, 2))
-register("rope", _rope_infer, _rope_ref, "rope_kv_append", n_inputs=(4, 4))
-register("kv_append", _kv_append_infer, _kv_append_ref, "rope_kv_append", effects=True, n_inputs=(5, 5))
-register("rope_kv_append", _rope_kv_append_infer, _rope_kv_append_ref, "rope_kv_append", effects=True, n_inputs=(6, 6))
-register("sdpa", _sdpa_infer, _sdpa_ref, "attention", n_inputs=(5, 5))
+    register(_name, _linear_infer, _linear_ref, n_inputs=(2, 3), gemm=True)
+register("gate_up_silu", _gate_up_silu_infer, _gate_up_silu_ref, n_inputs=(2, 3))
+register("bias_add", _same, lambda ins, a: [ins[0] + ins[1]], inplace={0: (0,)}, n_inputs=(2, 2))
+register("residual", _same, lambda ins, a: [ins[0] + ins[1]], inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("silu", _same, lambda ins, a: [silu(ins[0])], inplace={0: (0,)})
+register("mul", _same, lambda ins, a: [ins[0] * ins[1]], inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("silu_mul", _same, lambda ins, a: [silu(ins[0]) * ins[1]], inplace={0: (0, 1)}, n_inputs=(2, 2))
+register("rope", _rope_infer, _rope_ref, n_inputs=(4, 4))
+register("kv_append", _kv_append_infer, _kv_append_ref, effects=True, n_inputs=(5, 5))
+register("rope_kv_append", _rope_kv_append_infer, _rope_kv_append_ref, effects=True, n_inputs=(6, 6))
+register("sdpa", _sdpa_infer, _sdpa_ref, n_inputs=(5, 5))
 register(
     "gather_last",
     lambda ins, a: [((ins[1].shape[0], ins[0].shape[1]), ins[0].dtype)],
     lambda ins, a: [ins[0][ins[1]]],
-    "gather_rows",
     n_inputs=(2, 2),
 )
 register(
     "topk_sample",  # (logits, temperature, top_k, top_p, seed, step) -> next token per sequence
     lambda ins, a: [((ins[0].shape[0],), "int32")],
     _sample_ref,
-    "sample",
     n_inputs=(6, 6),
 )

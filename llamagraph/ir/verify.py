@@ -1,20 +1,33 @@
 """Well-formedness check, run after every pass.
 
-A graph is well formed when every node's op is registered and gets an allowed number of
-inputs, every value it reads is defined earlier in the schedule (or is a persistent input,
-weight or cache), every activation is written exactly once, and every output's declared shape
-and dtype equal what the op's shape rule infers.
+A graph is well formed when:
+- every node's op is registered and gets an allowed number of inputs;
+- every value it reads is defined earlier in the schedule (or is a persistent input, weight or
+  cache), every activation is written exactly once, and every output's declared shape and
+  dtype equal what the op's shape rule infers;
+- the schedule is a topological order of the dataflow (networkx), including the
+  write-after-read order of in-place KV-cache updates, and that dataflow has no cycle;
+- every value's layout is consistent: a known dtype for its kind, a quantization description
+  only on weights and naming real scale/zero weights of the right shapes, a shard description
+  with a real axis, a cache layout on exactly the KV-cache values.
 """
 
 from __future__ import annotations
 
+import networkx as nx
+
+from .dtypes import DTYPES, FLOAT_DTYPES, QUANT_DTYPES
 from .errors import GraphError
-from .graph import ACTIVATION, KV_CACHE, Graph
+from .graph import ACTIVATION, CACHE_LAYOUTS, INPUT, KV_CACHE, QUANT_SCHEMES, ROLES, WEIGHT, Graph, Value
 from .ops import OPS
 
 
 def verify(graph: Graph, where: str = "") -> None:
     at = f" (after {where})" if where else ""
+    for v in graph.values.values():
+        problem = _layout_problem(graph, v)
+        if problem:
+            raise GraphError(f"value %{v.name}: {problem}{at}")
     defined = {name for name, v in graph.values.items() if v.kind != ACTIVATION and "alias" not in v.attrs}
     written: set[str] = set()
     for idx, node in enumerate(graph.nodes):
@@ -25,6 +38,8 @@ def verify(graph: Graph, where: str = "") -> None:
         lo, hi = opdef.n_inputs
         if not lo <= len(node.inputs) <= hi:
             raise GraphError(f"{here}: takes {lo}..{hi} inputs, got {len(node.inputs)}")
+        if node.layer is not None and (not isinstance(node.layer, int) or node.layer < 0):
+            raise GraphError(f"{here}: layer must be a non-negative integer, got {node.layer!r}")
         for name in node.inputs:
             if name not in graph.values:
                 raise GraphError(f"{here}: reads undeclared value %{name}")
@@ -49,10 +64,88 @@ def verify(graph: Graph, where: str = "") -> None:
         for name, (shape, dtype) in zip(node.outputs, inferred):
             v = graph.values[name]
             if tuple(v.shape) != tuple(shape) or v.dtype != dtype:
-                raise GraphError(f"{here}: %{name} declared {v.type_str()} but op infers {dtype}{list(shape)}")
+                raise GraphError(f"{here}: %{name} declared {v.type_str()} but op infers {DTYPES[dtype].short}{list(shape)}")
     for name in graph.outputs:
         if name not in written:
             raise GraphError(f"graph output %{name} is never written{at}")
     for name, v in graph.values.items():
         if v.kind == ACTIVATION and name not in written:
             raise GraphError(f"activation %{name} is declared but never written{at}")
+    _check_schedule(graph, at)
+
+
+def _check_schedule(graph: Graph, at: str) -> None:
+    flow = graph.dataflow()
+    if not nx.is_directed_acyclic_graph(flow):
+        cycle = " -> ".join(graph.nodes[i].name for i, _ in nx.find_cycle(flow))
+        raise GraphError(f"the dataflow has a cycle: {cycle}{at}")
+    for i, j, data in flow.edges(data=True):
+        if i > j:  # j must run after i but is scheduled before it
+            first, later = f"node {j} '{graph.nodes[j].name}'", f"node {i} '{graph.nodes[i].name}'"
+            if data["kind"] == "anti":
+                raise GraphError(f"{first} overwrites %{data['value']} in place before {later} reads it{at}")
+            raise GraphError(f"{first} reads %{data['value']} before {later} writes it{at}")
+
+
+def _layout_problem(graph: Graph, v: Value) -> str | None:
+    if v.dtype not in DTYPES:
+        return f"unknown dtype {v.dtype!r}"
+    if v.kind not in (ACTIVATION, WEIGHT, KV_CACHE, INPUT):
+        return f"unknown kind {v.kind!r}"
+    if v.dtype in QUANT_DTYPES and v.kind != WEIGHT:
+        return f"only weights may be {v.dtype}"
+    if v.kind in (ACTIVATION, KV_CACHE) and v.dtype not in FLOAT_DTYPES + ("int32",):
+        return f"an {v.kind} must be a float (or int32) value, not {v.dtype}"
+    if v.role is not None and v.role not in ROLES:
+        return f"unknown role {v.role!r}; roles are {', '.join(ROLES)}"
+    if v.layer is not None and (not isinstance(v.layer, int) or v.layer < 0):
+        return f"layer must be a non-negative integer, got {v.layer!r}"
+    if (v.layout is not None) != (v.kind == KV_CACHE):
+        return "a cache layout belongs on exactly the KV-cache values"
+    if v.layout is not None and v.layout.kind not in CACHE_LAYOUTS:
+        return f"unknown cache layout {v.layout.kind!r}; layouts are {', '.join(CACHE_LAYOUTS)}"
+    if v.shard is not None:
+        if v.kind != WEIGHT:
+            return "only weights are sharded"
+        if not 0 <= v.shard.axis < len(v.shape):
+            return f"shard axis {v.shard.axis} is not an axis of {v.type_str()}"
+        if v.shard.ranks < 1:
+            return f"shard ranks must be >= 1, got {v.shard.ranks}"
+    if v.dtype in QUANT_DTYPES and v.quant is None:
+        return f"{v.dtype} weight has no quantization description (scales)"
+    if v.dtype == "int4" and v.shape and isinstance(v.shape[-1], int) and v.shape[-1] % 2:
+        return f"packed int4 needs an even last dim, got {v.type_str()}"
+    if v.quant is not None:
+        return _quant_problem(graph, v)
+    return None
+
+
+def _quant_problem(graph: Graph, v: Value) -> str | None:
+    q = v.quant
+    if v.kind != WEIGHT:
+        return "only weights are quantized"
+    if q.scheme not in QUANT_SCHEMES:
+        return f"unknown quantization scheme {q.scheme!r}; schemes are {', '.join(QUANT_SCHEMES)}"
+    if v.dtype != QUANT_SCHEMES[q.scheme]:
+        return f"scheme {q.scheme} stores {QUANT_SCHEMES[q.scheme]} codes, value is {v.dtype}"
+    if len(v.shape) != 2 or not all(isinstance(d, int) for d in v.shape):
+        return f"a quantized weight is a fixed-size matrix [N, K], got {v.type_str()}"
+    N, K = v.shape
+    if q.scheme == "int8":
+        if q.group_size is not None or q.zeros is not None:
+            return "int8 is one symmetric scale per row: no group_size, no zeros"
+        want = {"scales": (N,)}
+    else:
+        if not isinstance(q.group_size, int) or q.group_size <= 0 or K % q.group_size:
+            return f"int4 group_size {q.group_size!r} must be a positive divisor of K={K}"
+        if q.zeros is None:
+            return "int4 is asymmetric: it needs zeros"
+        want = {"scales": (N, K // q.group_size), "zeros": (N, K // q.group_size)}
+    for field_name, shape in want.items():
+        ref = getattr(q, field_name)
+        other = graph.values.get(ref)
+        if other is None or other.kind != WEIGHT:
+            return f"quantization {field_name} %{ref} is not a weight of this graph"
+        if tuple(other.shape) != shape or other.dtype not in FLOAT_DTYPES:
+            return f"quantization {field_name} %{ref} must be a float {list(shape)}, got {other.type_str()}"
+    return None

@@ -18,8 +18,13 @@ from .plan_memory import plan_memory
 
 Pass = Callable[[Graph], Graph]
 
-# Order matters: the residual+norm fusion must take the o_proj/down biases before
-# fuse_gemm_bias folds the remaining ones (qkv, gate, up) into their GEMMs.
+# Order matters (tests/test_passes.py pins each of these):
+# - fuse_residual_rmsnorm before fuse_gemm_bias: the residual+norm fusion takes the o_proj/down
+#   biases into add_rmsnorm; fuse_gemm_bias then folds the remaining ones (qkv, gate, up) into
+#   their GEMMs. The other way round, o_proj/down would keep a bias epilogue of their own.
+# - fuse_silu_mul before fuse_gate_up_silu: the gate/up fusion matches silu_mul, not silu + mul.
+# - fuse_gemm_bias before fuse_gate_up_silu: the biased gate/up pattern reads biased GEMMs.
+# - dce after the fusions (they leave the separate gate/up weights unread), plan_memory last.
 PIPELINE: list[Pass] = [
     fuse_residual_rmsnorm,
     fuse_gemm_bias,
@@ -42,7 +47,7 @@ def change_note(before: Graph, after: Graph) -> str:
         lines.append(f"values: {len(before.values)} -> {len(after.values)}")
     if "memory" in after.meta and "memory" not in before.meta:
         mem = after.meta["memory"]
-        lines.append(f"arena {mem['arena_bytes']} bytes, lower bound {mem['lower_bound_bytes']} bytes, {len(mem['buffers'])} buffers")
+        lines.append(f"arena {mem['arena_bytes']} bytes, lower bound {mem['lower_bound_bytes']} bytes, {mem['buffers']} buffers")
     return "\n".join(lines) or "no change"
 
 

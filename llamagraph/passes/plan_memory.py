@@ -1,7 +1,7 @@
 """Static memory planning: liveness over the schedule, then offsets in one activation arena.
 
-1. Liveness: an activation is live from the node that writes it to the last node that reads
-   it (graph outputs stay live to the end).
+1. Liveness (``llamagraph.ir.memory.liveness``): an activation is live from the node that
+   writes it to the last node that reads it (graph outputs stay live to the end).
 2. In place: when an op allows output i to overwrite input j (``OpDef.inplace``), the input
    dies at this node and the sizes match, the output joins the input's buffer.
 3. Placement: buffers, largest first, each at the lowest aligned offset that overlaps no
@@ -9,24 +9,24 @@
 
 Sizes use the maximum of each symbolic dim (``graph.dims``), so the plan serves every step.
 Weights, KV cache and step inputs are persistent regions outside the arena. The result is
-written to each activation's ``attrs`` (offset, buffer) and ``graph.meta["memory"]``.
+written to each activation (``attrs`` offset and buffer) and the totals to
+``graph.meta["memory"]``; ``llamagraph.ir.memory.buffers`` reads the buffers back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, OPS, WEIGHT, Graph
+from llamagraph.ir.memory import Liveness, align, liveness
 
 ALIGN = 256  # bytes; every buffer starts on a 256-byte boundary (16-byte vector loads need 16)
 
 
-def align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 @dataclass
-class Buffer:
+class Slot:
+    """One arena buffer while it is planned: the activations sharing it, in schedule order."""
+
     values: list[str]
     size: int
     first: int
@@ -35,40 +35,17 @@ class Buffer:
     bid: int = 0
 
 
-@dataclass
-class Liveness:
-    first: dict[str, int] = field(default_factory=dict)
-    last: dict[str, int] = field(default_factory=dict)
-
-
-def liveness(graph: Graph) -> Liveness:
-    live = Liveness()
-    end = len(graph.nodes)
-    for i, node in enumerate(graph.nodes):
-        for o in node.outputs:
-            if graph.values[o].kind == ACTIVATION:
-                live.first[o] = i
-                live.last[o] = i
-        for v in node.inputs:
-            if v in live.first:
-                live.last[v] = i
-    for o in graph.outputs:
-        if o in live.last:
-            live.last[o] = end
-    return live
-
-
-def buffers(graph: Graph, live: Liveness) -> list[Buffer]:
+def group(graph: Graph, live: Liveness) -> list[Slot]:
     """Group activations into buffers, merging in-place outputs into their inputs' buffers."""
-    owner: dict[str, Buffer] = {}
-    bufs: list[Buffer] = []
+    owner: dict[str, Slot] = {}
+    bufs: list[Slot] = []
     for i, node in enumerate(graph.nodes):
         claimed: set[str] = set()
         for oi, o in enumerate(node.outputs):
             v = graph.values[o]
             if v.kind != ACTIVATION:
                 continue
-            size = align(v.nbytes(graph.dims))
+            size = align(v.nbytes(graph.dims), ALIGN)
             target = None
             for ii in OPS[node.op].inplace.get(oi, ()):
                 a = node.inputs[ii]
@@ -84,7 +61,7 @@ def buffers(graph: Graph, live: Liveness) -> list[Buffer]:
                     claimed.add(a)
                     break
             if target is None:
-                target = Buffer([], size, i, i, bid=len(bufs))
+                target = Slot([], size, i, i, bid=len(bufs))
                 bufs.append(target)
             target.values.append(o)
             target.last = max(target.last, live.last[o])
@@ -92,9 +69,9 @@ def buffers(graph: Graph, live: Liveness) -> list[Buffer]:
     return bufs
 
 
-def place(bufs: list[Buffer]) -> int:
+def place(bufs: list[Slot]) -> int:
     """Assign offsets; return the arena size."""
-    placed: list[Buffer] = []
+    placed: list[Slot] = []
     for b in sorted(bufs, key=lambda b: (-b.size, b.first, b.bid)):
         busy = sorted((p.offset, p.offset + p.size) for p in placed if p.first <= b.last and b.first <= p.last)
         offset = 0
@@ -107,7 +84,7 @@ def place(bufs: list[Buffer]) -> int:
     return max((b.offset + b.size for b in bufs), default=0)
 
 
-def lower_bound(bufs: list[Buffer], n_steps: int) -> int:
+def lower_bound(bufs: list[Slot], n_steps: int) -> int:
     """The most bytes live at one point of the schedule: no placement can use less."""
     delta = [0] * (n_steps + 2)
     for b in bufs:
@@ -123,7 +100,7 @@ def lower_bound(bufs: list[Buffer], n_steps: int) -> int:
 def plan_memory(graph: Graph) -> Graph:
     out = graph.copy()
     live = liveness(out)
-    bufs = buffers(out, live)
+    bufs = group(out, live)
     arena = place(bufs)
     for b in bufs:
         for name in b.values:
@@ -138,9 +115,7 @@ def plan_memory(graph: Graph) -> Graph:
         "weight_bytes": region(WEIGHT),
         "kv_cache_bytes": region(KV_CACHE),
         "input_bytes": region(INPUT),
-        "buffers": [
-            {"id": b.bid, "values": b.values, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
-            for b in bufs
-        ],
+        "buffers": len(bufs),
+        "align": ALIGN,
     }
     return out

@@ -1,32 +1,33 @@
-"""The numpy reference backend: executes the *planned* graph inside one flat arena.
+"""The numpy reference executor: runs a compiled plan's *planned* graph inside one flat arena.
 
 Every activation is a view at its planned byte offset in a single uint8 arena, so a
-memory-planning or fusion bug shows up as wrong numbers on a CPU. Each op runs its numpy
-reference in fp32 and its outputs are rounded to their storage dtype where they are stored,
-as the GPU kernels do.
+memory-planning or fusion bug shows up as wrong numbers on a CPU. Each node runs its op's
+numpy reference from the registry in fp32, and its outputs are rounded to their storage dtype
+where they are stored, as the GPU kernels do. It reads no launch list: it is the semantics the
+launch lists must reproduce.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from llamagraph.codegen.compiled import CompiledPlan
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, OPS, Graph
-
-from .dtypes import NUMPY_STORAGE, to_float32, to_storage
+from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
 
 
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(self, graph: Graph, weights: dict[str, np.ndarray]):
-        self.graph = graph
+    def __init__(self, plan: CompiledPlan | Graph, weights: dict[str, np.ndarray]):
+        self.graph = graph = plan.graph if isinstance(plan, CompiledPlan) else plan
         self.arena = np.zeros(graph.meta["memory"]["arena_bytes"], np.uint8)
         # Weights are read in fp32 every step; convert once (they are already rounded to storage).
         self.weights = {k: to_float32(w, graph.values[k].dtype) for k, w in weights.items()}
         self.persistent: dict[str, np.ndarray] = {}
         for v in graph.values.values():
             if v.kind in (INPUT, KV_CACHE) and "alias" not in v.attrs:
-                self.persistent[v.name] = np.zeros(v.concrete_shape(graph.dims), NUMPY_STORAGE[v.dtype])
+                self.persistent[v.name] = np.zeros(v.concrete_shape(graph.dims), DTYPES[v.dtype].storage)
 
     def reset(self) -> None:
         for arr in self.persistent.values():
@@ -36,21 +37,19 @@ class ReferenceExecutor:
         v = self.graph.values[name]
         if v.kind == ACTIVATION:
             shape = v.concrete_shape(dims)
-            return np.ndarray(shape, NUMPY_STORAGE[v.dtype], buffer=self.arena, offset=v.attrs["offset"])
-        base = v.attrs.get("alias", name)
-        arr = self.persistent[base]
+            return np.ndarray(shape, DTYPES[v.dtype].storage, buffer=self.arena, offset=v.attrs["offset"])
+        arr = self.persistent[v.attrs.get("alias", name)]
         if v.kind == INPUT:
             return arr[: v.concrete_shape(dims)[0]]
         return arr
 
     def _read(self, name: str, dims: dict[str, int]) -> np.ndarray:
-        v = self.graph.values[name]
         if name in self.weights:
             return self.weights[name]
-        return to_float32(self._storage(name, dims), v.dtype)
+        return to_float32(self._storage(name, dims), self.graph.values[name].dtype)
 
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int,
-             want_logits: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+        """Run one step and return the ``fetch``ed graph outputs, cut to this step's rows."""
         dims = {"T": n_tokens, "B": n_seqs}
         for name, arr in inputs.items():
             self._storage(name, dims)[...] = arr
@@ -60,6 +59,4 @@ class ReferenceExecutor:
             for name, arr in zip(node.outputs, outs):
                 dst = self._storage(name, dims)
                 dst[...] = to_storage(arr, self.graph.values[name].dtype).reshape(dst.shape)
-        logits, nxt = self.graph.outputs
-        out = self._read(logits, dims).astype(np.float32).copy() if want_logits else None
-        return out, self._storage(nxt, dims).copy()
+        return {name: self._storage(name, dims).copy() for name in fetch}

@@ -26,9 +26,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..ir.errors import WeightError
-from ..ir.graph import WEIGHT, Graph
-from .dtypes import to_float32, to_storage
+from llamagraph.ir.dtypes import to_float32, to_storage
+from llamagraph.ir.errors import WeightError
+from llamagraph.ir.graph import WEIGHT, Graph
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
@@ -337,24 +337,17 @@ def weight_parts(graph: Graph) -> Iterator[tuple[str, str, tuple[int, ...]]]:
             yield v.name, name, tuple(shape)
 
 
-def init_kind(part_name: str) -> str:
-    """How a random part is drawn: "norm" (around 1), "bias" or "matrix" (around 0)."""
-    if part_name.endswith(".bias"):
-        return "bias"
-    if part_name.endswith("norm.weight"):  # model.norm, input_layernorm, post_attention_layernorm
-        return "norm"
-    return "matrix"
-
-
 def part_seed(part_name: str, seed: int) -> int:
     """A seed per (part, seed) that is stable across processes (crc32, not hash())."""
     return (int(seed) % 2**32) << 32 | zlib.crc32(part_name.encode("utf-8"))
 
 
-def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: float = 0.02) -> np.ndarray:
-    """One part's fp32 values; a part's numbers do not depend on how parts are grouped."""
+def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: float = 0.02,
+                role: str | None = "matrix") -> np.ndarray:
+    """One part's fp32 values, drawn by the role of the weight it belongs to (norm weights
+    around 1, everything else around 0); a part's numbers do not depend on how parts are grouped."""
     x = np.random.default_rng(part_seed(part_name, seed)).standard_normal(tuple(shape), dtype=np.float32)
-    if init_kind(part_name) == "norm":
+    if role == "norm":
         x *= np.float32(0.1)
         x += np.float32(1.0)
     else:
@@ -367,7 +360,7 @@ def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str
     norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part."""
 
     def one(v) -> np.ndarray:
-        parts = [random_part(n, s, seed, scale) for n, s in v.attrs["parts"]]
+        parts = [random_part(n, s, seed, scale, v.role) for n, s in v.attrs["parts"]]
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return float32_to_storage(arr, v.dtype)
 

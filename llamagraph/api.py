@@ -1,9 +1,12 @@
-"""``compile()`` and ``Plan``: the Python API shared by the reference and CUDA backends.
+"""The public API: ``compile()``, ``load()`` and ``Plan``, shared by both executors.
 
-A Plan owns a fused, memory-planned graph, its weights and an executor (numpy or CUDA).
-Sequences live in KV-cache slots 0..batch-1. ``run`` packs every sequence's new tokens into
-steps of at most ``max_tokens`` tokens (no padding); ``generate`` prefills and then decodes
-one token per sequence per step, sampling on the device.
+``compile`` runs the compiler (config -> graph -> passes -> lowerings) into a ``CompiledPlan``
+and binds it to weights and an executor; ``load`` does the same for a plan saved by
+``llamagraph compile -o DIR``, without running a pass or a lowering. A ``Plan`` owns the
+compiled plan, the config and the executor. Sequences live in KV-cache slots
+0..batch-1. ``run`` packs every sequence's new tokens into steps of at most ``max_tokens``
+tokens (no padding); ``generate`` prefills and then decodes one token per sequence per step,
+sampling on the device.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError, build_graph, load_config
-from llamagraph.ir.config import DTYPES
-from llamagraph.passes import run_pipeline
+from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.compiler import compile_plan
+from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError, load_config
 
 BACKENDS = ("reference", "cuda")
 
@@ -53,51 +56,55 @@ def compile(
     max_seq: KV-cache length per sequence (default: the model's max positions, at most 4096).
     max_tokens: most tokens in one step (default: max_batch * max_seq, at most 4096); longer
       prompts are prefilled in chunks.
-    passes: pass names to run (default: the whole pipeline); the memory planner always runs.
+    passes: pass names to run (default: the whole pipeline); DCE and the memory planner always run.
     """
+    _check_backend(backend)
     cfg = load_config(model)
-    graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                          passes=passes, dump_dir=dump_dir)
+    compiled = compile_plan(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                            passes=passes, dump_dir=dump_dir)
+    if isinstance(model, (str, os.PathLike)):
+        compiled.model = os.path.abspath(os.fspath(model))
+    return bind(compiled, weights, backend=backend, seed=seed, progress=progress, config=cfg)
+
+
+def load(plan_dir: str | os.PathLike, weights: str | os.PathLike | dict | None = None, *, backend: str = "reference",
+         seed: int = 0, progress: bool = False) -> "Plan":
+    """A plan saved by ``llamagraph compile MODEL -o DIR``, bound to weights, ready to run.
+
+    Nothing is recompiled: the graph, kernels and launch lists come from ``DIR/plan.json`` and
+    ``DIR/kernels.cu``. ``weights`` is as for ``compile``; None loads the checkpoint the plan
+    was compiled from (its directory must still hold the weights).
+    """
+    _check_backend(backend)
+    compiled = CompiledPlan.load(os.fspath(plan_dir))
+    return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
+
+
+def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
+
+
+def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: int = 0, progress: bool = False,
+         config: ModelConfig | None = None) -> "Plan":
+    """A ``Plan`` running ``compiled`` on ``backend`` with ``weights`` (see ``compile``)."""
+    _check_backend(backend)
+    cfg = config or ModelConfig(**compiled.graph.meta["config"])
     if backend == "cuda":
-        from .cuda import CudaExecutor  # cupy is imported only when asked for
+        from llamagraph.runtime.cuda import CudaExecutor  # cupy is imported only when asked for
 
-        executor_cls = CudaExecutor
-        executor_cls.check_available()
+        CudaExecutor.check_available()
+        arrays = resolve_weights(compiled.graph, cfg, compiled.model, weights, seed, backend)
+        executor = CudaExecutor(compiled, arrays, progress=progress)
     else:
-        from .reference import ReferenceExecutor
+        from llamagraph.runtime.reference import ReferenceExecutor
 
-        executor_cls = ReferenceExecutor
-    arrays = resolve_weights(graph, cfg, model, weights, seed, backend)
-    kwargs = {"progress": progress} if backend == "cuda" else {}
-    return Plan(graph, cfg, executor_cls(graph, arrays, **kwargs))
-
-
-def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None) -> Graph:
-    """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("max_tokens", max_tokens)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    max_seq = max_seq or min(cfg.max_position_embeddings, 4096)
-    max_tokens = max_tokens or min(max_batch * max_seq, 4096)
-    return build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
-
-
-def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
-    """Build the unfused graph and run the pass pipeline (the memory planner always runs)."""
-    graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
-    if passes is not None:
-        passes = list(passes) + ["dce", "plan_memory"]
-    return run_pipeline(graph, passes, dump_dir)
+        executor = ReferenceExecutor(compiled, resolve_weights(compiled.graph, cfg, compiled.model, weights, seed))
+    return Plan(compiled, cfg, executor)
 
 
 def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference"):
-    from .weights import iter_weights, load_weights, random_weights
+    from llamagraph.runtime.weights import iter_weights, load_weights, random_weights
 
     if isinstance(weights, dict):
         missing = [v.name for v in graph.values.values() if v.kind == "weight" and v.name not in weights]
@@ -106,12 +113,12 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
         return weights
     if isinstance(weights, str) and weights == "random":
         if backend == "cuda":  # drawn on the GPU: a 7B model's worth of normals in seconds
-            from .cuda import RandomOnDevice
+            from llamagraph.runtime.cuda import RandomOnDevice
 
             return RandomOnDevice(seed)
         return random_weights(graph, seed=seed)
     if weights is None:
-        if isinstance(model, (dict, ModelConfig)):
+        if model is None or isinstance(model, (dict, ModelConfig)):
             raise WeightError("no weights given: pass weights=PATH to a checkpoint, or weights='random'")
         path = os.fspath(model)
         weights = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -121,16 +128,19 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
 
 
 class Plan:
-    """An executable plan: ``run`` / ``generate`` / ``reset`` over a fused, planned graph."""
+    """An executable plan: ``run`` / ``generate`` / ``reset`` over a compiled plan."""
 
-    def __init__(self, graph: Graph, config: ModelConfig, executor):
-        self.graph = graph
+    def __init__(self, compiled: CompiledPlan, config: ModelConfig, executor):
+        self.compiled = compiled
+        self.graph = graph = compiled.graph
         self.config = config
         self.executor = executor
         self.max_batch = graph.meta["max_batch"]
         self.max_seq = graph.meta["max_seq"]
         self.max_tokens = graph.meta["max_tokens"]
         self.vocab_size = config.vocab_size
+        self.logits_name = graph.with_role("logits")
+        self.next_token_name = graph.with_role("next_token")
         self.lengths: list[int] = []  # tokens held in each slot's KV cache
 
     @property
@@ -268,7 +278,9 @@ class Plan:
             "last_index": last_index,
             **sampling.arrays(),
         }
-        return self.executor.step(inputs, len(tokens), len(step), want_logits)
+        fetch = [self.next_token_name] + ([self.logits_name] if want_logits else [])
+        out = self.executor.step(inputs, len(tokens), len(step), fetch)
+        return out.get(self.logits_name), out[self.next_token_name]
 
 
 @dataclass

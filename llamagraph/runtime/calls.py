@@ -1,18 +1,18 @@
-"""cupy helpers for the dense kernels: launching a generated kernel, and cuBLAS GEMMs for prefill.
+"""The two kinds of call a launch list makes: a generated kernel, and a library function.
 
 cupy is imported inside the functions, so importing this module needs no GPU.
-cuBLAS cannot run inside CUDA-graph capture (cupy refuses it), so ``linear_cublas`` serves
-un-captured prefill only; decode steps use the generated ``gemv`` kernel.
+``LIBRARY`` maps a library launch's function name to its implementation. cuBLAS cannot run
+inside CUDA-graph capture (cupy refuses it), so library calls serve un-captured phases only
+(the plan's graph-safety check keeps them out of captured ones).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from llamagraph.codegen.render import Launch
+from llamagraph.codegen.launch import Shape
+from llamagraph.ir.dtypes import DTYPES
 
-# cudaDataType_t values (library_types.h); cupy exposes them as cupy.cuda.runtime.CUDA_R_*
-_CUDA_DATA_TYPE = {"float32": ("CUDA_R_32F", 0), "float16": ("CUDA_R_16F", 2), "bfloat16": ("CUDA_R_16BF", 14)}
 # cublasComputeType_t: fp32 accumulation; PEDANTIC forbids TF32 so fp32 plans keep full precision
 _COMPUTE_32F = ("CUBLAS_COMPUTE_32F", 68)
 _COMPUTE_32F_PEDANTIC = ("CUBLAS_COMPUTE_32F_PEDANTIC", 69)
@@ -24,8 +24,8 @@ def _const(module, name_value: tuple[str, int]) -> int:
     return int(getattr(module, name, value))
 
 
-def launch(fn, shape: Launch, args, stream=None) -> None:
-    """Launch the cupy ``RawKernel`` ``fn`` with a ``Launch`` shape on ``stream`` (None: current).
+def launch_kernel(fn, shape: Shape, args, stream=None) -> None:
+    """Launch the cupy ``RawKernel`` ``fn`` with a resolved ``Shape`` on ``stream`` (None: current).
 
     ``args``: cupy arrays (passed as pointers), ints (passed as C ``int``), or ``np.uint64``
     raw device pointers. Dynamic shared memory above 48 KiB needs the kernel's limit raised
@@ -78,15 +78,14 @@ def gemm_ex_args(x_ptr, w_ptr, out_ptr, rows, N, K, dtype, out_dtype=None) -> tu
     """The arguments after ``handle`` of ``cupy.cuda.cublas.gemmEx`` for ``linear_cublas``,
     and the host alpha/beta arrays they point to (keep them alive while the args are used).
     The handle must be in host pointer mode."""
-    from cupy.cuda import cublas, runtime
+    from cupy.cuda import cublas
 
     out_dtype = out_dtype or dtype
-    if dtype not in _CUDA_DATA_TYPE or out_dtype not in _CUDA_DATA_TYPE:
+    if DTYPES.get(dtype, DTYPES["int8"]).cuda_enum is None or DTYPES.get(out_dtype, DTYPES["int8"]).cuda_enum is None:
         raise ValueError(f"linear_cublas: unsupported dtypes {dtype} -> {out_dtype}")
     if dtype == "float32" and out_dtype != "float32":
         raise ValueError("linear_cublas: float32 inputs need a float32 output")
-    in_t = _const(runtime, _CUDA_DATA_TYPE[dtype])
-    out_t = _const(runtime, _CUDA_DATA_TYPE[out_dtype])
+    in_t, out_t = DTYPES[dtype].cuda_enum, DTYPES[out_dtype].cuda_enum
     compute = _const(cublas, _COMPUTE_32F_PEDANTIC if dtype == "float32" else _COMPUTE_32F)
     alpha, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
     args = (
@@ -97,3 +96,11 @@ def gemm_ex_args(x_ptr, w_ptr, out_ptr, rows, N, K, dtype, out_dtype=None) -> tu
         compute, getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1),
     )  # fmt: skip
     return args, (alpha, beta)
+
+
+def gemm(x, w, out, rows, N, K, dtype, out_dtype, *, stream) -> None:
+    """Library call "gemm": out[rows, N] = x[rows, K] @ w[N, K]^T (see ``linear_cublas``)."""
+    linear_cublas(int(x), int(w), int(out), int(rows), int(N), int(K), dtype, out_dtype, stream=stream)
+
+
+LIBRARY = {"gemm": gemm}

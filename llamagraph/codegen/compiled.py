@@ -1,0 +1,211 @@
+"""The compiled plan: the contract between the compiler and the executors.
+
+A ``CompiledPlan`` holds everything an executor needs and nothing it must recompute: the
+fused, memory-planned graph (its values carry their layouts and arena offsets), the CUDA
+source of every kernel, the launch list of each phase, the workspaces those launches use and
+the phases that are captured into CUDA graphs. Like a TensorRT engine or TVM's VM executable
+it is an artifact: ``save`` writes ``plan.json`` with ``kernels.cu`` beside it, ``load`` reads
+them back, and an executor runs the result without running a pass or a lowering.
+
+Before a phase may be captured, ``check_capturable`` proves its launch list graph-safe:
+1. every argument that changes between steps is read from device memory (a step input the
+   executor copies in before each replay), never passed by value at capture: the only step
+   scalars a captured launch may use are those fixed per captured batch size (``T``, ``B``),
+   and no workspace the host rebuilds each step;
+2. no launch is a library call (cupy refuses cuBLAS during stream capture);
+3. every address is fixed for the plan's lifetime: a planned arena offset, a persistent weight,
+   cache or input, or a declared workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from llamagraph.ir import ACTIVATION, Graph, verify
+from llamagraph.ir.errors import GraphError, PlanError
+
+from .launch import (
+    ARG_KINDS, BUCKET_SCALARS, WORKSPACE_FILLS, Launch, Scaled, Workspace, launch_from_dict, launch_to_dict,
+    workspace_from_dict, workspace_to_dict,
+)
+
+FORMAT = "llamagraph-plan/1"
+PLAN_FILE, SOURCE_FILE = "plan.json", "kernels.cu"
+_KERNEL_DEF = re.compile(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\s*\(')
+
+
+def defined_kernels(source: str) -> list[str]:
+    """Names of the ``extern "C" __global__`` functions a CUDA source defines."""
+    return _KERNEL_DEF.findall(source)
+
+
+@dataclass
+class CompiledPlan:
+    graph: Graph  # fused and memory-planned
+    source: str  # kernels.cu: the prelude and every kernel once
+    kernels: list[str]  # kernel names, in the order the source defines them
+    workspaces: list[Workspace]
+    phases: dict[str, list[Launch]]  # "decode": one token per sequence; "prefill": any other step
+    captured: tuple[str, ...] = ("decode",)  # phases replayed as CUDA graphs, one per batch size
+    model: str | None = None  # the config or checkpoint it was compiled from (default weights)
+    meta: dict = field(default_factory=dict)  # how it was compiled (passes, arch of the report)
+
+    # ---- what it holds ----------------------------------------------------------------------
+    def kernel_launches(self, phase: str) -> int:
+        return sum(1 for launch in self.phases[phase] if launch.kind == "kernel")
+
+    def sizes(self) -> dict[str, int]:
+        """Device bytes by region."""
+        mem = self.graph.meta["memory"]
+        return {"arena": mem["arena_bytes"], "weights": mem["weight_bytes"], "kv_cache": mem["kv_cache_bytes"],
+                "inputs": mem["input_bytes"], "workspaces": sum(w.nbytes for w in self.workspaces)}
+
+    def workspace(self, name: str) -> Workspace:
+        for w in self.workspaces:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check(self, where: str | None = None) -> None:
+        """Consistency: the graph verifies, the source defines exactly the named kernels, every
+        kernel launch names one of them, every argument names something that exists, and every
+        captured phase is graph-safe. ``where``: the plan.json path, to name in errors."""
+        at = f"{where}: " if where else ""
+        source = os.path.join(os.path.dirname(where), SOURCE_FILE) if where else SOURCE_FILE
+        try:
+            verify(self.graph, "load")
+        except GraphError as e:
+            raise PlanError(f"{at}graph is not well formed: {e}") from None
+        defined = defined_kernels(self.source)
+        if sorted(defined) != sorted(self.kernels):
+            missing = sorted(set(self.kernels) - set(defined)) or sorted(set(defined) - set(self.kernels))
+            raise PlanError(f"{source} and {where or 'the plan'} disagree on kernel {missing[0]!r}")
+        known = set(self.kernels)
+        spaces = {w.name for w in self.workspaces}
+        for w in self.workspaces:
+            if w.fill not in WORKSPACE_FILLS:
+                raise PlanError(f"{at}workspace {w.name!r} has unknown fill {w.fill!r}")
+        for phase, launches in self.phases.items():
+            for k, launch in enumerate(launches):
+                here = f"{at}{phase} launch {k} ({launch.describe()})"
+                if launch.kind == "kernel" and launch.fn not in known:
+                    raise PlanError(f"{here}: kernel {launch.fn!r} is not in {source}")
+                for j, a in enumerate(launch.args):
+                    if a.kind not in ARG_KINDS:
+                        raise PlanError(f"{here}: argument {j} has unknown kind {a.kind!r}")
+                    if a.kind == "value" and a.ref not in self.graph.values:
+                        raise PlanError(f"{here}: argument {j} names no value of the graph: %{a.ref}")
+                    if a.kind == "workspace" and a.ref not in spaces:
+                        raise PlanError(f"{here}: argument {j} names no workspace of the plan: {a.ref!r}")
+        for phase in self.captured:
+            try:
+                check_capturable(self, phase)
+            except PlanError as e:
+                raise PlanError(f"{at}{e}") from None
+
+    # ---- files ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "meta": self.meta,
+            "kernels": self.kernels,
+            "source_sha256": hashlib.sha256(self.source.encode()).hexdigest(),
+            "captured": list(self.captured),
+            "workspaces": [workspace_to_dict(w) for w in self.workspaces],
+            "phases": {p: [launch_to_dict(launch) for launch in ls] for p, ls in self.phases.items()},
+            "graph": self.graph.to_dict(),
+        }
+
+    def save(self, outdir: str) -> list[str]:
+        """Write ``plan.json`` and ``kernels.cu`` into ``outdir``; return the file names."""
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, PLAN_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        with open(os.path.join(outdir, SOURCE_FILE), "w", encoding="utf-8") as f:
+            f.write(self.source)
+        return [PLAN_FILE, SOURCE_FILE]
+
+    @classmethod
+    def load(cls, plan_dir: str) -> "CompiledPlan":
+        """Read a plan written by ``save`` (``llamagraph compile -o DIR``) and check it."""
+        path = os.path.join(plan_dir, PLAN_FILE)
+        if not os.path.isfile(path):
+            raise PlanError(f"{plan_dir}: no {PLAN_FILE} (write one with: llamagraph compile MODEL -o {plan_dir})")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            with open(os.path.join(plan_dir, SOURCE_FILE), encoding="utf-8") as f:
+                source = f.read()
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except OSError as e:
+            raise PlanError(f"{plan_dir}: cannot read the plan ({e.strerror}: {e.filename})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else None
+            raise PlanError(f"{path}: format {got!r} is not {FORMAT!r}; recompile with this llamagraph")
+        if hashlib.sha256(source.encode()).hexdigest() != d["source_sha256"]:
+            raise PlanError(f"{os.path.join(plan_dir, SOURCE_FILE)}: does not match the source {PLAN_FILE} was written with")
+        try:
+            plan = cls(
+                graph=Graph.from_dict(d["graph"]),
+                source=source,
+                kernels=list(d["kernels"]),
+                workspaces=[workspace_from_dict(w) for w in d["workspaces"]],
+                phases={p: [launch_from_dict(x) for x in ls] for p, ls in d["phases"].items()},
+                captured=tuple(d["captured"]),
+                model=d.get("model"),
+                meta=d.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{path}: malformed plan ({type(e).__name__}: {e})") from None
+        plan.check(path)
+        return plan
+
+
+def check_capturable(plan: CompiledPlan, phase: str) -> None:
+    """Raise ``PlanError`` naming the launch and argument that would make ``phase`` unsafe to
+    capture into a CUDA graph (see the module docstring for the three rules)."""
+    spaces = {w.name: w for w in plan.workspaces}
+    g = plan.graph
+
+    def scalar_problem(name: str) -> str | None:
+        if name in BUCKET_SCALARS:
+            return None
+        return (f"step scalar {name!r} changes between replays of a captured graph and would be baked in at "
+                "capture; read it from device memory (a step input) instead")
+
+    for k, launch in enumerate(plan.phases[phase]):
+        node = g.nodes[launch.node].name if 0 <= launch.node < len(g.nodes) else "?"
+        where = f"{phase} launch {k} ({launch.describe()}, node {launch.node} '{node}')"
+        if launch.kind != "kernel":
+            raise PlanError(f"{where}: a library call cannot be captured into a CUDA graph (cupy refuses cuBLAS "
+                            "during stream capture); lower it to a generated kernel")
+        if launch.when is not None and scalar_problem(launch.when.scalar):
+            raise PlanError(f"{where}: its condition reads {scalar_problem(launch.when.scalar)}")
+        for e in launch.shape.grid if launch.shape else ():
+            if isinstance(e, Scaled) and scalar_problem(e.scalar):
+                raise PlanError(f"{where}: its grid follows {scalar_problem(e.scalar)}")
+        for j, a in enumerate(launch.args):
+            arg = f"{where}: argument {j} ({a.kind} {a.ref!r})"
+            if a.kind == "step" and scalar_problem(a.ref):
+                raise PlanError(f"{arg}: {scalar_problem(a.ref)}")
+            if a.kind == "workspace":
+                ws = spaces.get(a.ref)
+                if ws is None:
+                    raise PlanError(f"{arg}: no such workspace, so no fixed address")
+                if ws.fill == "seq_tiles":
+                    raise PlanError(f"{arg}: the host rebuilds this workspace before every step; a replay would "
+                                    "read whatever the last eager step left there")
+            if a.kind == "value":
+                v = g.values.get(a.ref)
+                if v is None:
+                    raise PlanError(f"{arg}: no such value, so no fixed address")
+                if v.kind == ACTIVATION and "offset" not in v.attrs:
+                    raise PlanError(f"{arg}: the activation has no planned arena offset, so no fixed address")

@@ -1,0 +1,195 @@
+"""Launches as data: what a lowering says about running a node, and what an executor evaluates.
+
+A ``Launch`` names a generated kernel (or a library function), its grid, block and dynamic
+shared memory, and its arguments. Each argument is one of:
+
+- ``value``: the device address of a graph value (arena offset, weight, KV cache, step input);
+- ``workspace``: the address of a plan workspace (``Workspace``);
+- ``const``: a number (or, for library calls, a dtype name) fixed at compile time;
+- ``step``: a step scalar, known when the step runs: ``T`` tokens in the step, ``B`` sequences
+  in the step, and ``<workspace>.n`` the rows of a step-filled workspace;
+- ``null``: a null pointer (an optional input that is absent).
+
+Grid extents are numbers or ``Scaled`` step scalars. ``when`` makes a launch conditional on a
+step scalar (prefill picks cuBLAS or the GEMV by the row count this way). Workspaces are
+scratch memory, constant tables uploaded once, or tables the executor rebuilds from a step
+input before every step (``STEP_FILLS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# Step scalars that are the same for every replay of a graph captured for one batch size.
+BUCKET_SCALARS = ("T", "B")
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A grid extent that follows a step scalar: max(1, ceil(scalar * mul / div))."""
+
+    scalar: str
+    mul: int = 1
+    div: int = 1
+
+    def eval(self, scalars: dict[str, int]) -> int:
+        return max(1, -(-scalars[self.scalar] * self.mul // self.div))
+
+
+Extent = int | Scaled
+
+
+def extent(rows: int | str, mul: int = 1, div: int = 1) -> Extent:
+    """max(1, ceil(rows * mul / div)): a number for a known row count, a ``Scaled`` for a step scalar."""
+    if isinstance(rows, str):
+        return Scaled(rows, mul, div)
+    return max(1, -(-rows * mul // div))
+
+
+def resolve(e: Extent, scalars: dict[str, int]) -> int:
+    return e.eval(scalars) if isinstance(e, Scaled) else int(e)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Launch shape of one kernel: grid (numbers or step scalars), block, dynamic shared memory."""
+
+    grid: tuple[Extent, Extent, Extent]
+    block: tuple[int, int, int]
+    smem: int = 0  # dynamic shared memory bytes (over 48 KiB needs the kernel's attribute raised)
+
+    def at(self, scalars: dict[str, int]) -> "Shape":
+        return Shape(tuple(resolve(e, scalars) for e in self.grid), self.block, self.smem)
+
+
+@dataclass(frozen=True)
+class Arg:
+    kind: str  # "value" | "workspace" | "const" | "step" | "null"
+    ref: str | int | float | None = None  # value / workspace / step scalar name, or the constant
+    type: str = "ptr"  # C type passed: "ptr", "i32", "f32"; "str" for a library call's dtype names
+
+
+ARG_KINDS = ("value", "workspace", "const", "step", "null")
+
+
+def value(name: str) -> Arg:
+    return Arg("value", name)
+
+
+def workspace(name: str) -> Arg:
+    return Arg("workspace", name)
+
+
+def const(x: int | float | str) -> Arg:
+    return Arg("const", x, "str" if isinstance(x, str) else "f32" if isinstance(x, float) else "i32")
+
+
+def step(scalar: str) -> Arg:
+    return Arg("step", scalar, "i32")
+
+
+NULL = Arg("null")
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Run the launch only when ``scalar <op> bound`` for this step."""
+
+    scalar: str
+    op: str  # "<=" or ">"
+    bound: int
+
+    def holds(self, scalars: dict[str, int]) -> bool:
+        v = scalars[self.scalar]
+        return v <= self.bound if self.op == "<=" else v > self.bound
+
+
+@dataclass(frozen=True)
+class Launch:
+    fn: str  # kernel name in the plan's source, or a library function (kind "library")
+    shape: Shape | None
+    args: tuple[Arg, ...]
+    kind: str = "kernel"  # "kernel" | "library"
+    when: Cond | None = None
+    node: int = -1  # index of the graph node it computes (set when the plan is assembled)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.fn}"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    name: str
+    nbytes: int
+    fill: str = "scratch"  # "scratch" | "table" (``data``, uploaded once) | "seq_tiles" (rebuilt every step)
+    data: tuple = ()  # "table": float32 contents
+    source: str = ""  # "seq_tiles": the step input it is built from
+    rows: int = 0  # "seq_tiles": most rows per tile
+
+
+WORKSPACE_FILLS = ("scratch", "table", "seq_tiles")
+
+
+def seq_tiles(seq_ids: np.ndarray, rows: int) -> np.ndarray:
+    """int32 [n, 2] of (first row, row count <= rows): consecutive rows of one sequence, never
+    crossing into the next. Prefill attention gives each tile one block."""
+    seq_ids = np.asarray(seq_ids)
+    if seq_ids.size == 0:
+        return np.zeros((0, 2), np.int32)
+    starts = np.flatnonzero(np.r_[True, seq_ids[1:] != seq_ids[:-1]])
+    counts = np.diff(np.r_[starts, len(seq_ids)])
+    tiles = [(int(s) + i, min(rows, int(n) - i)) for s, n in zip(starts, counts) for i in range(0, int(n), rows)]
+    return np.asarray(tiles, dtype=np.int32).reshape(-1, 2)
+
+
+# fill kind -> (step input array, workspace) -> the table to write before the step
+STEP_FILLS = {"seq_tiles": lambda source, ws: seq_tiles(source, ws.rows)}
+
+
+# ---- JSON ---------------------------------------------------------------------------------------
+
+
+def _extent_json(e: Extent):
+    return asdict(e) if isinstance(e, Scaled) else e
+
+
+def _extent_from(d) -> Extent:
+    return Scaled(**d) if isinstance(d, dict) else int(d)
+
+
+def launch_to_dict(launch: Launch) -> dict:
+    d: dict = {"node": launch.node, "kind": launch.kind, "fn": launch.fn}
+    if launch.shape is not None:
+        d["grid"] = [_extent_json(e) for e in launch.shape.grid]
+        d["block"] = list(launch.shape.block)
+        d["smem"] = launch.shape.smem
+    d["args"] = [[a.kind, a.ref, a.type] for a in launch.args]
+    if launch.when is not None:
+        d["when"] = [launch.when.scalar, launch.when.op, launch.when.bound]
+    return d
+
+
+def launch_from_dict(d: dict) -> Launch:
+    shape = None
+    if "grid" in d:
+        shape = Shape(tuple(_extent_from(e) for e in d["grid"]), tuple(d["block"]), d["smem"])
+    return Launch(d["fn"], shape, tuple(Arg(*a) for a in d["args"]), d["kind"],
+                  Cond(*d["when"]) if "when" in d else None, d["node"])
+
+
+def workspace_to_dict(ws: Workspace) -> dict:
+    d = asdict(ws)
+    d["data"] = list(ws.data)
+    return d
+
+
+def workspace_from_dict(d: dict) -> Workspace:
+    return Workspace(**{**d, "data": tuple(d.get("data", ()))})
+
+
+__all__ = [
+    "Arg", "BUCKET_SCALARS", "Cond", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
+    "const", "extent", "resolve", "seq_tiles", "step", "value", "workspace",
+]

@@ -1,0 +1,32 @@
+"""Codegen for the device sampler: one token per row of logits, without host synchronisation.
+
+The numpy reference it implements is ``llamagraph.ir.ops.sample_row``.
+"""
+
+from __future__ import annotations
+
+from .launch import Shape, extent
+from .render import Kernel, render
+
+SAMPLE_THREADS = 1024
+
+
+def sample(V: int) -> Kernel:
+    """Temperature / top-k / top-p sampling of one token per row.
+
+    Arguments: logits float32 [B, V], temperature float32 [B], top_k int32 [B], top_p float32 [B],
+    seed int64 [B], step int32 [B], out int32 [B], n_rows int32 B.
+    Semantics of ``llamagraph.ir.ops.sample_row`` with u = ``sample_uniform(seed, step)``:
+    temperature <= 0 is greedy (first index of the maximum); top_k <= 0 or >= V and top_p >= 1
+    disable those filters; top_p <= 0 keeps only the most likely token(s). Thresholds are found by
+    radix selection on the logits' order (logits are monotone in probability) and kept masses are
+    summed as 2^-40 fixed point, so the result is deterministic.
+    """
+    vec = 4 if V % 4 == 0 else 1
+    name = f"sample_v{V}"
+    return Kernel(name, render("sample", name=name, V=V, vec=vec, threads=SAMPLE_THREADS))
+
+
+def sample_launch(n_rows: int | str) -> Shape:
+    """Grid (B), one 1024-thread block per row."""
+    return Shape((extent(n_rows), 1, 1), (SAMPLE_THREADS, 1, 1), 0)

@@ -1,0 +1,79 @@
+"""The compiler: config -> graph -> passes -> lowerings -> a checked ``CompiledPlan``.
+
+This module only orchestrates: the IR builds the graph, ``passes`` rewrite and plan it,
+``codegen`` lowers every node and holds the plan type. Executors (``llamagraph.runtime``) take
+the result and never call back in here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.codegen.lowering import lower_graph
+from llamagraph.codegen.render import module_source
+from llamagraph.ir import ConfigError, Graph, ModelConfig, build_graph, load_config
+from llamagraph.ir.dtypes import FLOAT_DTYPES
+from llamagraph.passes import PASS_NAMES, run_pipeline
+
+BUILD = "build"  # the stage name of the unfused graph, before any pass
+
+
+def stage_names() -> list[str]:
+    """The stages a graph can be dumped after, in order: ``build`` then every pass."""
+    return [BUILD, *PASS_NAMES]
+
+
+def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None) -> Graph:
+    """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("max_tokens", max_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    max_seq = max_seq or min(cfg.max_position_embeddings, 4096)
+    max_tokens = max_tokens or min(max_batch * max_seq, 4096)
+    return build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+
+
+def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
+    """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run)."""
+    graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    if passes is not None:
+        passes = list(passes) + ["dce", "plan_memory"]
+    return run_pipeline(graph, passes, dump_dir)
+
+
+def graph_after(model, after: str | None = None, **sizes) -> Graph:
+    """The IR after the named stage (``build`` or a pass name; default: the last pass)."""
+    names = stage_names()
+    after = after or names[-1]
+    if after not in names:
+        raise ValueError(f"unknown pass {after!r}; valid names: {', '.join(names)}")
+    unfused = build_unfused(load_config(model), **sizes)
+    if after == BUILD:
+        return unfused
+    return run_pipeline(unfused, PASS_NAMES[: PASS_NAMES.index(after) + 1])
+
+
+def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
+    """Lower a planned graph into a checked plan: kernels, launch lists, workspaces."""
+    low = lower_graph(graph)
+    plan = CompiledPlan(graph=graph, source=module_source(low.kernels), kernels=[k.name for k in low.kernels],
+                        workspaces=low.workspaces, phases=low.phases, model=model,
+                        meta={"passes": graph.meta.get("passes", [])})
+    plan.check()  # consistent, and every captured phase graph-safe
+    return plan
+
+
+def compile_plan(model, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
+                 max_tokens: int | None = None, passes: list[str] | None = None,
+                 dump_dir: str | None = None) -> CompiledPlan:
+    """Config (path, checkpoint directory, dict or ModelConfig) -> a checked ``CompiledPlan``."""
+    cfg = load_config(model)
+    graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                          passes=passes, dump_dir=dump_dir)
+    source = os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
+    return lower(graph, source)

@@ -1,0 +1,113 @@
+"""One lowering per op: the registry is complete, each op has one home, every kernel of every
+bundled example compiles, and the launch lists say what each phase runs."""
+
+import glob
+import io
+import os
+import tokenize
+
+import pytest
+
+import llamagraph
+from llamagraph.codegen import lowering, nvrtc
+from llamagraph.codegen.launch import Scaled
+from llamagraph.compiler import compile_plan
+from llamagraph.ir import OPS, load_config
+from llamagraph.ir.ops import OpDef
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json")))
+
+needs_compiler = pytest.mark.skipif(nvrtc.available() is None, reason="no NVRTC library or nvcc on this machine")
+
+
+def test_every_op_has_a_reference_and_exactly_one_lowering():
+    assert OPS and set(lowering.LOWERINGS) == set(OPS)
+    for name, op in OPS.items():
+        assert callable(op.reference) and callable(op.infer), name
+        assert lowering.LOWERINGS[name].__module__ == "llamagraph.codegen.lowering", name
+    assert "template" not in OpDef.__dataclass_fields__  # kernels are the lowering's business
+    with pytest.raises(ValueError, match="already has a lowering"):
+        lowering.lowering("rmsnorm")(lambda n, c: None)
+
+
+def _words(path: str) -> set[str]:
+    """Every identifier and string literal of a Python file (comments and docstrings aside)."""
+    out: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for tok in tokenize.generate_tokens(io.StringIO(f.read()).readline):
+            if tok.type == tokenize.NAME:
+                out.add(tok.string)
+            elif tok.type == tokenize.STRING and not tok.string.startswith(('"""', "'''")):
+                out.add(tok.string.strip("\"'"))
+    return out
+
+
+def test_no_runtime_file_names_an_op():
+    files = glob.glob(os.path.join(ROOT, "llamagraph", "runtime", "*.py"))
+    assert files
+    for path in files:
+        named = _words(path) & set(OPS)
+        assert not named, f"{os.path.relpath(path, ROOT)} names ops {sorted(named)}"
+
+
+def test_the_runtime_check_would_catch_an_op_name(tmp_path):
+    p = tmp_path / "x.py"
+    p.write_text('"""sdpa in a docstring is fine"""\nfamily = {"sdpa": 1}\n')
+    assert _words(str(p)) & set(OPS) == {"sdpa"}
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
+def test_every_kernel_of_every_example_compiles(example, dtype):
+    plan = compile_plan(example, dtype=dtype, max_batch=4, max_seq=2048)
+    result = nvrtc.compile_source(plan.source, "sm_90")
+    assert plan.kernels and set(plan.kernels) <= set(result.kernels), set(plan.kernels) - set(result.kernels)
+    spilling = {k: r for k, r in result.kernels.items() if r.spill_stores or r.spill_loads}
+    assert not spilling, spilling
+
+
+def test_launch_lists_per_phase():
+    cfg = load_config(EXAMPLES[0])
+    plan = compile_plan(cfg, dtype="float16", max_batch=2, max_seq=256)
+    g = plan.graph
+    dec, pre = plan.phases["decode"], plan.phases["prefill"]
+    # every node launches in both phases; decode attention is a split and a combine kernel
+    assert {x.node for x in dec} == {x.node for x in pre} == set(range(len(g.nodes)))
+    assert plan.kernel_launches("decode") == len(g.nodes) + cfg.num_layers
+    assert all(x.kind == "kernel" and x.when is None for x in dec)
+    by_op = {g.nodes[x.node].op: x for x in dec}
+    assert "_silu" in by_op["gate_up_silu"].fn and by_op["rope_kv_append"].fn.startswith("rope_kv_append_fused")
+    assert by_op["add_rmsnorm"].fn.startswith("add_rmsnorm") and by_op["add_rmsnorm"].shape.grid[0] == Scaled("T")
+    # prefill: big row counts take cuBLAS, small ones the GEMV, chosen by the step's rows
+    gemms = [x for x in pre if g.nodes[x.node].op == "qkv_gemm"]
+    assert sorted((x.kind, x.when.op) for x in gemms[:2]) == [("kernel", "<="), ("library", ">")]
+    attn = [x for x in pre if g.nodes[x.node].op == "sdpa"][0]
+    assert attn.fn.startswith("attn_prefill") and attn.shape.grid[0] == Scaled("seq_tiles.r64.n")
+    assert plan.workspace("seq_tiles.r64").fill == "seq_tiles"
+    # the source is deterministic
+    assert plan.source == compile_plan(cfg, dtype="float16", max_batch=2, max_seq=256).source
+
+
+def test_lowerings_read_value_dtypes_not_a_global_one():
+    """Each kernel is specialised on the dtype of the values it touches: the logits are fp32 in
+    every plan, whatever the plan's activation dtype."""
+    plan = compile_plan(EXAMPLES[0], dtype="bfloat16", max_batch=1, max_seq=128)
+    g = plan.graph
+    lm = [x for x in plan.phases["decode"] if g.nodes[x.node].op == "lm_head"][0]
+    assert "_bf16_of32_" in lm.fn
+    g.meta["dtype"] = "float32"  # the metadata is a summary for reports; lowering never reads it
+    assert lowering.lower_graph(g).kernels == lowering.lower_graph(plan.graph).kernels
+
+
+def test_quantized_weight_has_no_kernel_yet():
+    from llamagraph.ir import Quant
+
+    plan = llamagraph.compile_plan(EXAMPLES[0], dtype="float16", max_batch=1, max_seq=64)
+    g = plan.graph
+    w = g.values["l0.o.w"]
+    g.add_value("l0.o.scales", (w.shape[0],), "float16", "weight", layer=0, role="scales")
+    w.dtype, w.quant = "int8", Quant("int8", "l0.o.scales")
+    with pytest.raises(llamagraph.PlanError, match=r"o_proj 'l0\.o': %l0\.o\.w is quantized \(int8\)"):
+        lowering.lower_graph(g)
