@@ -4,7 +4,7 @@
 
 Prints (1) the wall time of a decode step through Plan.generate, (2) the GPU time of one
 captured-graph replay (replays back to back, no host work), and (3) each node's GPU time when
-replayed alone (a graph of 20 launches of it), summed per op, with the bytes its weights and KV reads move and the bandwidth
+replayed alone (a graph of 20 runs of its decode launches from the plan), summed per op, with the bytes its weights and KV reads move and the bandwidth
 that implies.
 """
 
@@ -62,34 +62,33 @@ def main() -> None:
     per_op_bytes = defaultdict(int)
     count = defaultdict(int)
     reps = 20
+    by_node = defaultdict(list)  # node index -> its decode launches, from the plan
+    for launch in ex.plan.phases["decode"]:
+        by_node[launch.node].append(launch)
+    scalars = {"T": B, "B": B}
     with ex.stream:
-        for nk in ex.kernels:
-            launcher = getattr(ex, "_launch_" + _family(nk.node.op))
+        for i, launches in sorted(by_node.items()):
+            node = ex.graph.nodes[i]
             ex.stream.begin_capture()
             for _ in range(reps):
-                launcher(nk, B, B, False)
+                for launch in launches:
+                    ex.launch(launch, scalars)
             node_graph = ex.stream.end_capture()
             node_graph.launch(ex.stream)
             start.record(ex.stream)
             node_graph.launch(ex.stream)
             stop.record(ex.stream)
             stop.synchronize()
-            per_op[nk.node.op] += cp.cuda.get_elapsed_time(start, stop) / reps
-            count[nk.node.op] += 1
-            per_op_bytes[nk.node.op] += sum(ex.graph.values[i].nbytes(ex.graph.dims) for i in nk.node.inputs
-                                            if ex.graph.values[i].kind == "weight")
+            per_op[node.op] += cp.cuda.get_elapsed_time(start, stop) / reps
+            count[node.op] += 1
+            per_op_bytes[node.op] += sum(ex.graph.values[v].nbytes(ex.graph.dims) for v in node.inputs
+                                         if ex.graph.values[v].kind == "weight")
     tot = sum(per_op.values())
     print(f"sum of nodes replayed alone (graph of {reps} launches each): {tot:.3f} ms")
     print(f"{'op':<16}{'count':>6}{'ms':>9}{'share':>8}{'weight GB/s':>13}")
     for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1]):
         gbs = per_op_bytes[op] / (ms * 1e-3) / 1e9 if per_op_bytes[op] else float("nan")
         print(f"{op:<16}{count[op]:>6}{ms:>9.3f}{100 * ms / tot:>7.1f}%{gbs:>13.0f}")
-
-
-def _family(op: str) -> str:
-    from llamagraph.runtime.cuda import _family as f
-
-    return f(op)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ class CudaExecutor:
         x = scalars[a.ref] if a.kind == "step" else a.ref
         return {"i32": np.int32, "f32": np.float32}.get(a.type, lambda v: v)(x)
 
-    def _launch(self, launch: Launch, scalars: dict[str, int]) -> None:
+    def launch(self, launch: Launch, scalars: dict[str, int]) -> None:
+        """Bind one launch to this step's scalars and issue it on the executor's stream."""
         if launch.when is not None and not launch.when.holds(scalars):
             return
         args = [self._arg(a, scalars) for a in launch.args]
@@ -218,7 +219,7 @@ class CudaExecutor:
     def launch_phase(self, phase: str, scalars: dict[str, int]) -> None:
         """Launch every call of ``phase`` on the executor's stream, without a graph."""
         for launch in self.plan.phases[phase]:
-            self._launch(launch, scalars)
+            self.launch(launch, scalars)
 
     def _capture(self, scalars: dict[str, int]):
         """Capture the decode phase for one batch size (its T and B are fixed per graph)."""

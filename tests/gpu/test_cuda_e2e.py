@@ -49,11 +49,16 @@ def test_greedy_32_tokens_identical_to_hf(hf_model, name):
         assert out == models.hf_greedy(d, prompt, 32)
 
 
+@pytest.mark.parametrize("passes", [None, []], ids=["fused", "unfused"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_cuda_matches_reference_backend(hf_model, dtype):
+def test_cuda_matches_reference_backend(hf_model, dtype, passes):
+    # unfused: every op of the builder's graph (bias_add, residual, silu, mul, rope, kv_append...)
+    # runs through its own lowering
     d = hf_model("bias", dtype=dtype)
-    ref = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32)
-    gpu = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32, backend="cuda")
+    ref = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32, passes=passes)
+    gpu = llamagraph.compile(d, dtype=dtype, max_batch=2, max_seq=32, backend="cuda", passes=passes)
+    if passes == []:
+        assert "bias_add" in gpu.graph.op_counts() and "kv_append" in gpu.graph.op_counts()
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert rel_err(gpu.run(PROMPTS), ref.run(PROMPTS)) < tol
     for step in range(4):
@@ -77,18 +82,35 @@ def test_graph_replay_bit_identical_to_eager(hf_model):
     ex.cp.cuda.Device().synchronize()  # the executor's stream does not wait for the default stream
     plan.lengths = lengths
     ex.graphs.clear()
-    ex._capture = lambda n: _EagerGraph(ex, n)
+    ex._capture = lambda scalars: _EagerGraph(ex, scalars)
     eager = plan.run([[DECODE[0][0]], [DECODE[1][0]]])
     assert np.array_equal(replayed, eager)
     assert np.array_equal(replay_arena, ex.arena.get())
 
 
 class _EagerGraph:
-    def __init__(self, ex, n):
-        self.ex, self.n = ex, n
+    def __init__(self, ex, scalars):
+        self.ex, self.scalars = ex, scalars
 
     def launch(self, stream):
-        self.ex._launch_all(self.n, self.n, prefill=False)
+        self.ex.launch_phase("decode", self.scalars)
+
+
+def test_saved_plan_runs_on_the_gpu(hf_model, tmp_path):
+    """`llamagraph compile -o DIR` then llamagraph.load(DIR, backend="cuda"): the same numbers as
+    compiling in process, without recompiling."""
+    from llamagraph.cli import main
+
+    d = hf_model("gqa", dtype="float16")
+    assert main(["compile", d, "-o", str(tmp_path / "plan"), "--max-batch", "2", "--max-seq", "32"]) == 0
+    fresh = llamagraph.compile(d, dtype="float16", max_batch=2, max_seq=32, backend="cuda")
+    loaded = llamagraph.load(tmp_path / "plan", backend="cuda")
+    assert np.array_equal(loaded.run(PROMPTS), fresh.run(PROMPTS))
+    for step in range(3):
+        feed = [[DECODE[0][step]], [DECODE[1][step]]]
+        assert np.array_equal(loaded.run(feed), fresh.run(feed))
+    assert 2 in loaded.executor.graphs
+    assert loaded.generate(PROMPTS, 8, temperature=0.7, seed=3) == fresh.generate(PROMPTS, 8, temperature=0.7, seed=3)
 
 
 def test_decode_graphs_per_batch_size(hf_model):

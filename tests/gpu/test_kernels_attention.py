@@ -20,6 +20,7 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from llamagraph.codegen import attention as A  # noqa: E402
+from llamagraph.codegen.launch import seq_tiles  # noqa: E402
 from llamagraph.codegen.render import module_source  # noqa: E402
 from llamagraph.ir import ops  # noqa: E402
 
@@ -123,8 +124,7 @@ def packed(rng, seqs: list[tuple[int, int]], slots: list[int]):
     """Step inputs for sequences given as (first new position, new tokens), one cache slot each."""
     positions = np.concatenate([np.arange(p0, p0 + n) for p0, n in seqs]).astype(np.int32)
     seq_ids = np.concatenate([np.full(n, s) for (_, n), s in zip(seqs, slots)]).astype(np.int32)
-    starts = np.cumsum([0] + [n for _, n in seqs[:-1]])
-    return positions, seq_ids, starts, [n for _, n in seqs]
+    return positions, seq_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_rope_kv_append(dtype, kind, layout, mode):
     for H, KV, D in ROPE_HEADS:
         # slots out of order; one prompt, one chunked prefill, decode tokens, one slot left alone
         seqs, slots = [(0, 37), (100, 1), (20, 30), (5, 1), (150, 10)], [3, 0, 4, 1, 2]
-        positions, seq_ids, _, _ = packed(rng, seqs, slots)
+        positions, seq_ids = packed(rng, seqs, slots)
         T = len(positions)
         seq_lens = np.zeros(max_batch, np.int32)
         for (p0, n), s in zip(seqs, slots):
@@ -388,7 +388,7 @@ def test_prefill_attention(dtype, heads, qkind):
     # (positions < first) are already in the cache
     seqs = [(0, 1), (0, bq - 1), (0, bq), (0, bq + 1), (0, 3 * bq + 17), (100, 37), (bq, bq), (250, 70)]
     slots = [6, 0, 3, 1, 7, 2, 5, 4]
-    positions, seq_ids, starts, counts = packed(rng, seqs, slots)
+    positions, seq_ids = packed(rng, seqs, slots)
     T = len(positions)
     qstride = H * D if qkind == "q" else (H + 2 * KV) * D
     q = randn(rng, (T, qstride), dtype, 2.0)
@@ -400,7 +400,7 @@ def test_prefill_attention(dtype, heads, qkind):
         vc_dev[s, p0 + n:] = np.nan
     kernel = A.attention_prefill(dtype, H, KV, D, qstride, max_seq)
     (fn,) = functions(kernel)
-    tiles = A.prefill_tiles(starts, counts, bq)
+    tiles = seq_tiles(seq_ids, bq)
     out = poisoned((T + 2, H * D), dtype)
     go(fn, A.attention_prefill_launch(len(tiles), H, D),
        (cupy.asarray(storage(q, dtype)), cupy.asarray(storage(kc_dev, dtype)), cupy.asarray(storage(vc_dev, dtype)),
@@ -430,7 +430,7 @@ def test_prefill_then_decode_matches_one_pass(dtype):
     seq_lens = np.zeros(max_batch, np.int32)
     steps = [([(0, 70), (0, 5), (0, 130)], [1, 2, 0]), ([(70, 1), (5, 1), (130, 1)], [1, 2, 0])]
     for seqs, slots in steps:
-        positions, seq_ids, starts, counts = packed(rng, seqs, slots)
+        positions, seq_ids = packed(rng, seqs, slots)
         T = len(positions)
         for (p0, n), s in zip(seqs, slots):
             seq_lens[s] = p0 + n
@@ -441,7 +441,7 @@ def test_prefill_then_decode_matches_one_pass(dtype):
            (cupy.asarray(storage(qkv, dtype)), d_pos, d_ids, d_lens, inv, q_rot, kc, vc, np.int32(T)))
         out = poisoned((T, H * D), dtype)
         if T > len(seqs):
-            tiles = A.prefill_tiles(starts, counts, A.attention_prefill_rows(D))
+            tiles = seq_tiles(seq_ids, A.attention_prefill_rows(D))
             go(f_prefill, A.attention_prefill_launch(len(tiles), H, D),
                (q_rot, kc, vc, d_pos, d_ids, cupy.asarray(tiles), out, np.int32(len(tiles))))
         else:

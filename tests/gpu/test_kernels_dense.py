@@ -16,9 +16,11 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from llamagraph.codegen import dense  # noqa: E402
+from llamagraph.codegen.lowering import ELEMENTWISE, PREFILL_EPILOGUES  # noqa: E402
 from llamagraph.codegen.render import module_source  # noqa: E402
 from llamagraph.ir import ops  # noqa: E402
-from llamagraph.runtime.cuda_dense import launch, linear_cublas  # noqa: E402
+from llamagraph.ir.dtypes import bf16_to_f32, f32_to_bf16  # noqa: E402
+from llamagraph.runtime.calls import launch_kernel, linear_cublas  # noqa: E402
 
 
 # tests/gpu/conftest.py skips these without a CUDA device
@@ -33,24 +35,14 @@ SPARE = 2  # extra poisoned rows after every output
 # host-side storage conversions
 # ---------------------------------------------------------------------------------------------
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns, round to nearest even (inputs here are finite)."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
-
-
 def storage(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        return f32_to_bf16_bits(x)
+        return f32_to_bf16(x)
     return np.asarray(x, np.float32).astype(np.float16 if dtype == "float16" else np.float32)
 
 
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
-    return bf16_bits_to_f32(a) if dtype == "bfloat16" else a.astype(np.float32)
+    return bf16_to_f32(a) if dtype == "bfloat16" else a.astype(np.float32)
 
 
 def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -135,8 +127,8 @@ def _every_kernel() -> dict:
             ks.append(dense.add_rmsnorm(dtype, D, 1e-5, has_residual=False))
             ks += [dense.add_rmsnorm(dtype, D, 1e-6, has_residual=True, has_bias=b) for b in (False, True)]
         for D in COPY_DIMS:
-            ks += [dense.embedding(dtype, D), dense.gather_rows(dtype, D)]
-        ks += [dense.elementwise(op, dtype, D) for op in dense.EW_OPS for D in EW_DIMS]
+            ks.append(dense.gather_rows(dtype, D))
+        ks += [ew_kernel(tag, dtype, D) for tag in EW for D in EW_DIMS]
     return {k.name: k for k in ks}
 
 
@@ -144,7 +136,7 @@ NULL = np.uint64(0)
 
 
 def run(kernel, shape, *args):
-    launch(function(kernel), shape, args)
+    launch_kernel(function(kernel), shape, args)
     cupy.cuda.get_current_stream().synchronize()
 
 
@@ -188,7 +180,7 @@ def _gemv_case(dtype, shape, rows, row_tile, tuning=None):
     n_out = N // 2 if epi == "silu_mul" else N
     out = poisoned((rows + SPARE, n_out), out_dt)
     k = dense.gemv(dtype, N, K, row_tile, epilogue=epi, has_bias=has_bias, out_dtype=out_dtype, tuning=tuning)
-    shape_ = dense.gemv_launch(dtype, N, K, row_tile, rows, epilogue=epi, tuning=tuning)
+    shape_ = dense.gemv_launch(dtype, N, K, row_tile, epilogue=epi, tuning=tuning)
     run(k, shape_, dev(x, dtype), w_d, b_d if has_bias else NULL, out, rows)
     tol = out_dt if out_dt == dtype else "mixed"
     check(host(out, out_dt), gemv_ref(x, w, b, epi), tol, f"{k.name} rows={rows}")
@@ -224,7 +216,7 @@ def test_gemv_zero_rows_writes_nothing():
     out = poisoned((2, 64), "float16")
     w = dev(np.ones((64, 64), np.float32), "float16")
     k = dense.gemv("float16", 64, 64, 8)
-    run(k, dense.gemv_launch("float16", 64, 64, 8, 0), w, w, NULL, out, 0)
+    run(k, dense.gemv_launch("float16", 64, 64, 8), w, w, NULL, out, 0)
     assert np.isnan(host(out, "float16")).all()
 
 
@@ -274,7 +266,7 @@ def test_add_rmsnorm(dtype, D, has_bias, alias):
 
 
 # ---------------------------------------------------------------------------------------------
-# embedding, gather_rows
+# gather_rows (the embedding lookup too)
 # ---------------------------------------------------------------------------------------------
 
 COPY_DIMS = (3, 64, 100, 2048, 4096)
@@ -282,30 +274,14 @@ COPY_DIMS = (3, 64, 100, 2048, 4096)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", COPY_DIMS)
-def test_embedding(dtype, D):
-    rng = np.random.default_rng(D)
-    vocab = 1000
-    table = randn(rng, (vocab, D), dtype)
-    k = dense.embedding(dtype, D)
-    for n in ROWS + (64,):
-        tokens = rng.integers(0, vocab, n).astype(np.int32)
-        tokens[0], tokens[-1] = vocab - 1, 0
-        out = poisoned((n + SPARE, D), dtype)
-        run(k, dense.embedding_launch(dtype, D, n), cupy.asarray(tokens), dev(table, dtype), out, n)
-        got = host(out, dtype)
-        assert np.isnan(got[n:]).all()
-        np.testing.assert_array_equal(got[:n], table[tokens], err_msg=f"{k.name} n={n}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", COPY_DIMS)
 def test_gather_rows(dtype, D):
+    """The embedding lookup (a 1000-row table, up to 64 tokens) and the last-token gather."""
     rng = np.random.default_rng(D + 1)
-    x = randn(rng, (40, D), dtype)
+    x = randn(rng, (1000, D), dtype)
     k = dense.gather_rows(dtype, D)
-    for n in ROWS:
-        idx = rng.integers(0, 40, n).astype(np.int32)
-        idx[-1] = 39
+    for n in ROWS + (64,):
+        idx = rng.integers(0, 1000, n).astype(np.int32)
+        idx[0], idx[-1] = 999, 0
         out = poisoned((n + SPARE, D), dtype)
         run(k, dense.gather_rows_launch(dtype, D, n), dev(x, dtype), cupy.asarray(idx), out, n)
         got = host(out, dtype)
@@ -320,37 +296,46 @@ def test_gather_rows(dtype, D):
 EW_DIMS = (3, 64, 100, 5632)
 
 
-def ew_ref(op, a, b):
+EW = {**ELEMENTWISE, **PREFILL_EPILOGUES}  # tag -> (C expression, how b is read)
+
+
+def ew_kernel(tag: str, dtype: str, D: int):
+    return dense.elementwise(tag, *EW[tag], dtype, D)
+
+
+def ew_ref(tag, a, b):
     return {
         "bias_add": lambda: a + b[None, :],
+        "bias_row": lambda: a + b[None, :],
         "residual": lambda: a + b,
         "silu": lambda: ops.silu(a),
         "mul": lambda: a * b,
         "silu_mul": lambda: ops.silu(a) * b,
         "silu_mul_halves": lambda: ops.silu(a[:, : a.shape[1] // 2]) * a[:, a.shape[1] // 2 :],
-    }[op]()
+    }[tag]()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op", dense.EW_OPS)
+@pytest.mark.parametrize("tag", sorted(EW))
 @pytest.mark.parametrize("D", EW_DIMS)
 @pytest.mark.parametrize("alias", ("none", "a", "b"))
-def test_elementwise(dtype, op, D, alias):
-    if alias == "b" and op in ("bias_add", "silu", "silu_mul_halves"):
+def test_elementwise(dtype, tag, D, alias):
+    operand = EW[tag][1]
+    if alias == "b" and operand != "full":
         pytest.skip("out has another shape than b (or there is no b)")
-    if alias == "a" and op == "silu_mul_halves":
-        pytest.skip("silu_mul_halves must not write into its input")
+    if alias == "a" and operand == "halves":
+        pytest.skip("the halves kernel must not write into its input")
     rng = np.random.default_rng(D)
-    k = dense.elementwise(op, dtype, D)
+    k = ew_kernel(tag, dtype, D)
     for rows in ROWS:
-        a = randn(rng, (rows, 2 * D if op == "silu_mul_halves" else D), dtype, scale=3.0)
-        b = randn(rng, (D,) if op == "bias_add" else (rows, D), dtype)
+        a = randn(rng, (rows, 2 * D if operand == "halves" else D), dtype, scale=3.0)
+        b = randn(rng, (D,) if operand == "row" else (rows, D), dtype)
         a_d = cupy.concatenate([dev(a, dtype), poisoned((SPARE, a.shape[1]), dtype)])
-        b_d = dev(b, dtype) if op == "bias_add" else cupy.concatenate([dev(b, dtype), poisoned((SPARE, D), dtype)])
+        b_d = dev(b, dtype) if operand == "row" else cupy.concatenate([dev(b, dtype), poisoned((SPARE, D), dtype)])
         out = {"none": poisoned((rows + SPARE, D), dtype), "a": a_d, "b": b_d}[alias]
-        b_arg = NULL if op in ("silu", "silu_mul_halves") else b_d
-        run(k, dense.elementwise_launch(op, dtype, D, rows), a_d, b_arg, out, rows)
-        check(host(out, dtype), ew_ref(op, a, b), dtype, f"{k.name} rows={rows} out aliases {alias}")
+        b_arg = NULL if operand in ("none", "halves") else b_d
+        run(k, dense.elementwise_launch(dtype, D, rows), a_d, b_arg, out, rows)
+        check(host(out, dtype), ew_ref(tag, a, b), dtype, f"{k.name} rows={rows} out aliases {alias}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +367,6 @@ def test_linear_cublas_then_silu_mul_halves():
     h = cupy.empty((rows, 2 * I), cupy.uint16)
     linear_cublas(dev(x, dtype).data.ptr, dev(w, dtype).data.ptr, h.data.ptr, rows, 2 * I, K, dtype)
     out = poisoned((rows + SPARE, I), dtype)
-    k = dense.elementwise("silu_mul_halves", dtype, I)
-    run(k, dense.elementwise_launch("silu_mul_halves", dtype, I, rows), h, NULL, out, rows)
+    k = ew_kernel("silu_mul_halves", dtype, I)
+    run(k, dense.elementwise_launch(dtype, I, rows), h, NULL, out, rows)
     check(host(out, dtype), gemv_ref(x, w, None, "silu_mul"), dtype, "cublas + silu_mul_halves")

@@ -17,7 +17,8 @@ import pytest
 
 cupy = pytest.importorskip("cupy")
 
-from llamagraph.codegen import attention as A  # noqa: E402
+from llamagraph.codegen.sample import sample as sample_kernel  # noqa: E402
+from llamagraph.codegen.sample import sample_launch  # noqa: E402
 from llamagraph.codegen.render import module_source  # noqa: E402
 from llamagraph.ir import ops  # noqa: E402
 
@@ -30,7 +31,7 @@ VOCABS = (128256, 32000, 101, 16)
 
 @functools.lru_cache(maxsize=None)
 def _sampler(V: int):
-    kernel = A.sample(V)
+    kernel = sample_kernel(V)
     mod = cupy.RawModule(code=module_source([kernel]), backend="nvrtc", options=("--std=c++17",))
     return mod.get_function(kernel.name)
 
@@ -43,7 +44,7 @@ def sample(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
             cupy.asarray(full(top_k, np.int32)), cupy.asarray(full(top_p, np.float32)),
             cupy.asarray(full(seed, np.int64)), cupy.asarray(full(step, np.int32))]
     out = cupy.full(B + 1, -1, cupy.int32)
-    la = A.sample_launch(B)
+    la = sample_launch(B)
     _sampler(V)(la.grid, la.block, (*args, out, np.int32(B)))
     got = cupy.asnumpy(out)
     assert got[B] == -1, "wrote past the last row"

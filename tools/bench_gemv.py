@@ -1,6 +1,6 @@
 """GEMV workbench: achieved bandwidth of the generated decode GEMV against a device copy and cuBLAS.
 
-Not a test. Run on a GPU:  python tests/gpu/bench_dense.py [--dtype float16] [--rows 1,2,4,8] [--sweep]
+Not a test. Run on a GPU:  python tools/bench_gemv.py [--dtype float16] [--rows 1,2,4,8] [--sweep]
 
 For each weight shape and row count it prints the kernel time, the bytes it must move
 (W + x + out (+ bias)), the achieved GB/s, that as a percentage of a device-to-device copy
@@ -23,7 +23,8 @@ import cupy
 
 from llamagraph.codegen import dense
 from llamagraph.codegen.render import module_source
-from llamagraph.runtime.cuda_dense import gemm_ex_args, linear_cublas
+from llamagraph.ir.dtypes import DTYPES, itemsize
+from llamagraph.runtime.calls import gemm_ex_args, linear_cublas
 
 SHAPES = [  # (N, K, epilogue, out_dtype or None, what)
     (4096, 4096, "none", None, "7B o_proj"),
@@ -32,8 +33,6 @@ SHAPES = [  # (N, K, epilogue, out_dtype or None, what)
     (4096, 11008, "none", None, "7B down"),
     (32000, 4096, "none", "float32", "7B lm_head (fp32 out)"),
 ]
-ELT = {"float32": 4, "float16": 2, "bfloat16": 2}
-STORE = {"float32": cupy.float32, "float16": cupy.float16, "bfloat16": cupy.uint16}
 ROTATE_BYTES = 256 << 20  # cycle over at least this much W: far more than the 50 MB L2
 
 
@@ -56,7 +55,7 @@ def random_storage(shape, dtype, scale, rng):
     x = rng.standard_normal(shape, dtype=cupy.float32) * np.float32(scale)
     if dtype == "bfloat16":
         return (x.view(cupy.uint32) >> 16).astype(cupy.uint16)  # truncation is fine for timing
-    return x.astype(STORE[dtype])
+    return x.astype(DTYPES[dtype].storage)
 
 
 def time_graph(launch_one, copies: int, reps: int = 4) -> float:
@@ -122,7 +121,7 @@ def compiled(kernel):
 def check_against_cublas(dtype, N, K, rows, epilogue, out_dtype, tuning, x, w, out, h, odt) -> float:
     """Relative error (by norm) of the GEMV's output against cuBLAS (+ the epilogue in cupy)."""
     k = dense.gemv(dtype, N, K, rows, epilogue=epilogue, out_dtype=out_dtype, tuning=tuning)
-    shape = dense.gemv_launch(dtype, N, K, rows, rows, epilogue=epilogue, tuning=tuning)
+    shape = dense.gemv_launch(dtype, N, K, rows, epilogue=epilogue, tuning=tuning)
     compiled(k)(shape.grid, shape.block, (x, w, np.uint64(0), out, np.int32(rows)))
     linear_cublas(x.data.ptr, w.data.ptr, h.data.ptr, rows, N, K, dtype, "float32" if odt == "float32" else dtype)
     ref = as_f32(h[:rows], odt)
@@ -136,21 +135,21 @@ def check_against_cublas(dtype, N, K, rows, epilogue, out_dtype, tuning, x, w, o
 def bench_shape(dtype, N, K, epilogue, out_dtype, rows_list, tunings, copy_bw, rng):
     out_dtype = out_dtype if dtype != "float32" else None
     odt = out_dtype or dtype
-    w_bytes = N * K * ELT[dtype]
+    w_bytes = N * K * itemsize(dtype)
     copies = max(2, math.ceil(ROTATE_BYTES / w_bytes))
     ws = [random_storage((N, K), dtype, 1.0 / math.sqrt(K), rng) for _ in range(copies)]
     n_out = N // 2 if epilogue == "silu_mul" else N
     rows_max = max(rows_list)
     x = random_storage((rows_max, K), dtype, 1.0, rng)
-    out = cupy.empty((rows_max, n_out), STORE[odt])
-    h = cupy.empty((rows_max, N), STORE[odt])  # cuBLAS output (pre-epilogue)
+    out = cupy.empty((rows_max, n_out), DTYPES[odt].storage)
+    h = cupy.empty((rows_max, N), DTYPES[odt].storage)  # cuBLAS output (pre-epilogue)
     results = []
     for rows in rows_list:
-        moved = w_bytes + rows * K * ELT[dtype] + rows * n_out * ELT[odt]
+        moved = w_bytes + rows * K * itemsize(dtype) + rows * n_out * itemsize(odt)
         best = None
         for tuning in tunings:
             k = dense.gemv(dtype, N, K, rows, epilogue=epilogue, out_dtype=out_dtype, tuning=tuning)
-            shape = dense.gemv_launch(dtype, N, K, rows, rows, epilogue=epilogue, tuning=tuning)
+            shape = dense.gemv_launch(dtype, N, K, rows, epilogue=epilogue, tuning=tuning)
             sec = time_graph(gemv_launcher(compiled(k), shape, x, ws, out, rows), copies)
             if best is None or sec < best[0]:
                 best = (sec, k.name, tuning)
