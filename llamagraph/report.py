@@ -165,9 +165,9 @@ def kernel_lines(plan: CompiledPlan) -> list[str]:
     return [
         f"kernels per decode step: {plan.kernel_launches('decode')} ({len(g.nodes)} nodes, "
         f"{plan.kernel_launches('decode') / max(1, g.meta['config']['num_layers']):.1f} per layer)",
-        f"decode launches: {len(dec)}, captured as one CUDA graph per batch size; prefill launches: {len(pre)} "
-        f"({sum(1 for x in pre if x.kind == 'library')} cuBLAS, {sum(1 for x in pre if x.when)} conditional on "
-        "the step's rows)",
+        f"decode: {len(dec)} launches, captured as one CUDA graph per batch size",
+        f"prefill: {len(pre)} launches ({sum(1 for x in pre if x.kind == 'library')} cuBLAS; "
+        f"{sum(1 for x in pre if x.when)} chosen by the step's row count)",
         "workspaces: " + ", ".join(f"{w.name} {_mib(w.nbytes)}" for w in plan.workspaces),
     ]
 
@@ -234,8 +234,18 @@ def write_artifacts(c: Compiled, outdir: str, *, arch: str = "sm_90") -> list[Se
     cuda = write_cuda_artifacts(c.plan, outdir, arch)
     sections.append(cuda)
     files = cuda.files[:2] + files + cuda.files[2:]
-    sections.append(Section(f"files written to {outdir}", list(files)))
+    sections.append(Section(f"files written to {outdir}", _wrap(files)))
     return sections
+
+
+def _wrap(names: list[str], width: int = 90) -> list[str]:
+    lines: list[str] = []
+    for name in names:
+        if lines and len(lines[-1]) + 2 + len(name) <= width:
+            lines[-1] += "  " + name
+        else:
+            lines.append(name)
+    return lines
 
 
 def format_report(title: str, sections: list[Section]) -> str:

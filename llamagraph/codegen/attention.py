@@ -16,7 +16,7 @@ from llamagraph.ir.dtypes import DTYPES, FLOAT_DTYPES, itemsize
 from llamagraph.ir.ops import rope_inv_freq
 
 from .launch import Shape, extent
-from .render import Kernel, render
+from .render import Kernel, number_tag, render
 
 LOG2E = 1.4426950408889634
 LAYOUT_TAG = {"rotate_half": "rh", "interleaved": "il"}
@@ -29,14 +29,6 @@ def _check(dtype: str, H: int, KV: int, D: int) -> None:
         raise ValueError(f"num_heads {H} must be a positive multiple of num_kv_heads {KV}")
     if D <= 0 or D % 2:
         raise ValueError(f"head_dim {D} must be positive and even")
-
-
-def _num(x: float | int) -> str:
-    """A float for a kernel name: 10000.0 -> '10000', 2.5 -> '2p5', 1e-05 -> '1em05'."""
-    s = repr(float(x))
-    if s.endswith(".0"):
-        s = s[:-2]
-    return s.replace(".", "p").replace("-", "m").replace("+", "")
 
 
 def _c_float(x: float) -> str:
@@ -87,7 +79,7 @@ def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: in
         factor = float(rope_scaling["factor"])
         orig = int(rope_scaling["original_max_position_embeddings"])
         params.update(theta=repr(float(theta)), factor=repr(factor), orig=str(orig))
-        name += f"_dyn_t{_num(theta)}_f{_num(factor)}_o{orig}"
+        name += f"_dyn_t{number_tag(theta)}_f{number_tag(factor)}_o{orig}"
     return Kernel(name, render("rope_kv_append", name=name, **params))
 
 
@@ -174,7 +166,7 @@ def attention_decode(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq:
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tiling = _decode_tiling(dtype, D, H // KV)
     tag = f"{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
-    tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{_num(scale)}")
+    tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{number_tag(scale)}")
     common = dict(dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq, chunk=chunk,
                   max_splits=max_splits, qscale=_c_float(scale * LOG2E))
     split_name = f"attn_decode_split_{tag}_q{qstride}{tail}"
@@ -228,7 +220,7 @@ def _prefill_tiling(D: int) -> dict:
 
 
 def attention_prefill_rows(D: int) -> int:
-    """BQ: the most query rows one tile of ``prefill_tiles`` may hold for head dim D."""
+    """BQ: the most query rows one tile of the ``seq_tiles`` table may hold for head dim D."""
     return _prefill_tiling(D)["bq"]
 
 
@@ -251,7 +243,7 @@ def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq
     tiling = _prefill_tiling(D)
     name = f"attn_prefill_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}_bq{tiling['bq']}_bk{tiling['bk']}"
     if scale != 1.0 / math.sqrt(D):
-        name += f"_sc{_num(scale)}"
+        name += f"_sc{number_tag(scale)}"
     src = render("attention_prefill", name=name, dtype=dtype, H=H, KV=KV, D=D, qstride=qstride, max_seq=max_seq,
                  qscale=_c_float(scale * LOG2E), threads=PREFILL_THREADS, **tiling)
     return Kernel(name, src)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from llamagraph.ir.dtypes import DTYPES, FLOAT_DTYPES, itemsize
 
 from .launch import Shape, extent
-from .render import Kernel, render
+from .render import Kernel, number_tag, render
 
 GEMV_EPILOGUES = ("none", "silu_mul")
 EW_OPERANDS = ("none", "row", "full", "halves")
@@ -91,7 +91,7 @@ def gather_rows_launch(dtype: str, D: int, rows: int | str) -> Shape:
 
 def eps_tag(eps: float) -> str:
     """A short, stable identifier fragment for eps: 1e-05 -> '1em05', 2.5e-06 -> '2p5em06'."""
-    return repr(float(eps)).replace(".", "p").replace("-", "m").replace("+", "")
+    return number_tag(eps)
 
 
 def _norm_threads(dtype: str, D: int) -> int:

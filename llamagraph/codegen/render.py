@@ -24,6 +24,14 @@ class Kernel:
     source: str  # the rendered template, without the prelude
 
 
+def number_tag(x: float | int) -> str:
+    """A number as a kernel-name fragment: 10000.0 -> '10000', 2.5 -> '2p5', 1e-05 -> '1em05'."""
+    s = repr(float(x))
+    if s.endswith(".0"):
+        s = s[:-2]
+    return s.replace(".", "p").replace("-", "m").replace("+", "")
+
+
 def _load(dtype: str) -> str:
     """The prelude function converting one stored element to float ("" for float32)."""
     return "" if dtype == "float32" else f"lg_{DTYPES[dtype].short}_to_f32"
