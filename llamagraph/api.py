@@ -60,10 +60,8 @@ def compile(
     """
     _check_backend(backend)
     cfg = load_config(model)
-    compiled = compile_plan(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+    compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                             passes=passes, dump_dir=dump_dir)
-    if isinstance(model, (str, os.PathLike)):
-        compiled.model = os.path.abspath(os.fspath(model))
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress, config=cfg)
 
 

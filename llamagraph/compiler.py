@@ -62,8 +62,7 @@ def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
     """Lower a planned graph into a checked plan: kernels, launch lists, workspaces."""
     low = lower_graph(graph)
     plan = CompiledPlan(graph=graph, source=module_source(low.kernels), kernels=[k.name for k in low.kernels],
-                        workspaces=low.workspaces, phases=low.phases, model=model,
-                        meta={"passes": graph.meta.get("passes", [])})
+                        workspaces=low.workspaces, phases=low.phases, model=model)
     plan.check()  # consistent, and every captured phase graph-safe
     return plan
 

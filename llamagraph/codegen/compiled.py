@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llamagraph.ir import ACTIVATION, Graph, verify
 from llamagraph.ir.errors import GraphError, PlanError
@@ -52,7 +52,6 @@ class CompiledPlan:
     phases: dict[str, list[Launch]]  # "decode": one token per sequence; "prefill": any other step
     captured: tuple[str, ...] = ("decode",)  # phases replayed as CUDA graphs, one per batch size
     model: str | None = None  # the config or checkpoint it was compiled from (default weights)
-    meta: dict = field(default_factory=dict)  # how it was compiled (passes, arch of the report)
 
     # ---- what it holds ----------------------------------------------------------------------
     def kernel_launches(self, phase: str) -> int:
@@ -113,7 +112,6 @@ class CompiledPlan:
         return {
             "format": FORMAT,
             "model": self.model,
-            "meta": self.meta,
             "kernels": self.kernels,
             "source_sha256": hashlib.sha256(self.source.encode()).hexdigest(),
             "captured": list(self.captured),
@@ -161,7 +159,6 @@ class CompiledPlan:
                 phases={p: [launch_from_dict(x) for x in ls] for p, ls in d["phases"].items()},
                 captured=tuple(d["captured"]),
                 model=d.get("model"),
-                meta=d.get("meta", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{path}: malformed plan ({type(e).__name__}: {e})") from None

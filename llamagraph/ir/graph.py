@@ -27,7 +27,8 @@ ACTIVATION, WEIGHT, KV_CACHE, INPUT = "activation", "weight", "kv_cache", "input
 
 Dim = int | str  # an int, or a symbolic dim name: "T" tokens in the step, "B" sequences in the step
 
-# Weight roles: what a weight is, so nothing has to guess it from a name.
+# Roles: what a value is, where something must know (weights: how to draw random ones, what the
+# embedding table is; graph outputs: which holds the logits), so nothing guesses it from a name.
 ROLES = ("embedding_table", "norm", "matrix", "bias", "scales", "zeros", "logits", "next_token")
 
 
