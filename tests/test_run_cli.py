@@ -97,3 +97,19 @@ def test_run_with_an_hf_tokenizer_json(tmp_path, hf_model, capsys):
     plan = llamagraph.compile(str(tmp_path), dtype="float32")
     new = plan.generate([[1] + tok.encode("the lazy dog").ids], 5, stop_tokens=[2])[0]
     assert capsys.readouterr().out == tok.decode([t for t in new if t < tok.get_vocab_size()]) + "\n"
+
+
+def test_run_a_compiled_plan_directory_with_weights(checkpoint_with_tokenizer, tmp_path, capsys):
+    """`llamagraph compile CKPT -o DIR` then `llamagraph run DIR --weights CKPT`: the tokenizer comes
+    from the weights' directory and the text equals running the checkpoint directly."""
+    ckpt = checkpoint_with_tokenizer
+    args = ["--prompt", "the lazy dog", "--max-new-tokens", "6", "--backend", "reference"]
+    assert main(["run", ckpt, "--dtype", "float32", *args]) == 0
+    direct = capsys.readouterr().out
+    plan_dir = str(tmp_path / "plan")
+    assert main(["compile", ckpt, "-o", plan_dir, "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["run", plan_dir, "--weights", ckpt, *args]) == 0
+    assert capsys.readouterr().out == direct and direct.strip()
+    assert main(["run", plan_dir, *args]) == 0  # weights and tokenizer from the checkpoint it was compiled from
+    assert capsys.readouterr().out == direct
