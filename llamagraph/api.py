@@ -18,7 +18,7 @@ import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
 from llamagraph.compiler import compile_plan
-from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError, load_config
+from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError
 
 BACKENDS = ("reference", "cuda")
 
@@ -59,10 +59,9 @@ def compile(
     passes: pass names to run (default: the whole pipeline); DCE and the memory planner always run.
     """
     _check_backend(backend)
-    cfg = load_config(model)
     compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                             passes=passes, dump_dir=dump_dir)
-    return bind(compiled, weights, backend=backend, seed=seed, progress=progress, config=cfg)
+    return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
 
 
 def load(plan_dir: str | os.PathLike, weights: str | os.PathLike | dict | None = None, *, backend: str = "reference",
@@ -83,11 +82,11 @@ def _check_backend(backend: str) -> None:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
 
 
-def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: int = 0, progress: bool = False,
-         config: ModelConfig | None = None) -> "Plan":
+def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: int = 0,
+         progress: bool = False) -> "Plan":
     """A ``Plan`` running ``compiled`` on ``backend`` with ``weights`` (see ``compile``)."""
     _check_backend(backend)
-    cfg = config or ModelConfig(**compiled.graph.meta["config"])
+    cfg = ModelConfig(**compiled.graph.meta["config"])  # the config the plan was compiled from
     if backend == "cuda":
         from llamagraph.runtime.cuda import CudaExecutor  # cupy is imported only when asked for
 

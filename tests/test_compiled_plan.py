@@ -14,7 +14,7 @@ import llamagraph
 from llamagraph.cli import main
 from llamagraph.codegen import lowering
 from llamagraph.codegen.compiled import CompiledPlan, check_capturable, defined_kernels
-from llamagraph.codegen.launch import NULL, Launch, Scaled, Shape, step, value, workspace
+from llamagraph.codegen.launch import Launch, Scaled, Shape, step, value, workspace
 from llamagraph.compiler import compile_plan
 from llamagraph.ir import Graph
 from numerics import DECODE, PROMPTS
@@ -190,7 +190,6 @@ def test_compile_refuses_a_lowering_that_is_not_graph_safe(monkeypatch, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "decode launch" in err[0] and "node 20 'next_token'" in err[0]
     assert "argument 7 (step 'sample.step_host')" in err[0]
-    assert NULL.kind == "null"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +235,8 @@ def test_layering(package):
     assert files
     for path in files:
         for mod in _imports(path):
-            parts = mod.split(".")
-            if len(parts) == 1 or parts[1] == package or parts[1] in ALLOWED[package]:
-                continue
-            if parts[1] in ("api", "compiler", "cli", "report", "bench", "textgen", "passes", "runtime", "viz", "codegen"):
+            parts = mod.split(".")  # llamagraph.<part>...: the package (or top-level module) imported
+            if len(parts) > 1 and parts[1] != package and parts[1] not in ALLOWED[package]:
                 pytest.fail(f"{os.path.relpath(path, ROOT)} imports {mod}: {package}/ may import only "
                             f"{sorted(ALLOWED[package]) or 'nothing else of llamagraph'}")
 

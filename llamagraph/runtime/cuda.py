@@ -25,6 +25,7 @@ from llamagraph.codegen.compiled import CompiledPlan
 from llamagraph.codegen.launch import STEP_FILLS, Arg, Launch
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, WeightError
 from llamagraph.ir.dtypes import DTYPES, to_storage
+from llamagraph.ir.memory import align
 
 from .calls import LIBRARY, launch_kernel
 
@@ -78,10 +79,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 class RandomOnDevice:
     """Marker: draw random weights on the GPU (fast for 7B-size benchmark shapes)."""
 
@@ -123,7 +120,7 @@ class CudaExecutor:
             for name, nbytes in [(v.name, v.nbytes(g.dims)) for v in g.values.values() if v.kind == INPUT] + \
                                 [(w.name, w.nbytes) for w in step_filled]:
                 self.input_offsets[name] = total
-                total += _align(nbytes)
+                total += align(nbytes, ALIGN)
             self.input_bytes = max(total, 1)
             self.inputs_dev = cp.zeros(self.input_bytes, np.uint8)
             self.inputs_host = cp.cuda.alloc_pinned_memory(self.input_bytes)
@@ -147,6 +144,7 @@ class CudaExecutor:
         self.fills = {p: [w for w in step_filled if any(a.kind == "workspace" and a.ref == w.name
                                                         for launch in ls for a in launch.args)]
                       for p, ls in plan.phases.items()}
+        self.prepared = {p: [self._prepare(launch) for launch in ls] for p, ls in plan.phases.items()}
         self.graphs = {}  # batch size -> captured decode step
 
     # ---- memory ---------------------------------------------------------------------------------
@@ -192,34 +190,43 @@ class CudaExecutor:
         self.stream.synchronize()
 
     # ---- binding and launching ----------------------------------------------------------------
-    def _arg(self, a: Arg, scalars: dict[str, int]):
+    def _bind(self, a: Arg):
+        """An argument as passed to the call, resolved once: addresses and constants are fixed for
+        the plan's lifetime; a step scalar stays an ``Arg`` until the step supplies it."""
         if a.kind in ("value", "workspace"):
             return self.addr[a.ref]
         if a.kind == "null":
             return np.uint64(0)
-        x = scalars[a.ref] if a.kind == "step" else a.ref
-        return {"i32": np.int32, "f32": np.float32}.get(a.type, lambda v: v)(x)
+        if a.kind == "step":
+            return a
+        return {"i32": np.int32, "f32": np.float32}.get(a.type, lambda v: v)(a.ref)
 
-    def launch(self, launch: Launch, scalars: dict[str, int]) -> None:
-        """Bind one launch to this step's scalars and issue it on the executor's stream."""
+    def _prepare(self, launch: Launch) -> tuple:
+        return launch, self.fns.get(launch.fn), [self._bind(a) for a in launch.args]
+
+    def _issue(self, launch: Launch, fn, bound: list, scalars: dict[str, int]) -> None:
         if launch.when is not None and not launch.when.holds(scalars):
             return
-        args = [self._arg(a, scalars) for a in launch.args]
+        args = [np.int32(scalars[a.ref]) if isinstance(a, Arg) else a for a in bound]
         if launch.kind == "library":
             LIBRARY[launch.fn](*args, stream=self.stream)
             return
         shape = launch.shape.at(scalars)
-        launch_kernel(self.fns[launch.fn], shape, args, self.stream)  # raises the smem limit if needed
+        launch_kernel(fn, shape, args, self.stream)  # raises the smem limit if needed
         if SYNC_EACH and not self.stream.is_capturing():  # debugging aid: name the kernel that faults
             try:
                 self.stream.synchronize()
             except Exception as e:
                 raise RuntimeError(f"{launch.describe()} grid {shape.grid} block {shape.block} failed: {e}") from e
 
+    def launch(self, launch: Launch, scalars: dict[str, int]) -> None:
+        """Bind one launch to this step's scalars and issue it on the executor's stream."""
+        self._issue(*self._prepare(launch), scalars)
+
     def launch_phase(self, phase: str, scalars: dict[str, int]) -> None:
         """Launch every call of ``phase`` on the executor's stream, without a graph."""
-        for launch in self.plan.phases[phase]:
-            self.launch(launch, scalars)
+        for launch, fn, bound in self.prepared[phase]:
+            self._issue(launch, fn, bound, scalars)
 
     def _capture(self, scalars: dict[str, int]):
         """Capture the decode phase for one batch size (its T and B are fixed per graph)."""
@@ -248,7 +255,6 @@ class CudaExecutor:
             off = self.input_offsets[w.name]
             self.inputs_host_np[off : off + raw.size] = raw
             scalars[w.name + ".n"] = len(table)
-        dims = dict(scalars)
         with self.stream:
             cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
                                         cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
@@ -260,13 +266,13 @@ class CudaExecutor:
             else:
                 self.launch_phase(phase, scalars)
             for name in fetch:
-                nbytes = g.values[name].nbytes(dims)
+                nbytes = g.values[name].nbytes(scalars)
                 cp.cuda.runtime.memcpyAsync(self.out_host[name].ptr, int(self.addr[name]), nbytes,
                                             cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
             self.stream.synchronize()
         out = {}
         for name in fetch:
             v = g.values[name]
-            shape = v.concrete_shape(dims)
+            shape = v.concrete_shape(scalars)
             out[name] = np.frombuffer(self.out_host[name], DTYPES[v.dtype].storage, int(np.prod(shape))).reshape(shape).copy()
         return out
