@@ -160,21 +160,26 @@ class Plan:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens: list[int] | None = None,
-                 on_token=None) -> list[list[int]]:
+                 on_token=None, *, append: bool = False) -> list[list[int]]:
         """Generate up to ``max_new_tokens`` tokens per prompt (sampling on the device).
 
         temperature 0 is greedy. A sequence stops after emitting any of ``stop_tokens``; the
-        stop token is not included in its output. ``on_token(sequence, token)`` is called as
-        each token is produced (for streaming). Returns the new tokens of each prompt.
+        stop token is not included in its output (nor fed back into the KV cache).
+        ``on_token(sequence, token)`` is called as each token is produced (for streaming).
+        ``append=True`` feeds each prompt after what its sequence already holds (a multi-turn
+        chat continues its KV cache) instead of starting a new batch. Returns the new tokens
+        of each prompt. Every argument is checked before any state changes.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         check_sampling(temperature, top_k, top_p)
-        self.reset()
-        batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0))
+        held = self.lengths if append else []
+        batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0), lengths=held)
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        self.lengths = [0] * batch
+        if not append:
+            self.reset()
+            self.lengths = [0] * batch
         stops = set(stop_tokens or [])
         params = Sampling(temperature, top_k, top_p, seed)
         out: list[list[int]] = [[] for _ in range(batch)]
@@ -200,21 +205,24 @@ class Plan:
             _, nxt = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _check_tokens(self, tokens, extra: int = 0) -> int:
+    def _check_tokens(self, tokens, extra: int = 0, lengths: list[int] | None = None) -> int:
+        """The batch size of ``tokens``, checked against the sequences held in ``lengths``
+        (default: this plan's)."""
+        lengths = self.lengths if lengths is None else lengths
         if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, (list, tuple)) for t in tokens):
             raise InputError("tokens must be a non-empty list with one list of token ids per sequence")
         batch = len(tokens)
         if batch > self.max_batch:
             raise InputError(f"batch of {batch} sequences exceeds max_batch {self.max_batch}; compile with a larger max_batch")
-        if self.lengths and batch != len(self.lengths):
-            raise InputError(f"this plan holds {len(self.lengths)} sequences; run() got {batch} (call reset() to start a new batch)")
+        if lengths and batch != len(lengths):
+            raise InputError(f"this plan holds {len(lengths)} sequences; got {batch} (call reset() to start a new batch)")
         for b, seq in enumerate(tokens):
             if not seq:
                 raise InputError(f"sequence {b} has no tokens")
             for j, t in enumerate(seq):
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
                     raise InputError(f"token id {t!r} at sequence {b} index {j} is outside the vocabulary [0, {self.vocab_size})")
-            have = self.lengths[b] if self.lengths else 0
+            have = lengths[b] if lengths else 0
             if have + len(seq) + extra > self.max_seq:
                 raise InputError(
                     f"sequence {b} would hold {have + len(seq) + extra} tokens, more than max_seq {self.max_seq}; "
