@@ -101,8 +101,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     outdir = args.outdir or report.default_outdir(args.config)
     sections = report.write_artifacts(c, outdir, arch=args.arch)
     if args.dump_dir:
-        n = len([f for f in os.listdir(args.dump_dir) if f.endswith(".txt")])
-        sections.append(report.Section("pass dumps", [f"{n} files in {args.dump_dir} (IR after each pass, with a change note)"]))
+        files = os.listdir(args.dump_dir)
+        n, n_diff = sum(f.endswith(".txt") for f in files), sum(f.endswith(".diff") for f in files)
+        sections.append(report.Section("pass dumps", [
+            f"{n} files in {args.dump_dir} (IR after each pass, with a change note)",
+            f"{n_diff} diffs against the stage before (NN_<pass>.diff, unified; patch applies them)"]))
     sys.stdout.write(report.format_report(f"{PROG} compile {args.config}", sections))
     return 0
 

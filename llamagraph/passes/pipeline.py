@@ -1,8 +1,10 @@
 """The ordered pass pipeline. A verifier runs after every pass; ``dump_dir`` gets the IR
-after each pass (``NN_<pass>.txt``) with a short note of what the pass changed."""
+after each pass (``NN_<pass>.txt``) with a short note of what the pass changed, and beside it a
+unified diff from the previous stage's dump (``NN_<pass>.diff``; stage 00, the build, has none)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Callable
 
@@ -58,19 +60,34 @@ def run_pipeline(graph: Graph, passes: list[str] | None = None, dump_dir: str | 
     if unknown:
         raise ValueError(f"unknown pass(es) {sorted(unknown)}; passes are {PASS_NAMES}")
     verify(graph, "build")
+    previous = None  # (file name, text) of the last stage dumped
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-        _dump(dump_dir, 0, "build", graph, "the unfused graph from the builder")
+        previous = _dump(dump_dir, 0, "build", graph, "the unfused graph from the builder", None)
     for k, p in enumerate(selected, 1):
         after = p(graph)
         verify(after, p.__name__)
         if dump_dir:
-            _dump(dump_dir, k, p.__name__, after, change_note(graph, after))
+            previous = _dump(dump_dir, k, p.__name__, after, change_note(graph, after), previous)
         graph = after
     graph.meta["passes"] = [p.__name__ for p in selected]
     return graph
 
 
-def _dump(dump_dir: str, k: int, name: str, graph: Graph, note: str) -> None:
-    with open(os.path.join(dump_dir, f"{k:02d}_{name}.txt"), "w", encoding="utf-8") as f:
-        f.write(f"# after {name}\n# " + note.replace("\n", "\n# ") + "\n\n" + str(graph))
+def _dump(dump_dir: str, k: int, name: str, graph: Graph, note: str,
+          previous: tuple[str, str] | None) -> tuple[str, str]:
+    """Write ``NN_<name>.txt`` and, after a previous stage, ``NN_<name>.diff``; return (file name, text)."""
+    stem = f"{k:02d}_{name}"
+    text = f"# after {name}\n# " + note.replace("\n", "\n# ") + "\n\n" + str(graph)
+    if not text.endswith("\n"):
+        text += "\n"  # a unified diff of a last line without a newline would not apply
+    with open(os.path.join(dump_dir, f"{stem}.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    if previous is not None:
+        # whole files, labelled with their names: `patch -o - PREV.txt NN_<name>.diff` gives this dump
+        prev_file, prev_text = previous
+        diff = difflib.unified_diff(prev_text.splitlines(keepends=True), text.splitlines(keepends=True),
+                                    fromfile=prev_file, tofile=f"{stem}.txt")
+        with open(os.path.join(dump_dir, f"{stem}.diff"), "w", encoding="utf-8") as f:
+            f.writelines(diff)
+    return f"{stem}.txt", text
