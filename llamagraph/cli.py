@@ -166,12 +166,15 @@ def non_negative(kind):
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt, streaming it",
                        description="Generate from a checkpoint (its tokenizer.model / tokenizer.json encodes the "
-                                   "prompt), streaming the text. --random-weights runs a config's shape on random "
-                                   "weights with token ids in place of text.")
+                                   "prompt), streaming the text. The tokenizer is looked up in MODEL's directory (for "
+                                   "a plan directory: the checkpoint it was compiled from), then in the --weights "
+                                   "directory. --random-weights runs a config's shape on random weights with token "
+                                   "ids in place of text.")
     p.add_argument("model", metavar="MODEL",
                    help="checkpoint directory, a config.json / params.json, or a plan directory from `llamagraph compile -o`")
     p.add_argument("--weights", metavar="PATH",
-                   help="checkpoint to load (default: the MODEL directory, or the checkpoint a plan was compiled from)")
+                   help="checkpoint to load (default: the MODEL directory, or the checkpoint a plan was compiled "
+                        "from); its directory is searched for a tokenizer after MODEL's")
     p.add_argument("--random-weights", action="store_true", help="random weights; the prompt is random token ids")
     p.add_argument("--prompt", default="", help="prompt text (ignored with --random-weights)")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt length (--random-weights)")
@@ -190,6 +193,12 @@ def _is_plan_dir(path: str) -> bool:
     from llamagraph.codegen.compiled import PLAN_FILE
 
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, PLAN_FILE))
+
+
+def _tokenizer_dirs(model: str | None, weights: str | None) -> list[str]:
+    """Where ``run`` looks for a tokenizer, in order: MODEL's directory (for a plan, the checkpoint
+    it was compiled from), then the --weights directory (a weights file's directory)."""
+    return [os.path.normpath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in (model, weights) if p]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -226,13 +235,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UsageError("--prompt is required (or pass --random-weights)")
     source = compiled.model if compiled is not None else args.model
-    if args.weights and os.path.isdir(args.weights):
-        model_dir = args.weights
-    elif source is None:
+    if source is None and not args.weights:
         raise UsageError(f"{args.model}: the plan records no model directory to find a tokenizer in; pass --weights DIR")
-    else:
-        model_dir = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    tokenizer = find_tokenizer(model_dir)
+    tokenizer = find_tokenizer(*_tokenizer_dirs(source, args.weights))
     plan = make_plan(progress=sys.stderr.isatty())
     cfg = plan.config
     stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,

@@ -9,7 +9,7 @@ from llamagraph.ir import ConfigError
 
 
 class Tokenizer:
-    """sentencepiece ``tokenizer.model`` or HF ``tokenizer.json`` (needs the tokenizers package).
+    """sentencepiece ``tokenizer.model`` or HF ``tokenizer.json`` (read by HF's tokenizers).
 
     Models often pad their vocabulary past the tokenizer's; ids the tokenizer does not know
     decode to nothing.
@@ -22,26 +22,43 @@ class Tokenizer:
         return self._decode([i for i in ids if 0 <= i < self.size])
 
 
-def find_tokenizer(model_dir: str) -> Tokenizer:
-    spm = os.path.join(model_dir, "tokenizer.model")
-    hf = os.path.join(model_dir, "tokenizer.json")
-    if os.path.isfile(spm):
-        import sentencepiece
+def find_tokenizer(*dirs: str) -> Tokenizer:
+    """The tokenizer of the first directory in ``dirs`` that has one. Within a directory a
+    sentencepiece ``tokenizer.model`` comes before an HF ``tokenizer.json``. An unreadable file
+    is a ConfigError naming it (one line), not a traceback from the tokenizer library."""
+    for d in dict.fromkeys(dirs):  # each directory once, in the order given
+        spm, hf = os.path.join(d, "tokenizer.model"), os.path.join(d, "tokenizer.json")
+        if os.path.isfile(spm):
+            return _sentencepiece_tokenizer(spm)
+        if os.path.isfile(hf):
+            return _hf_tokenizer(hf)
+    where = " or ".join(dict.fromkeys(dirs))
+    raise ConfigError(f"{where}: no tokenizer.model or tokenizer.json; pass --random-weights to run on token ids")
 
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=spm)
-        except (OSError, RuntimeError) as e:
-            raise ConfigError(f"{spm}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), sp.get_piece_size(), spm)
-    if os.path.isfile(hf):
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-        except ImportError:
-            raise ConfigError(f"{hf} needs the 'tokenizers' package (pip install tokenizers)") from None
-        tok = HFTokenizer.from_file(hf)
-        return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(ids),
-                         tok.get_vocab_size(), hf)
-    raise ConfigError(f"{model_dir}: no tokenizer.model or tokenizer.json; pass --random-weights to run on token ids")
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _sentencepiece_tokenizer(path: str) -> Tokenizer:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"{path}: not a sentencepiece model ({_first_line(e)})") from None
+    return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), sp.get_piece_size(), path)
+
+
+def _hf_tokenizer(path: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tok = HFTokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception for bad JSON or a missing model
+        raise ConfigError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
+    return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(ids),
+                     tok.get_vocab_size(), path)
 
 
 def stream_text(plan, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *, bos: int | None,

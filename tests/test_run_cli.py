@@ -113,3 +113,73 @@ def test_run_a_compiled_plan_directory_with_weights(checkpoint_with_tokenizer, t
     assert capsys.readouterr().out == direct and direct.strip()
     assert main(["run", plan_dir, *args]) == 0  # weights and tokenizer from the checkpoint it was compiled from
     assert capsys.readouterr().out == direct
+
+
+# ---- tokenizer lookup: MODEL's directory, then the --weights directory ------------------------
+
+def _split_checkpoint(ckpt: str, root) -> tuple[str, str]:
+    """A config-only MODEL directory and a weights-only directory made from one checkpoint."""
+    import shutil
+
+    model_dir, weights_dir = root / "model", root / "weights"
+    model_dir.mkdir()
+    weights_dir.mkdir()
+    shutil.copy(os.path.join(ckpt, "config.json"), model_dir)
+    shutil.copy(os.path.join(ckpt, "model.safetensors"), weights_dir)
+    return str(model_dir), str(weights_dir)
+
+
+RUN_ARGS = ["--prompt", "the lazy dog", "--max-new-tokens", "6", "--backend", "reference", "--dtype", "float32"]
+
+
+def test_run_finds_the_tokenizer_in_model_dir_when_weights_point_elsewhere(checkpoint_with_tokenizer, tmp_path, capsys):
+    import shutil
+
+    ckpt = checkpoint_with_tokenizer
+    assert main(["run", ckpt, *RUN_ARGS]) == 0
+    direct = capsys.readouterr().out
+    model_dir, weights_dir = _split_checkpoint(ckpt, tmp_path)
+    shutil.copy(os.path.join(ckpt, "tokenizer.model"), model_dir)
+    # a corrupt tokenizer beside the weights is never read: MODEL's directory comes first
+    (tmp_path / "weights" / "tokenizer.json").write_text("{not json")
+    for model in (model_dir, os.path.join(model_dir, "config.json")):
+        assert main(["run", model, "--weights", weights_dir, *RUN_ARGS]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == direct and direct.strip()
+    # --weights may name the file itself
+    assert main(["run", model_dir, "--weights", os.path.join(weights_dir, "model.safetensors"), *RUN_ARGS]) == 0
+    assert capsys.readouterr().out == direct
+
+
+def test_run_falls_back_to_the_weights_dir_for_the_tokenizer(checkpoint_with_tokenizer, tmp_path, capsys):
+    ckpt = checkpoint_with_tokenizer
+    assert main(["run", ckpt, *RUN_ARGS]) == 0
+    direct = capsys.readouterr().out
+    model_dir, _ = _split_checkpoint(ckpt, tmp_path)
+    assert main(["run", model_dir, "--weights", ckpt, *RUN_ARGS]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == direct and direct.strip()
+
+
+def test_run_without_a_tokenizer_names_both_directories(checkpoint_with_tokenizer, tmp_path, capsys):
+    model_dir, weights_dir = _split_checkpoint(checkpoint_with_tokenizer, tmp_path)
+    assert main(["run", model_dir, "--weights", weights_dir, *RUN_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"llamagraph: error: {model_dir} or {weights_dir}: no tokenizer.model or tokenizer.json; "
+                   "pass --random-weights to run on token ids"]
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("tokenizer.json", "{not json", "not a valid tokenizer.json"),
+    ("tokenizer.model", "not a sentencepiece model", "not a sentencepiece model"),
+])
+def test_run_with_a_corrupt_tokenizer_exits_2_with_one_line(hf_model, tmp_path, name, content, what):
+    import shutil
+
+    src = hf_model("gqa")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    (tmp_path / name).write_text(content)
+    res = subprocess.run([sys.executable, "-m", "llamagraph", "run", str(tmp_path), "--prompt", "hi",
+                          "--backend", "reference"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llamagraph: error: {tmp_path / name}: {what} ("), err
