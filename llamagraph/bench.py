@@ -4,7 +4,9 @@ Batch-``B`` decode is bound by memory bandwidth: one step must read every weight
 once plus the KV cache of every sequence. The floor for a step is those bytes over the
 device-to-device copy bandwidth measured in the same run (bytes read + written / time).
 Peers run in the same process on the same random-weight shape: HF transformers eager, and
-HF with a static cache under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs).
+HF with a static cache under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). They are
+built from an HF ``config.json`` as transformers reads it, or, for a Meta ``params.json``, from
+the equivalent ``LlamaConfig`` of llamagraph's own parsed config (``hf_peer_config``).
 """
 
 from __future__ import annotations
@@ -119,12 +121,12 @@ def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, progre
     return res, graph
 
 
-def bench_hf(cfg_path: str, prompts, gen_len: int, dtype: str, compiled: bool) -> Result:
+def bench_hf(config: str, prompts, gen_len: int, dtype: str, compiled: bool) -> Result:
     import torch
-    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     tdtype = getattr(torch, dtype)
-    hf_cfg = AutoConfig.from_pretrained(cfg_path) if not cfg_path.endswith(".json") else _hf_config(cfg_path)
+    hf_cfg = hf_peer_config(config)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(tdtype)
     try:
@@ -168,15 +170,47 @@ def bench_hf(cfg_path: str, prompts, gen_len: int, dtype: str, compiled: bool) -
     return res
 
 
-def _hf_config(path: str):
-    import json
-
+def hf_peer_config(config: str):
+    """The ``transformers.LlamaConfig`` the HF peers are built from, for the config file llamagraph
+    compiles (``load_config`` picks it: config.json before params.json in a directory)."""
     from transformers import LlamaConfig
 
-    with open(path) as f:
-        d = json.load(f)
-    d.pop("architectures", None)
-    return LlamaConfig(**d)
+    cfg = load_config(config)
+    if cfg.source == "hf":
+        return LlamaConfig.from_json_file(cfg.path)  # HF's own reading of its own file
+    return llama_config(cfg)
+
+
+def llama_config(cfg: ModelConfig):
+    """A ``transformers.LlamaConfig`` with the shapes and math of ``cfg`` (e.g. from a Meta params.json).
+
+    The rope layout is not carried: Meta checkpoints rotate interleaved pairs where HF rotates
+    halves, the same work on the same shapes, and the peers run on random weights."""
+    from transformers import LlamaConfig
+
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    if scaling and scaling["rope_type"] == "dynamic":
+        # ours records the length it rescales against; HF's dynamic rope takes max_position_embeddings
+        scaling.pop("original_max_position_embeddings", None)
+    # rope_theta + rope_scaling: the spelling transformers 4.x reads and 5.x converts to rope_parameters
+    return LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias,
+        mlp_bias=cfg.mlp_bias,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_ids or None,
+    )
 
 
 def bench(config: str, *, batch: int = 1, prompt_len: int = 128, gen_len: int = 128, dtype: str = "float16",
