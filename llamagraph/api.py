@@ -11,6 +11,7 @@ sampling on the device.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ def compile(
       prompts are prefilled in chunks.
     passes: pass names to run (default: the whole pipeline); DCE and the memory planner always run.
     """
-    _check_backend(backend)
+    _check_binding(weights, backend, seed)
     compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                             passes=passes, dump_dir=dump_dir)
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
@@ -72,20 +73,29 @@ def load(plan_dir: str | os.PathLike, weights: str | os.PathLike | dict | None =
     ``DIR/kernels.cu``. ``weights`` is as for ``compile``; None loads the checkpoint the plan
     was compiled from (its directory must still hold the weights).
     """
-    _check_backend(backend)
+    _check_binding(weights, backend, seed)
     compiled = CompiledPlan.load(os.fspath(plan_dir))
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
+
+
+def _check_binding(weights, backend: str, seed) -> None:
+    """The arguments a plan is bound with, checked before anything is compiled or read."""
+    _check_backend(backend)
+    check_seed(seed, ConfigError)
+    if weights is not None and not isinstance(weights, (str, os.PathLike, dict)):
+        raise WeightError(f"weights must be a checkpoint path, a dict of arrays, 'random' or None, got {weights!r}")
+
 
 
 def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: int = 0,
          progress: bool = False) -> "Plan":
     """A ``Plan`` running ``compiled`` on ``backend`` with ``weights`` (see ``compile``)."""
-    _check_backend(backend)
+    _check_binding(weights, backend, seed)
     cfg = ModelConfig(**compiled.graph.meta["config"])  # the config the plan was compiled from
     if backend == "cuda":
         from llamagraph.runtime.cuda import CudaExecutor  # cupy is imported only when asked for
@@ -153,9 +163,8 @@ class Plan:
         """Feed new tokens to each sequence; return float32 logits [batch, vocab] of each
         sequence's last token. The first call (or the first after ``reset``) prefills."""
         batch = self._check_tokens(tokens)
-        if not self.lengths:
-            self.lengths = [0] * batch
-        logits, _ = self._forward(tokens, greedy_sampling(batch))
+        held = self.lengths or [0] * batch  # a new batch is held only once this call completes
+        logits, _ = self._forward(tokens, greedy_sampling(batch), lengths=held)
         return logits
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -172,7 +181,7 @@ class Plan:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, seed, stop_tokens, self.vocab_size)
         held = self.lengths if append else []
         batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0), lengths=held)
         if max_new_tokens == 0:
@@ -230,33 +239,46 @@ class Plan:
                 )
         return batch
 
-    def _forward(self, tokens: list[list[int]], sampling: "RowParams", want_logits: bool = True):
-        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling, want_logits)
+    def _forward(self, tokens: list[list[int]], sampling: "RowParams", want_logits: bool = True,
+                 lengths: list[int] | None = None):
+        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling, want_logits, lengths)
 
-    def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams", want_logits: bool = True):
-        """Run every step needed to consume ``feed`` (slot -> new tokens); return the logits
-        and sampled tokens of each fed slot's last token, in ``feed`` order."""
+    def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams", want_logits: bool = True,
+                       lengths: list[int] | None = None):
+        """Run every step needed to consume ``feed`` (slot -> new tokens), starting from the
+        sequence ``lengths`` (default: this plan's); return the logits and sampled tokens of each
+        fed slot's last token, in ``feed`` order.
+
+        All or nothing: the new lengths become the plan's only when every step has run. A call
+        cut short (an error, or Ctrl-C while a long prompt is prefilled in chunks) leaves the
+        plan's lengths as they were. The KV rows its steps wrote all lie past those lengths, so
+        nothing held is lost; and they are never read stale: a token at position p attends to
+        rows 0..p only, and the next call feeds positions from the held length on, rewriting
+        each such row in the step that first reads it.
+        """
+        lengths = list(self.lengths if lengths is None else lengths)
         order = list(feed)
-        target = {slot: self.lengths[slot] + len(toks) for slot, toks in feed.items()}
+        target = {slot: lengths[slot] + len(toks) for slot, toks in feed.items()}
         logits = np.zeros((len(order), self.vocab_size), np.float32)
         nxt = np.zeros(len(order), np.int32)
-        for step in self._pack(feed):
+        for step in self._pack(feed, lengths):
             row_of = [order.index(seg.slot) for seg in step]
-            step_logits, step_next = self._run_step(step, sampling.take(row_of), want_logits)
+            step_logits, step_next = self._run_step(step, sampling.take(row_of), want_logits, lengths)
             for k, (seg, row) in enumerate(zip(step, row_of)):
-                self.lengths[seg.slot] = seg.start + len(seg.tokens)
-                if self.lengths[seg.slot] == target[seg.slot]:
+                lengths[seg.slot] = seg.start + len(seg.tokens)
+                if lengths[seg.slot] == target[seg.slot]:
                     nxt[row] = step_next[k]
                     if want_logits:
                         logits[row] = step_logits[k]
+        self.lengths = lengths
         return logits, nxt
 
-    def _pack(self, feed: dict[int, list[int]]) -> list[list[Segment]]:
+    def _pack(self, feed: dict[int, list[int]], lengths: list[int]) -> list[list[Segment]]:
         """Split the new tokens into steps of at most max_tokens tokens, in slot order."""
         steps: list[list[Segment]] = [[]]
         room = self.max_tokens
         for slot, toks in feed.items():
-            pos = self.lengths[slot]
+            pos = lengths[slot]
             while toks:
                 if room == 0:
                     steps.append([])
@@ -266,12 +288,12 @@ class Plan:
                 toks, pos, room = toks[len(take):], pos + len(take), room - len(take)
         return steps
 
-    def _run_step(self, step: list[Segment], sampling: "RowParams", want_logits: bool = True):
+    def _run_step(self, step: list[Segment], sampling: "RowParams", want_logits: bool, lengths: list[int]):
         tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in step])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens), dtype=np.int32) for s in step])
         seq_ids = np.concatenate([np.full(len(s.tokens), s.slot, np.int32) for s in step])
         seq_lens = np.zeros(self.max_batch, np.int32)
-        seq_lens[: len(self.lengths)] = self.lengths
+        seq_lens[: len(lengths)] = lengths
         for s in step:
             seq_lens[s.slot] = s.start + len(s.tokens)
         last_index = np.cumsum([len(s.tokens) for s in step]).astype(np.int32) - 1
@@ -298,7 +320,8 @@ class Sampling:
     def per_row(self, slots: list[int], step_of: list[int]) -> "RowParams":
         n = len(slots)
         # Each sequence gets its own stream: the seed mixed with its slot; the step is the offset.
-        seeds = np.array([((self.seed & 0xFFFFFFFF) << 20 | s) & 0x7FFFFFFFFFFFFFFF for s in slots], np.int64)
+        seed = int(self.seed)  # a numpy integer would overflow in the shift
+        seeds = np.array([((seed & 0xFFFFFFFF) << 20 | s) & 0x7FFFFFFFFFFFFFFF for s in slots], np.int64)
         return RowParams(
             np.full(n, self.temperature, np.float32),
             np.full(n, self.top_k, np.int32),
@@ -333,10 +356,39 @@ def greedy_sampling(batch: int) -> RowParams:
     return Sampling().per_row(list(range(batch)), [0] * batch)
 
 
-def check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise InputError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+SEED_LIMIT = 2**32  # random weights and the sampler use a seed mod 2**32: larger seeds would alias smaller ones
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling parameters reach the device as float32
+INT32_LIMIT = 2**31
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy integers too
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numpy floats too
+
+
+def check_seed(seed, error: type = InputError) -> None:
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise error(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def check_sampling(temperature, top_k, top_p, seed=0, stop_tokens=None, vocab_size: int | None = None) -> None:
+    """Check generate's sampling and stopping arguments: NaN, inf, or values that do not fit
+    the float32 / int32 the device reads would otherwise give junk tokens."""
+    if not _is_real(temperature) or not 0 <= temperature <= FLOAT32_MAX:  # NaN fails every comparison
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _is_int(top_k) or not 0 <= top_k < INT32_LIMIT:
+        raise InputError(f"top_k must be an integer in [0, 2**31) (0: no limit), got {top_k!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1 or np.float32(top_p) == 0:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_seed(seed)
+    if stop_tokens is None:
+        return
+    if not isinstance(stop_tokens, (list, tuple, set, frozenset)):
+        raise InputError(f"stop_tokens must be a list of token ids, got {stop_tokens!r}")
+    for t in stop_tokens:
+        if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            bound = "" if vocab_size is None else f" in [0, {vocab_size})"
+            raise InputError(f"stop token {t!r} is not a token id{bound}")

@@ -7,6 +7,7 @@ the result and never call back in here.
 
 from __future__ import annotations
 
+import numbers
 import os
 
 from llamagraph.codegen.compiled import CompiledPlan
@@ -24,16 +25,27 @@ def stage_names() -> list[str]:
     return [BUILD, *PASS_NAMES]
 
 
+def positive_int(name: str, value) -> int:
+    """``value`` as a plain int (numpy integers too), or a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                   max_tokens: int | None = None) -> Graph:
     """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
-    if dtype not in FLOAT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("max_tokens", max_tokens)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    max_seq = max_seq or min(cfg.max_position_embeddings, 4096)
-    max_tokens = max_tokens or min(max_batch * max_seq, 4096)
+    max_batch = positive_int("max_batch", max_batch)
+    max_seq = min(cfg.max_position_embeddings, 4096) if max_seq is None else positive_int("max_seq", max_seq)
+    if max_tokens is None:
+        max_tokens = min(max_batch * max_seq, 4096)
+    else:
+        max_tokens = positive_int("max_tokens", max_tokens)
+        if max_tokens > max_batch * max_seq:
+            raise ConfigError(f"max_tokens {max_tokens} exceeds max_batch * max_seq = {max_batch * max_seq}, "
+                              "the most tokens the KV caches can take in one step")
     return build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
 
 
@@ -42,8 +54,18 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run)."""
     graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
     if passes is not None:
-        passes = list(passes) + ["dce", "plan_memory"]
+        passes = check_passes(passes) + ["dce", "plan_memory"]
     return run_pipeline(graph, passes, dump_dir)
+
+
+def check_passes(passes) -> list[str]:
+    """``passes`` as a list of known pass names (a lone string is refused, not read letter by letter)."""
+    if isinstance(passes, str) or not isinstance(passes, (list, tuple)):
+        raise ConfigError(f"passes must be a list of pass names, got {passes!r}; passes are {', '.join(PASS_NAMES)}")
+    for name in passes:
+        if name not in PASS_NAMES:
+            raise ConfigError(f"unknown pass {name!r}; passes are {', '.join(PASS_NAMES)}")
+    return list(passes)
 
 
 def graph_after(model, after: str | None = None, **sizes) -> Graph:
@@ -71,6 +93,8 @@ def compile_plan(model, *, dtype: str = "float16", max_batch: int = 1, max_seq: 
                  max_tokens: int | None = None, passes: list[str] | None = None,
                  dump_dir: str | None = None) -> CompiledPlan:
     """Config (path, checkpoint directory, dict or ModelConfig) -> a checked ``CompiledPlan``."""
+    if not isinstance(model, (str, os.PathLike, dict, ModelConfig)):
+        raise ConfigError(f"model must be a config path, a checkpoint directory or a config dict, got {model!r}")
     cfg = load_config(model)
     graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                           passes=passes, dump_dir=dump_dir)
