@@ -213,6 +213,26 @@ class Plan:
             feed = {slot: [out[slot][-1]] for slot in active}
             _, nxt = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False)
 
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, *, on_text=None, model_dir: str | None = None,
+             **sampling) -> str:
+        """The assistant's reply to ``messages`` ([{"role": "system" | "user" | "assistant",
+        "content": str}, ...], the whole conversation so far, ending with a user turn).
+
+        The prompt is the checkpoint's chat template (``tokenizer_config.json`` /
+        ``chat_template.jinja``), or the Llama-2 / Llama-3 chat format where it has none. A call
+        that continues the previous call's conversation feeds only the new tokens: earlier turns
+        stay in the KV cache (slot 0). ``on_text(piece)`` streams the reply; ``sampling`` is as
+        for ``generate``. The tokenizer and template come from ``model_dir`` (default: the
+        checkpoint the plan was compiled from). A conversation that no longer fits in
+        ``max_seq`` raises ``llamagraph.chat.ContextFullError``.
+        """
+        from llamagraph.chat import open_session  # the logic lives in chat.py
+
+        opened = getattr(self, "_chat_session", None)  # (model_dir, ChatSession) of the last call
+        if opened is None or opened[0] != model_dir:
+            opened = self._chat_session = (model_dir, open_session(self, *([model_dir] if model_dir else [])))
+        return opened[1].reply(messages, max_new_tokens, on_text=on_text, **sampling)
+
     # ---- internals ----------------------------------------------------------------------------
     def _check_tokens(self, tokens, extra: int = 0, lengths: list[int] | None = None) -> int:
         """The batch size of ``tokens``, checked against the sequences held in ``lengths``

@@ -283,6 +283,132 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# chat
+# ---------------------------------------------------------------------------------------------
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="a multi-turn chat: user turns read from stdin, replies streamed",
+                       description="Chat with a checkpoint. Each line read from stdin is a user turn (an empty line "
+                                   "or end of input ends the chat); the reply streams to stdout. The prompt is the "
+                                   "checkpoint's chat template (tokenizer_config.json or chat_template.jinja), else "
+                                   "the Llama-3 or Llama-2 chat format, as its tokenizer's special tokens call for. "
+                                   "Earlier turns stay in the KV cache: each turn feeds only its new tokens.")
+    p.add_argument("model", metavar="MODEL",
+                   help="checkpoint directory, or a plan directory from `llamagraph compile -o`")
+    p.add_argument("--weights", metavar="PATH",
+                   help="checkpoint to load (default: MODEL, or the checkpoint a plan was compiled from); its "
+                        "directory is searched for a tokenizer and chat template after MODEL's")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+                   help="most tokens per reply (default: 256)")
+    p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=non_negative(int), default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
+    p.add_argument("--seed", type=non_negative(int), default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
+    p.add_argument("--max-seq", type=positive_int, metavar="N",
+                   help="tokens the whole conversation may hold (not for a plan directory: it has its own)")
+    p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import llamagraph
+    from llamagraph.chat import ContextFullError, open_session
+
+    progress = sys.stderr.isatty()
+    if _is_plan_dir(args.model):
+        from llamagraph.codegen.compiled import CompiledPlan
+
+        compiled = CompiledPlan.load(args.model)
+        if compiled.model is None and not args.weights:
+            raise UsageError(f"{args.model}: the plan records no model directory to find a tokenizer in; "
+                             "pass --weights DIR")
+        dirs = _tokenizer_dirs(compiled.model, args.weights)
+        plan = llamagraph.bind(compiled, args.weights, backend=args.backend, seed=args.seed, progress=progress)
+    else:
+        dirs = _tokenizer_dirs(args.model, args.weights)
+        plan = llamagraph.compile(args.model, args.weights, dtype=args.dtype, max_seq=args.max_seq,
+                                  backend=args.backend, seed=args.seed, progress=progress)
+    session = open_session(plan, *dirs)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        try:
+            turn = input("> ") if interactive else sys.stdin.readline()  # input() gives line editing
+        except EOFError:
+            break
+        if not turn.strip():
+            break
+        messages.append({"role": "user", "content": turn.rstrip("\n")})
+        reply = session.reply(messages, args.max_new_tokens, on_text=show, **sampling)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+        if session.cut_by_context:  # the reply filled the KV cache: no room for another turn
+            raise ContextFullError(session.context_full_message())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bisect
+# ---------------------------------------------------------------------------------------------
+
+EXIT_MISMATCH = 1  # bisect: an intermediate exceeds the tolerance
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+def add_bisect(sub) -> None:
+    p = sub.add_parser("bisect", help="find the first op where the plan departs from HF transformers",
+                       description="Run HF transformers (float32, the oracle) and the plan on the same checkpoint "
+                                   "and prompt; compare every intermediate layer by layer (normed input, q/k/v after "
+                                   "RoPE, attention, residual stream, MLP, final norm, logits); print the table and "
+                                   "name the first op whose relative error exceeds the dtype's tolerance. Exit 0 "
+                                   "when none does, 1 when one does, 2 on bad input.")
+    p.add_argument("model", metavar="CKPT", help="HF checkpoint directory (config.json + safetensors)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text, encoded by the checkpoint's tokenizer (BOS first)")
+    prompt.add_argument("--prompt-ids", type=token_ids, metavar="IDS", help="token ids, e.g. 1,2,3")
+    p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="plan storage dtype (default: float16)")
+    p.add_argument("--unfused", action="store_true", help="bisect the unfused graph (every op its own node)")
+    p.add_argument("--tolerance", type=float, metavar="X",
+                   help="max relative error at layer 0, times sqrt(layer + 1) deeper "
+                        "(default: 1e-4 float32, 2e-2 float16, 1e-1 bfloat16)")
+    p.set_defaults(func=cmd_bisect)
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from llamagraph.bisect import bisect, prompt_ids_from_text
+
+    ids = args.prompt_ids if args.prompt is None else prompt_ids_from_text(args.model, args.prompt)
+    r = bisect(args.model, ids, backend=args.backend, dtype=args.dtype, passes=[] if args.unfused else None,
+               tolerance=args.tolerance)
+    plan = "unfused graph" if args.unfused else "fused plan"
+    print(f"{PROG} bisect {args.model}: {r.dtype} {plan} on {r.backend} vs HF transformers float32, "
+          f"{len(ids)} prompt tokens")
+    print(f"prompt ids: {','.join(map(str, ids))}")
+    print()
+    sys.stdout.write(r.table())
+    for line in r.unmapped:
+        print(f"not compared: {line}")
+    print()
+    print(r.verdict())
+    return 0 if r.ok else EXIT_MISMATCH
+
+
+# ---------------------------------------------------------------------------------------------
 # the command table and main
 # ---------------------------------------------------------------------------------------------
 
@@ -292,6 +418,7 @@ COMMANDS: dict[str, Callable] = {
     "dump": add_dump,
     "run": add_run,
     "bench": add_bench,
+    "chat": add_chat,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from llamagraph.ir import ConfigError
@@ -15,8 +16,28 @@ class Tokenizer:
     decode to nothing.
     """
 
-    def __init__(self, encode, decode, size: int, path: str):
+    def __init__(self, encode, decode, size: int, path: str, specials: dict[str, int] | None = None,
+                 encode_with_specials=None):
         self.encode, self._decode, self.size, self.path = encode, decode, size, path
+        # special tokens by spelling ("<s>", "<|eot_id|>"): chat templates spell them out in text
+        self.specials = specials or {}
+        self._encode_with_specials = encode_with_specials
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Encode text in which special tokens are spelled out (a rendered chat template): each
+        spelling becomes its token, the text between is encoded as ``encode`` does."""
+        if self._encode_with_specials is not None:
+            return self._encode_with_specials(text)
+        if not self.specials:
+            return list(self.encode(text))
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)) + ")"
+        for k, part in enumerate(re.split(pattern, text)):  # odd parts are the special spellings
+            if k % 2:
+                ids.append(self.specials[part])
+            elif part:
+                ids.extend(self.encode(part))
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._decode([i for i in ids if 0 <= i < self.size])
@@ -47,7 +68,8 @@ def _sentencepiece_tokenizer(path: str) -> Tokenizer:
         sp = sentencepiece.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"{path}: not a sentencepiece model ({_first_line(e)})") from None
-    return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), sp.get_piece_size(), path)
+    specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+    return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(ids), sp.get_piece_size(), path, specials)
 
 
 def _hf_tokenizer(path: str) -> Tokenizer:
@@ -57,8 +79,12 @@ def _hf_tokenizer(path: str) -> Tokenizer:
         tok = HFTokenizer.from_file(path)
     except Exception as e:  # the Rust side raises a bare Exception for bad JSON or a missing model
         raise ConfigError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
-    return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(ids),
-                     tok.get_vocab_size(), path)
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+    # the tokenizers library already finds added tokens spelled out in text, as HF's chat templates expect
+    return Tokenizer(encode, lambda ids: tok.decode(ids), tok.get_vocab_size(), path, specials, encode)
 
 
 def stream_text(plan, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *, bos: int | None,
