@@ -6,6 +6,8 @@
     llamagraph run MODEL|PLAN_DIR [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
     llamagraph bench CONFIG --random-weights [--batch B] [--prompt-len P] [--gen-len G] [--peers hf,compile]
+    llamagraph chat MODEL|PLAN_DIR [--weights PATH] [--system TEXT] [--max-new-tokens N]
+                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]   (turns on stdin)
 
 Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and sets
 ``func``; ``COMMANDS`` lists them in help order, so adding ``run`` or ``bench`` is one function

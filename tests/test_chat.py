@@ -334,3 +334,29 @@ def test_cli_chat_on_a_compiled_plan_directory(checkpoint, tmp_path, monkeypatch
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi how are you?\n"))
     assert main(["chat", plan_dir, "--backend", "reference", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.splitlines() == expected_replies(d, ["hi how are you?"])
+
+
+def _no_gpu() -> str | None:
+    try:
+        import cupy
+
+        return None if cupy.cuda.runtime.getDeviceCount() else "no CUDA device"
+    except Exception as e:  # no cupy, or no driver
+        return f"no GPU ({e.__class__.__name__})"
+
+
+@pytest.mark.gpu
+def test_chat_on_the_cuda_backend_matches_the_reference(checkpoint, spy):
+    reason = _no_gpu()
+    if reason:
+        pytest.skip(reason)
+    d = checkpoint(LLAMA3_SPECIALS, TEMPLATES["headers"])
+    turns = ["hi how are you?", "tell me more", "how are you?"]
+    plan = llamagraph.compile(d, dtype="float32", backend="cuda")
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        messages.append({"role": "assistant", "content": plan.chat(messages, max_new_tokens=5)})
+    assert [append for _, append in spy] == [False, True, True]  # later turns continue the GPU's KV cache
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert replies == expected_replies(d, turns, SYSTEM, max_new_tokens=5)
