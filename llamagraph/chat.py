@@ -122,8 +122,8 @@ class ChatFormat:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
-        except jinja2.TemplateError as e:  # raise_exception in the template, or a template bug
-            raise InputError(f"chat template ({self.origin}): {' '.join(str(e).split())}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError) as e:  # raise_exception, or a template bug
+            raise InputError(f"chat template ({self.origin}): {' '.join(str(e).split()) or type(e).__name__}") from None
 
 
 def _check_messages(messages) -> None:
