@@ -111,13 +111,14 @@ def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: i
 
 
 def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference"):
-    from llamagraph.runtime.weights import iter_weights, load_weights, random_weights
+    from llamagraph.runtime.weights import (
+        check_reference_memory, check_weights_dict, iter_weights, load_weights, random_weights,
+    )
 
+    if backend == "reference":  # before the weights, its first large allocation (CUDA checks its own)
+        check_reference_memory(graph, weights_in_hand=isinstance(weights, dict))
     if isinstance(weights, dict):
-        missing = [v.name for v in graph.values.values() if v.kind == "weight" and v.name not in weights]
-        if missing:
-            raise WeightError(f"weights dict has no array for graph weight {missing[0]!r}")
-        return weights
+        return check_weights_dict(graph, weights)
     if isinstance(weights, str) and weights == "random":
         if backend == "cuda":  # drawn on the GPU: a 7B model's worth of normals in seconds
             from llamagraph.runtime.cuda import RandomOnDevice
@@ -130,7 +131,8 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
         path = os.fspath(model)
         weights = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if backend == "cuda":  # streamed: one weight value in host memory at a time, uploaded as read
-        return iter_weights(graph, os.fspath(weights), source=cfg.source)
+        # (checked for NaN / inf on the device after upload, where it is cheap)
+        return iter_weights(graph, os.fspath(weights), source=cfg.source, check_finite=False)
     return load_weights(graph, os.fspath(weights), source=cfg.source)
 
 

@@ -14,13 +14,15 @@ Each subcommand is one ``add_<name>(subparsers)`` function that builds its parse
 plus one entry.
 
 Errors a user can cause (``LlamagraphError``, an ``OSError`` writing outputs, a bad argument)
-print one line ``llamagraph: error: <message>`` to stderr and exit 2, with no traceback;
-anything else is a bug and keeps its traceback.
+print one line ``llamagraph: error: <message>`` to stderr and exit 2, with no traceback
+(running out of memory too, though sizes are checked against free memory first); Ctrl-C
+prints ``llamagraph: interrupted`` and exits 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -31,6 +33,7 @@ from llamagraph.ir.errors import LlamagraphError
 
 PROG = "llamagraph"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class UsageError(Exception):
@@ -47,6 +50,11 @@ class _Parser(argparse.ArgumentParser):
 # argument types and shared options
 # ---------------------------------------------------------------------------------------------
 
+# The most any count argument may be (sequences, tokens, lengths): 2**24 tokens is beyond every
+# Llama's context, and a larger count only fails later, deep inside, allocating.
+MAX_COUNT = 2**24
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -54,6 +62,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if v > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT} (2**24), got {text!r}")
     return v
 
 
@@ -153,16 +163,24 @@ def probability(text: str) -> float:
     return v
 
 
-def non_negative(kind):
+def non_negative(kind, most=None):
+    """An argument type: a finite ``kind`` (int or float) >= 0, and <= ``most`` when given."""
+    what = ("finite non-negative number" if kind is float else "non-negative integer") + \
+        (f" up to {most}" if most is not None else "")
+
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a non-negative {kind.__name__}, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be a non-negative {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}") from None
+        if not math.isfinite(v) or v < 0 or (most is not None and v > most):  # nan fails every comparison
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}")
         return v
     return parse
+
+
+top_k_count = non_negative(int, most=2**31 - 1)  # an int32 on the device
+seed_int = non_negative(int, most=2**32 - 1)  # as the API takes them: one 32-bit word per stream
 
 
 def add_run(sub) -> None:
@@ -182,9 +200,9 @@ def add_run(sub) -> None:
     p.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt length (--random-weights)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
     p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=non_negative(int), default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-k", type=top_k_count, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
     p.add_argument("--max-seq", type=positive_int, metavar="N", help="(not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
@@ -453,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as e:  # sizes are checked against free memory first; this is the backstop
+        print(f"{PROG}: error: out of memory ({_one_line(e)})", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

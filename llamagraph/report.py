@@ -15,7 +15,6 @@ Artifacts written by ``write_artifacts`` into one output directory:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from llamagraph import viz
-from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.codegen.compiled import CompiledPlan, write_whole
 from llamagraph.compiler import build_unfused, lower
 from llamagraph.ir import Graph, ModelConfig, load_config
 from llamagraph.ir.memory import buffers
@@ -178,7 +177,7 @@ def write_cuda_artifacts(plan: CompiledPlan, outdir: str, arch: str) -> Section:
     (``kernels.txt``)."""
     from llamagraph.codegen import nvrtc
 
-    files = plan.save(outdir)
+    files = plan.write_files(outdir)
     source = plan.source
     lines = [f"kernels.cu: {len(plan.kernels)} distinct kernels, {len(source.encode())} bytes, "
              f"sha256 {hashlib.sha256(source.encode()).hexdigest()[:16]}"]
@@ -210,20 +209,24 @@ def _write(outdir: str, name: str, text: str, files: list[str]) -> None:
 
 
 def write_artifacts(c: Compiled, outdir: str, *, arch: str = "sm_90") -> list[Section]:
-    """Write every artifact into ``outdir`` (created if needed); return the report sections."""
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise NotADirectoryError(errno.ENOTDIR, "output directory exists and is not a directory", outdir)
-    os.makedirs(outdir, exist_ok=True)
+    """Write every artifact as the directory ``outdir``; return the report sections.
+
+    The directory is written whole or not at all (``write_whole``): a failure part-way leaves no
+    half-written plan, and an earlier plan directory there is replaced whole."""
+    return write_whole(outdir, lambda tmp: _write_artifacts(c, tmp, outdir, arch))
+
+
+def _write_artifacts(c: Compiled, folder: str, outdir: str, arch: str) -> list[Section]:
     files: list[str] = []
     g = c.fused
     name = os.path.basename(c.source.rstrip("/\\")) or c.source
-    _write(outdir, "graph.txt", str(g), files)
-    _write(outdir, "graph.json", g.to_json() + "\n", files)
-    _write(outdir, "graph_unfused.txt", str(c.unfused), files)
-    _write(outdir, "memory_plan.json", json.dumps(memory_doc(g), indent=1) + "\n", files)
-    _write(outdir, "memory_plan.txt", memory_table(g), files)
-    _write(outdir, "graph.html", viz.graph_html(g, title=f"{name}: fused graph"), files)
-    _write(outdir, "memory_plan.html", viz.memory_plan_html(g, title=f"{name}: memory plan"), files)
+    _write(folder, "graph.txt", str(g), files)
+    _write(folder, "graph.json", g.to_json() + "\n", files)
+    _write(folder, "graph_unfused.txt", str(c.unfused), files)
+    _write(folder, "memory_plan.json", json.dumps(memory_doc(g), indent=1) + "\n", files)
+    _write(folder, "memory_plan.txt", memory_table(g), files)
+    _write(folder, "graph.html", viz.graph_html(g, title=f"{name}: fused graph"), files)
+    _write(folder, "memory_plan.html", viz.memory_plan_html(g, title=f"{name}: memory plan"), files)
 
     sections = [
         Section("model", model_summary(c.cfg, g)),
@@ -231,7 +234,7 @@ def write_artifacts(c: Compiled, outdir: str, *, arch: str = "sm_90") -> list[Se
         Section("kernels", kernel_lines(c.plan)),
         Section("memory", memory_lines(g, c.plan.sizes()["workspaces"])),
     ]
-    cuda = write_cuda_artifacts(c.plan, outdir, arch)
+    cuda = write_cuda_artifacts(c.plan, folder, arch)
     sections.append(cuda)
     files = cuda.files[:2] + files + cuda.files[2:]
     sections.append(Section(f"files written to {outdir}", _wrap(files)))

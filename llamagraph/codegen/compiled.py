@@ -19,11 +19,15 @@ Before a phase may be captured, ``check_capturable`` proves its launch list grap
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from llamagraph.ir import ACTIVATION, Graph, verify
 from llamagraph.ir.errors import GraphError, PlanError
@@ -35,6 +39,7 @@ from .launch import (
 
 FORMAT = "llamagraph-plan/1"
 PLAN_FILE, SOURCE_FILE = "plan.json", "kernels.cu"
+T = TypeVar("T")
 _KERNEL_DEF = re.compile(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\s*\(')
 
 
@@ -121,13 +126,17 @@ class CompiledPlan:
         }
 
     def save(self, outdir: str) -> list[str]:
-        """Write ``plan.json`` and ``kernels.cu`` into ``outdir``; return the file names."""
-        os.makedirs(outdir, exist_ok=True)
-        with open(os.path.join(outdir, PLAN_FILE), "w", encoding="utf-8") as f:
+        """Write ``plan.json`` and ``kernels.cu`` as the directory ``outdir``, whole or not at all
+        (see ``write_whole``); return the file names."""
+        return write_whole(outdir, self.write_files)
+
+    def write_files(self, folder: str) -> list[str]:
+        """Write ``plan.json`` and ``kernels.cu`` into an existing ``folder``; return the file names."""
+        with open(os.path.join(folder, SOURCE_FILE), "w", encoding="utf-8") as f:
+            f.write(self.source)
+        with open(os.path.join(folder, PLAN_FILE), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)
             f.write("\n")
-        with open(os.path.join(outdir, SOURCE_FILE), "w", encoding="utf-8") as f:
-            f.write(self.source)
         return [PLAN_FILE, SOURCE_FILE]
 
     @classmethod
@@ -164,6 +173,44 @@ class CompiledPlan:
             raise PlanError(f"{path}: malformed plan ({type(e).__name__}: {e})") from None
         plan.check(path)
         return plan
+
+
+def write_whole(outdir: str, write: Callable[[str], T]) -> T:
+    """Write the directory ``outdir`` whole or not at all, and return what ``write`` returns.
+
+    ``write(tmp)`` fills a new directory beside ``outdir``, which then takes its place by rename:
+    a failure part-way (a full disk, Ctrl-C) leaves ``outdir`` as it was. An existing ``outdir``
+    is replaced whole, never merged into, and only when it is empty or a plan directory (it
+    holds plan.json), so a mistyped ``-o`` cannot delete other files."""
+    target = os.path.realpath(outdir)  # a link to a plan directory: replace what it points to
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise NotADirectoryError(errno.ENOTDIR, "output directory exists and is not a directory", outdir)
+        held = sorted(os.listdir(target))
+        if held and PLAN_FILE not in held:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise PlanError(f"{outdir}: exists and is not a plan directory (it holds {shown}); choose a new "
+                            "directory, or a plan directory to replace")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
+    os.mkdir(tmp)  # (mkdir, unlike mkdtemp, gives the plan directory the usual umask permissions)
+    try:
+        result = write(tmp)
+        if os.path.isdir(target):
+            old = tmp + ".old"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
+    return result
 
 
 def check_capturable(plan: CompiledPlan, phase: str) -> None:

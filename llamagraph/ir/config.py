@@ -19,6 +19,28 @@ from .errors import ConfigError
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DTYPES = FLOAT_DTYPES  # the dtypes a plan computes in
 
+# Upper bounds on sizes. The largest released Llama (3.1 405B) has hidden 16384, ffn 53248,
+# 126 layers, 128 heads and a 128256-token vocabulary; kernels take sizes as 32-bit ints. A
+# config beyond these is a typo or a damaged file, and fails before a graph is built (a graph
+# of 10**6 layers would take minutes to build; hidden 2**40 would reach the compiler).
+MAX_SIZES = {
+    "hidden_size": 2**16,
+    "intermediate_size": 2**18,
+    "num_layers": 2**10,
+    "num_heads": 2**10,
+    "num_kv_heads": 2**10,
+    "head_dim": 2**10,
+    "vocab_size": 2**22,
+    "max_position_embeddings": 2**31 - 1,  # positions are int32
+}
+MAX_PARAMETERS = 2**40  # about 1.1e12; 405B is 4.1e11
+# The key each reader takes a ModelConfig field from, to name it in errors.
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
+_META_KEYS = {"hidden_size": "dim", "num_layers": "n_layers", "num_heads": "n_heads", "num_kv_heads": "n_kv_heads",
+              "max_position_embeddings": "max_seq_len", "head_dim": "dim / n_heads",
+              "intermediate_size": "intermediate size (from dim, multiple_of, ffn_dim_multiplier)"}
+
 # Meta's reference code hard-codes the Llama 3.1 scaling when params.json says use_scaled_rope.
 META_LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -59,6 +81,16 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_parameters(self) -> int:
+        """Parameters of the model this config describes (as HF's ``LlamaForCausalLM`` counts them)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv + h) if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * h  # two norms
+        lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + lm_head
+
 
 def load_config(model: str | os.PathLike | dict) -> ModelConfig:
     """Read a config from a dict, a ``config.json``/``params.json`` file, or a checkpoint dir."""
@@ -68,12 +100,7 @@ def load_config(model: str | os.PathLike | dict) -> ModelConfig:
         return _from_dict(model, "<dict>")
     path = os.fspath(model)
     if os.path.isdir(path):
-        for name in ("config.json", "params.json"):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-        else:
-            raise ConfigError(f"{model}: directory has neither config.json nor params.json")
+        path = os.path.join(path, _config_file_of(path))
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -86,6 +113,31 @@ def load_config(model: str | os.PathLike | dict) -> ModelConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at top level, got {type(data).__name__}")
     return _from_dict(data, path)
+
+
+def _config_file_of(folder: str) -> str:
+    """The config file of a checkpoint directory, chosen by the weights it holds: HF weights
+    (safetensors, .bin) go with ``config.json``, Meta's ``consolidated.*.pth`` with ``params.json``
+    (HF repos of Llama ship both; each config names tensors its own way)."""
+    names = os.listdir(folder)
+    has = {n: n in names for n in ("config.json", "params.json")}
+    if not any(has.values()):
+        raise ConfigError(f"{folder}: directory has neither config.json nor params.json")
+    hf_weights = [n for n in names if n.endswith((".safetensors", ".bin")) or n == "model.safetensors.index.json"]
+    meta_weights = sorted(n for n in names if n.startswith("consolidated.") and n.endswith(".pth"))
+    if has["config.json"] and (hf_weights or not meta_weights):
+        return "config.json"
+    if has["params.json"] and (meta_weights or not hf_weights):
+        return "params.json"
+    if has["config.json"]:  # only Meta weights, and no params.json to read their shapes and names with
+        raise ConfigError(
+            f"{folder}: holds Meta weights ({meta_weights[0]}) but no params.json to go with them; config.json "
+            "describes HF weights (model.safetensors), which are not here"
+        )
+    raise ConfigError(
+        f"{folder}: holds HF weights ({sorted(hf_weights)[0]}) but no config.json to go with them; params.json "
+        "describes Meta weights (consolidated.00.pth), which are not here"
+    )
 
 
 def _from_dict(data: dict, path: str) -> ModelConfig:
@@ -285,8 +337,19 @@ def _from_meta(data: dict, path: str) -> ModelConfig:
 
 
 def validate(cfg: ModelConfig) -> None:
-    """Cross-key consistency checks shared by both readers."""
+    """Size bounds and cross-key consistency checks shared by both readers."""
     p = cfg.path
+    keys = _META_KEYS if cfg.source == "meta" else _HF_KEYS
+    for name, most in MAX_SIZES.items():
+        v = getattr(cfg, name)
+        if v > most:
+            raise ConfigError(f"{p}: key '{keys.get(name, name)}' is {v}; at most {most} is supported")
+    n = cfg.num_parameters()
+    if n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{p}: the model would have {n} parameters ({n * 2 / 2**40:.1f} TiB in float16), more than the "
+            f"{MAX_PARAMETERS} llamagraph accepts"
+        )
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConfigError(
             f"{p}: num_attention_heads ({cfg.num_heads}) is not a multiple of num_key_value_heads ({cfg.num_kv_heads})"

@@ -28,6 +28,7 @@ from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
 
 from .calls import LIBRARY, launch_kernel
+from .weights import check_fits, nonfinite_counts, nonfinite_error
 
 ALIGN = 256
 SYNC_EACH = os.environ.get("LLAMAGRAPH_SYNC_EACH") == "1"
@@ -105,6 +106,7 @@ class CudaExecutor:
         self.graph = g = plan.graph
         self.arch = f"sm_{cp.cuda.Device().compute_capability}"
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self._check_memory(weights)  # one clear line rather than an allocation failing half-way
         module = load_module(plan.source, self.arch)
         self.fns = {name: module.get_function(name) for name in plan.kernels}
         step_filled = [w for w in plan.workspaces if w.fill in STEP_FILLS]
@@ -148,6 +150,18 @@ class CudaExecutor:
         self.graphs = {}  # batch size -> captured decode step
 
     # ---- memory ---------------------------------------------------------------------------------
+    def _check_memory(self, weights) -> None:
+        """Fail before allocating when the plan needs more device memory than is free."""
+        cp, g = self.cp, self.graph
+        sizes = self.plan.sizes()
+        if isinstance(weights, RandomOnDevice):  # float32 draws of the largest value, then its rounding
+            sizes["random draws"] = max((8 * v.nbytes(g.dims) // max(DTYPES[v.dtype].bits // 8, 1)
+                                         for v in g.values.values() if v.kind == WEIGHT), default=0)
+        free, _ = cp.cuda.runtime.memGetInfo()
+        free += cp.get_default_memory_pool().free_bytes()  # cached by cupy, reusable
+        detail = ", ".join(f"{k} {n / 2**30:.2f} GiB" for k, n in sizes.items())
+        check_fits(f"the plan on GPU {cp.cuda.Device().id}", sum(sizes.values()), free, detail)
+
     def _upload_weights(self, weights, progress: bool) -> dict:
         cp, g = self.cp, self.graph
         values = [v for v in g.values.values() if v.kind == WEIGHT]
@@ -166,6 +180,9 @@ class CudaExecutor:
         for name, arr in items:
             arr = np.ascontiguousarray(arr)
             out[name] = cp.asarray(arr)
+            dtype = g.values[name].dtype
+            if DTYPES[dtype].kind == "float" and nonfinite_counts(out[name], dtype, xp=cp) != (0, 0):
+                raise nonfinite_error(g, name, arr)  # found on the device; named from the host copy
             bar(arr.nbytes, name)
         missing = [v.name for v in values if v.name not in out]
         if missing:

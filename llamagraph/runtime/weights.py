@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from llamagraph.ir.dtypes import to_float32, to_storage
-from llamagraph.ir.errors import WeightError
+from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
+from llamagraph.ir.errors import BackendError, WeightError
 from llamagraph.ir.graph import WEIGHT, Graph
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
@@ -84,6 +84,46 @@ def meta_name(hf_name: str) -> str | None:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---- non-finite values --------------------------------------------------------------------------
+
+
+def nonfinite_counts(arr, dtype: str, xp=np) -> tuple[int, int]:
+    """(NaN count, inf count) of a float array in checkpoint or storage form (bf16 as uint16
+    words); (0, 0) quickly when every value is finite. ``xp``: numpy, or cupy on the device."""
+    if dtype == "bfloat16":  # exponent bits all ones: inf when the mantissa is 0, else NaN
+        special = (arr & 0x7F80) == 0x7F80
+        if not bool(special.any()):
+            return 0, 0
+        inf = int((special & ((arr & 0x7F) == 0)).sum())
+        return int(special.sum()) - inf, inf
+    if bool(xp.isfinite(arr).all()):
+        return 0, 0
+    return int(xp.isnan(arr).sum()), int(xp.isinf(arr).sum())
+
+
+def _nonfinite_text(nan: int, inf: int) -> str:
+    return f"non-finite values ({nan} NaN, {inf} inf)"
+
+
+def nonfinite_error(graph: Graph, value: str, arr: np.ndarray, where: str = "") -> WeightError | None:
+    """A one-line error naming the checkpoint tensor (the part of ``value``) that holds NaN or
+    inf, or None when ``arr`` (the value's host storage array) is finite."""
+    v = graph.values[value]
+    nan, inf = nonfinite_counts(arr, v.dtype)
+    if not nan and not inf:
+        return None
+    bad = ~np.isfinite(weights_to_float32(arr, v.dtype))
+    row = int(np.argwhere(bad)[0][0]) if bad.ndim else 0
+    part, first = v.name, 0
+    for name, shape in v.attrs.get("parts", []):  # parts are stacked along axis 0
+        if row < first + shape[0]:
+            part = name
+            break
+        first += shape[0]
+    return WeightError(f"{where}weight '{value}' (checkpoint tensor '{part}') holds {_nonfinite_text(nan, inf)}; "
+                       "the checkpoint is damaged or was saved from a diverged model")
 
 
 # ---- checkpoint readers -------------------------------------------------------------------------
@@ -204,6 +244,12 @@ def _open_index(index: str) -> _Safetensors:
     for tensor, shard in weight_map.items():
         if shard in files:
             continue
+        # Judged by the name, not by where links lead: the HF hub cache links every file of a
+        # snapshot to ../../blobs/, and those checkpoints are fine.
+        inside = os.path.normpath(shard)
+        if os.path.isabs(shard) or inside == ".." or inside.startswith(".." + os.sep) or os.path.isabs(inside):
+            raise WeightError(f"{index}: shard '{shard}' (holding tensor '{tensor}') is outside the checkpoint "
+                              f"directory {folder or '.'}; an index may only name files inside it")
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise WeightError(f"{index}: shard '{shard}' (holding tensor '{tensor}') does not exist in {folder}")
@@ -234,6 +280,13 @@ def open_checkpoint(path: str | os.PathLike, source: str = "hf"):
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if source == "meta" and len(shards) == 1:
         return _open_single(shards[0])
+    hf_files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if source == "meta" and not shards and hf_files:
+        raise WeightError(f"{path}: holds HF weights ({os.path.basename(hf_files[0])}) but the model's config is a "
+                          "Meta params.json, which names Meta tensors; use the checkpoint's config.json instead")
+    if source == "hf" and shards and not hf_files:
+        raise WeightError(f"{path}: holds Meta weights ({os.path.basename(shards[0])}) but the model's config is an "
+                          "HF config.json, which names HF tensors; use the checkpoint's params.json instead")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         return _open_index(index)
@@ -246,9 +299,8 @@ def open_checkpoint(path: str | os.PathLike, source: str = "hf"):
         )
     if shards:
         return _open_single(shards[0])
-    others = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if len(others) == 1:
-        return _open_single(others[0])
+    if len(hf_files) == 1:
+        return _open_single(hf_files[0])
     found = ", ".join(sorted(os.listdir(path))[:6]) or "nothing"
     raise WeightError(
         f"{path}: no checkpoint found (expected model.safetensors, model.safetensors.index.json or "
@@ -267,7 +319,8 @@ def _storage_nbytes(graph: Graph) -> int:
     return sum(v.nbytes(graph.dims) for v in _weight_values(graph))
 
 
-def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: str, value: str) -> np.ndarray:
+def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: str, value: str,
+               check_finite: bool = True) -> np.ndarray:
     name = hf_name if source == "hf" else meta_name(hf_name)
     if name is None:
         raise WeightError(
@@ -285,6 +338,11 @@ def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: s
     if src not in ("float32", "float16", "bfloat16", "float64"):
         raise WeightError(f"{file}: tensor '{name}' has dtype {src}; expected a floating-point tensor")
     src_arr = ckpt.read(name)
+    if check_finite:
+        nan, inf = nonfinite_counts(src_arr, src)
+        if nan or inf:
+            raise WeightError(f"{file}: tensor '{name}' holds {_nonfinite_text(nan, inf)} (value '{value}'); "
+                              "the checkpoint is damaged or was saved from a diverged model")
     with np.errstate(over="ignore"):
         arr = _to_storage(src_arr, src, dtype)
     if dtype == "float16" and src != "float16" and np.isinf(arr).any():
@@ -298,16 +356,20 @@ def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: s
 
 
 def iter_weights(
-    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None
+    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None,
+    check_finite: bool = True,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (value_name, storage array) for each weight value, one value in memory at a time."""
+    """Yield (value_name, storage array) for each weight value, one value in memory at a time.
+
+    A tensor holding NaN or inf is an error; ``check_finite=False`` leaves that check to the
+    caller (the CUDA executor checks on the device after upload, where it is cheap)."""
     source = source or graph.meta.get("config", {}).get("source", "hf")
     if source not in ("hf", "meta"):
         raise ValueError(f"source must be 'hf' or 'meta', got {source!r}")
     ckpt = open_checkpoint(path, source)
     total, done = _storage_nbytes(graph), 0
     for v in _weight_values(graph):
-        parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name) for n, s in v.attrs["parts"]]
+        parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name, check_finite) for n, s in v.attrs["parts"]]
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
         done += arr.nbytes
@@ -325,6 +387,104 @@ def load_weights(
     recorded in the graph's config (``graph.meta["config"]["source"]``), else "hf".
     """
     return dict(iter_weights(graph, path, source=source, progress=progress))
+
+
+def check_weights_dict(graph: Graph, weights: dict) -> dict[str, np.ndarray]:
+    """A dict of weight arrays (``compile(..., weights=dict)``) checked against the graph and in
+    storage form: every weight value present, with the value's shape, numeric and finite. Float
+    arrays are rounded to the value's dtype; a bfloat16 value also takes a uint16 array of raw bits."""
+    out = {}
+    for v in _weight_values(graph):
+        if v.name not in weights:
+            raise WeightError(f"weights dict has no array for graph weight {v.name!r}")
+        try:
+            arr = np.asarray(weights[v.name])
+        except Exception as e:  # a GPU array, a ragged list, ...
+            raise WeightError(f"weights dict: {v.name!r} is not an array numpy can read ({_one_line(e)})") from None
+        want = v.concrete_shape(graph.dims)
+        if arr.shape != want:
+            raise WeightError(f"weights dict: {v.name!r} has shape {list(arr.shape)} but the graph expects {list(want)}")
+        storage = np.dtype(DTYPES[v.dtype].storage)
+        is_float = DTYPES[v.dtype].kind == "float"
+        if is_float and arr.dtype.kind == "f":
+            given = str(arr.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = _to_storage(arr, given, v.dtype) if arr.dtype != storage else arr
+        elif arr.dtype == storage:  # storage form already (bf16: raw uint16 words)
+            given, stored = v.dtype, arr
+        else:
+            also = " (or any float array)" if is_float else ""
+            raise WeightError(f"weights dict: {v.name!r} has dtype {arr.dtype} but the graph expects {v.dtype}, "
+                              f"numpy {storage}{also}")
+        if is_float:
+            nan, inf = nonfinite_counts(arr, given)
+            if nan or inf:
+                raise WeightError(f"weights dict: {v.name!r} holds {_nonfinite_text(nan, inf)}")
+            if nonfinite_counts(stored, v.dtype) != (0, 0):
+                raise WeightError(f"weights dict: {v.name!r} has values beyond the {v.dtype} range (max |x| = "
+                                  f"{float(np.abs(arr).max()):.4g}); use bfloat16 or float32")
+        out[v.name] = stored
+    return out
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def free_host_bytes() -> int | None:
+    """Host memory a new allocation can take: the kernel's MemAvailable (free plus reclaimable
+    caches), capped by a cgroup v2 memory limit; None where neither can be read."""
+    free = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read())
+        if limit != "max":
+            room = max(int(limit) - used, 0)
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def check_fits(what: str, needed: int, free: int | None, detail: str = "") -> None:
+    """Raise a one-line error when ``needed`` bytes exceed ``free`` (unknown free: no check)."""
+    if free is not None and needed > free:
+        raise BackendError(f"{what} needs {needed} bytes ({_gib(needed)}) but only {free} ({_gib(free)}) are free"
+                           + (f" ({detail})" if detail else "") + "; use a smaller max_seq, max_batch or model")
+
+
+def reference_host_bytes(graph: Graph, weights_in_hand: bool) -> tuple[int, str]:
+    """Host bytes the numpy reference executor allocates for ``graph``, with a breakdown: the
+    weights as loaded (unless already in hand) and widened to float32, the activation arena,
+    the KV caches and the step inputs."""
+    mem = graph.meta["memory"]
+    f32 = sum(4 * int(np.prod(v.concrete_shape(graph.dims))) for v in _weight_values(graph))
+    loaded = 0 if weights_in_hand else mem["weight_bytes"]
+    parts = {"weights": loaded + f32, "kv cache": mem["kv_cache_bytes"], "arena": mem["arena_bytes"],
+             "inputs": mem["input_bytes"]}
+    return sum(parts.values()), ", ".join(f"{k} {_gib(n)}" for k, n in parts.items())
+
+
+def check_reference_memory(graph: Graph, weights_in_hand: bool = False) -> None:
+    """Fail with one line, before anything is allocated, when the reference executor would not fit
+    in the host memory available."""
+    needed, detail = reference_host_bytes(graph, weights_in_hand)
+    check_fits("the reference backend", needed, free_host_bytes(), detail)
 
 
 # ---- deterministic random weights ---------------------------------------------------------------
