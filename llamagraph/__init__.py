@@ -4,9 +4,11 @@
     logits = plan.run([[1, 15043, 29892], [1, 22172]])   # float32 [batch, vocab]
     tokens = plan.generate([[1, 15043]], max_new_tokens=32)
     plan = llamagraph.load("model.llamagraph", "model_dir", backend="cuda")   # a saved plan
+    print(llamagraph.bisect("model_dir", [1, 15043], backend="cuda").table())  # where it departs from HF
 """
 
 from .api import Plan, bind, compile, load
+from .bisect import BisectResult, bisect  # the function shadows the submodule's name here
 from .codegen.compiled import CompiledPlan
 from .compiler import compile_graph, compile_plan
 from .ir.errors import BackendError, ConfigError, InputError, LlamagraphError, PlanError, WeightError
@@ -14,5 +16,6 @@ from .runtime.weights import random_weights
 
 __all__ = [
     "BackendError", "ConfigError", "InputError", "LlamagraphError", "PlanError", "WeightError",
-    "CompiledPlan", "Plan", "bind", "compile", "compile_graph", "compile_plan", "load", "random_weights",
+    "BisectResult", "CompiledPlan", "Plan", "bind", "bisect", "compile", "compile_graph", "compile_plan", "load",
+    "random_weights",
 ]

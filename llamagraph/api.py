@@ -46,6 +46,7 @@ def compile(
     dump_dir: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    keep_values: bool = False,
 ) -> "Plan":
     """Compile a model into an executable plan.
 
@@ -58,10 +59,13 @@ def compile(
     max_tokens: most tokens in one step (default: max_batch * max_seq, at most 4096); longer
       prompts are prefilled in chunks.
     passes: pass names to run (default: the whole pipeline); DCE and the memory planner always run.
+    keep_values: every activation gets its own buffer (no reuse), so ``plan.executor.step(...,
+      fetch=[name, ...])`` can read any intermediate after a step (more memory; for debugging,
+      as ``llamagraph.bisect`` does).
     """
     _check_binding(weights, backend, seed)
     compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                            passes=passes, dump_dir=dump_dir)
+                            passes=passes, dump_dir=dump_dir, keep_values=keep_values)
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
 
 

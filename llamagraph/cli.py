@@ -439,6 +439,7 @@ COMMANDS: dict[str, Callable] = {
     "run": add_run,
     "bench": add_bench,
     "chat": add_chat,
+    "bisect": add_bisect,
 }
 
 

@@ -50,9 +50,16 @@ def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
 
 
 def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None) -> Graph:
-    """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run)."""
+                  max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None,
+                  keep_values: bool = False) -> Graph:
+    """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run).
+
+    keep_values: give every activation its own arena buffer (no reuse), so any intermediate
+    can be fetched after a step; costs memory, meant for debugging (``llamagraph.bisect``).
+    """
     graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    if keep_values:
+        graph.meta["keep_values"] = True  # read by plan_memory
     if passes is not None:
         passes = check_passes(passes) + ["dce", "plan_memory"]
     return run_pipeline(graph, passes, dump_dir)
@@ -91,12 +98,12 @@ def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
 
 def compile_plan(model, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                  max_tokens: int | None = None, passes: list[str] | None = None,
-                 dump_dir: str | None = None) -> CompiledPlan:
+                 dump_dir: str | None = None, keep_values: bool = False) -> CompiledPlan:
     """Config (path, checkpoint directory, dict or ModelConfig) -> a checked ``CompiledPlan``."""
     if not isinstance(model, (str, os.PathLike, dict, ModelConfig)):
         raise ConfigError(f"model must be a config path, a checkpoint directory or a config dict, got {model!r}")
     cfg = load_config(model)
     graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                          passes=passes, dump_dir=dump_dir)
+                          passes=passes, dump_dir=dump_dir, keep_values=keep_values)
     source = os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
     return lower(graph, source)

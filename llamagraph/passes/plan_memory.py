@@ -7,6 +7,10 @@
 3. Placement: buffers, largest first, each at the lowest aligned offset that overlaps no
    already-placed buffer live at the same time (greedy best fit over an interval graph).
 
+With ``graph.meta["keep_values"]`` set (``compile(..., keep_values=True)``), every activation
+stays live to the end of the schedule: each gets a buffer of its own and nothing is overwritten,
+so every intermediate of a step can be read after it (``llamagraph.bisect`` does).
+
 Sizes use the maximum of each symbolic dim (``graph.dims``), so the plan serves every step.
 Weights, KV cache and step inputs are persistent regions outside the arena. The result is
 written to each activation (``attrs`` offset and buffer) and the totals to
@@ -100,6 +104,9 @@ def lower_bound(bufs: list[Slot], n_steps: int) -> int:
 def plan_memory(graph: Graph) -> Graph:
     out = graph.copy()
     live = liveness(out)
+    if out.meta.get("keep_values"):  # nothing dies before the step ends: no reuse, no in-place
+        for name in live.last:
+            live.last[name] = len(out.nodes)
     bufs = group(out, live)
     arena = place(bufs)
     for b in bufs:

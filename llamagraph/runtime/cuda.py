@@ -258,7 +258,11 @@ class CudaExecutor:
 
     # ---- stepping -----------------------------------------------------------------------------
     def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
-        """Run one step and return the ``fetch``ed graph outputs, cut to this step's rows."""
+        """Run one step and return the ``fetch``ed values, cut to this step's rows.
+
+        Any value with an address can be fetched (graph outputs, activations, the KV cache);
+        an intermediate activation holds its own data only in a plan compiled with
+        ``keep_values=True`` (otherwise later nodes may have reused its buffer)."""
         cp, g = self.cp, self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
         scalars = {"T": n_tokens, "B": n_seqs}
@@ -283,6 +287,8 @@ class CudaExecutor:
             else:
                 self.launch_phase(phase, scalars)
             for name in fetch:
+                if name not in self.out_host:  # not a graph output: a pinned host buffer on first fetch
+                    self.out_host[name] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))
                 nbytes = g.values[name].nbytes(scalars)
                 cp.cuda.runtime.memcpyAsync(self.out_host[name].ptr, int(self.addr[name]), nbytes,
                                             cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)

@@ -49,7 +49,11 @@ class ReferenceExecutor:
         return to_float32(self._storage(name, dims), self.graph.values[name].dtype)
 
     def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
-        """Run one step and return the ``fetch``ed graph outputs, cut to this step's rows."""
+        """Run one step and return the ``fetch``ed values, cut to this step's rows.
+
+        Any activation, step input or KV cache can be fetched; an intermediate activation holds
+        its own data only in a plan compiled with ``keep_values=True`` (otherwise later nodes
+        may have reused its buffer)."""
         dims = {"T": n_tokens, "B": n_seqs}
         for name, arr in inputs.items():
             self._storage(name, dims)[...] = arr
