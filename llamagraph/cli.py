@@ -109,8 +109,12 @@ def add_compile(sub) -> None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from llamagraph import report
 
-    c = report.compile_model(args.config, dump_dir=args.dump_dir, **model_kwargs(args))
     outdir = args.outdir or report.default_outdir(args.config)
+    if args.dump_dir and os.path.commonpath([os.path.realpath(outdir), os.path.realpath(args.dump_dir)]) \
+            == os.path.realpath(outdir):  # the plan directory is written elsewhere, then renamed into place
+        raise UsageError(f"--dump-dir {args.dump_dir} is inside the output directory {outdir}, which is written "
+                         "whole; choose a dump directory outside it")
+    c = report.compile_model(args.config, dump_dir=args.dump_dir, **model_kwargs(args))
     sections = report.write_artifacts(c, outdir, arch=args.arch)
     if args.dump_dir:
         files = os.listdir(args.dump_dir)

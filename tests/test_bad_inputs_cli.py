@@ -493,6 +493,14 @@ def test_a_directory_that_is_not_a_plan_is_not_replaced(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["tiny.json"]
 
 
+def test_dump_dir_inside_the_plan_directory_is_refused_up_front(tmp_path, capsys):
+    cfg = write_json(tmp_path / "tiny.json", TINY)
+    rc, _, err = cli(capsys, "compile", cfg, "-o", tmp_path / "out", "--dump-dir", tmp_path / "out" / "passes")
+    assert_one_error_line(rc, err, "--dump-dir")
+    assert "is inside the output directory" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compiled_plan_save_is_whole_too(tmp_path, monkeypatch):
     plan = llamagraph.compile_plan(TINY, dtype="float32", max_seq=16)
     plan.save(str(tmp_path / "p"))
