@@ -95,7 +95,6 @@ def _check_binding(weights, backend: str, seed) -> None:
         raise WeightError(f"weights must be a checkpoint path, a dict of arrays, 'random' or None, got {weights!r}")
 
 
-
 def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: int = 0,
          progress: bool = False) -> "Plan":
     """A ``Plan`` running ``compiled`` on ``backend`` with ``weights`` (see ``compile``)."""
@@ -154,6 +153,8 @@ class Plan:
         self.vocab_size = config.vocab_size
         self.logits_name = graph.with_role("logits")
         self.next_token_name = graph.with_role("next_token")
+        self.next_logprob_name = graph.with_role("next_logprob")
+        self.token_logprobs_name = graph.with_role("token_logprobs")
         self.lengths: list[int] = []  # tokens held in each slot's KV cache
 
     @property
@@ -170,54 +171,72 @@ class Plan:
         sequence's last token. The first call (or the first after ``reset``) prefills."""
         batch = self._check_tokens(tokens)
         held = self.lengths or [0] * batch  # a new batch is held only once this call completes
-        logits, _ = self._forward(tokens, greedy_sampling(batch), lengths=held)
-        return logits
+        return self._forward(tokens, greedy_sampling(batch), lengths=held).logits
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens: list[int] | None = None,
-                 on_token=None, *, append: bool = False) -> list[list[int]]:
+                 on_token=None, *, logprobs: bool = False, echo: bool = False, append: bool = False):
         """Generate up to ``max_new_tokens`` tokens per prompt (sampling on the device).
 
         temperature 0 is greedy. A sequence stops after emitting any of ``stop_tokens``; the
         stop token is not included in its output (nor fed back into the KV cache).
         ``on_token(sequence, token)`` is called as each token is produced (for streaming).
+        Returns the new tokens of each prompt; with ``echo=True`` the prompt followed by them.
+
+        ``logprobs=True`` returns ``(tokens, logprobs)``, where ``logprobs`` mirrors ``tokens``:
+        each token's log-softmax under the model's distribution before temperature (as Meta's
+        generate computes it), computed on the device. With ``echo`` the prompt's tokens get
+        theirs too, each given the tokens before it, and the first prompt token's is 0.0.
+
         ``append=True`` feeds each prompt after what its sequence already holds (a multi-turn
-        chat continues its KV cache) instead of starting a new batch. Returns the new tokens
-        of each prompt. Every argument is checked before any state changes.
+        chat continues its KV cache) instead of starting a new batch.
+        Every argument is checked before any state changes.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         check_sampling(temperature, top_k, top_p, seed, stop_tokens, self.vocab_size)
+        for flag, v in (("logprobs", logprobs), ("echo", echo), ("append", append)):
+            if not isinstance(v, bool):
+                raise InputError(f"{flag} must be True or False, got {v!r}")
+        if echo and append:
+            raise InputError("echo=True scores whole prompts; it cannot continue held sequences (append=True)")
         held = self.lengths if append else []
         batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0), lengths=held)
-        if max_new_tokens == 0:
-            return [[] for _ in prompts]
-        if not append:
+        if max_new_tokens == 0 and not (echo and logprobs):
+            out = [list(p) if echo else [] for p in prompts]
+            return (out, [[] for _ in out]) if logprobs else out
+        if not append:  # a new batch: held only once its prefill completes (lengths=[0] * batch below)
             self.reset()
-            self.lengths = [0] * batch
         stops = set(stop_tokens or [])
         params = Sampling(temperature, top_k, top_p, seed)
-        out: list[list[int]] = [[] for _ in range(batch)]
+        out: list[list[int]] = [list(p) if echo else [] for p in prompts]
+        lps: list[list[float]] = [[] for _ in range(batch)]
+        new = [0] * batch  # tokens generated per sequence
         step_of = [0] * batch
-        _, nxt = self._forward(prompts, params.per_row(list(range(batch)), step_of), want_logits=False)
-        active = list(range(batch))
-        while True:
+        fed = self._forward(prompts, params.per_row(list(range(batch)), step_of), want_logits=False,
+                            lengths=None if append else [0] * batch, logprobs=logprobs, echo=echo and logprobs)
+        if echo and logprobs:  # token j's logprob is row j-1's logprob of its successor
+            lps = [[0.0] + fed.prompt_logprobs[b][:-1].tolist() for b in range(batch)]
+        active = list(range(batch)) if max_new_tokens else []
+        while active:
             still = []
-            for slot, tok in zip(active, nxt):
-                tok = int(tok)
+            for k, slot in enumerate(active):
+                tok = int(fed.next_token[k])
                 if tok in stops:
                     continue
                 out[slot].append(tok)
+                lps[slot].append(float(fed.next_logprob[k]))
+                new[slot] += 1
                 step_of[slot] += 1
                 if on_token is not None:
                     on_token(slot, tok)
-                if len(out[slot]) < max_new_tokens:
+                if new[slot] < max_new_tokens:
                     still.append(slot)
             active = still
-            if not active:
-                return out
-            feed = {slot: [out[slot][-1]] for slot in active}
-            _, nxt = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False)
+            if active:
+                feed = {slot: [out[slot][-1]] for slot in active}
+                fed = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False, logprobs=logprobs)
+        return (out, lps) if logprobs else out
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, on_text=None, model_dir: str | None = None,
              **sampling) -> str:
@@ -266,14 +285,15 @@ class Plan:
         return batch
 
     def _forward(self, tokens: list[list[int]], sampling: "RowParams", want_logits: bool = True,
-                 lengths: list[int] | None = None):
-        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling, want_logits, lengths)
+                 lengths: list[int] | None = None, **want) -> "Fed":
+        return self._forward_slots({b: list(t) for b, t in enumerate(tokens)}, sampling, want_logits, lengths, **want)
 
     def _forward_slots(self, feed: dict[int, list[int]], sampling: "RowParams", want_logits: bool = True,
-                       lengths: list[int] | None = None):
+                       lengths: list[int] | None = None, logprobs: bool = False, echo: bool = False) -> "Fed":
         """Run every step needed to consume ``feed`` (slot -> new tokens), starting from the
-        sequence ``lengths`` (default: this plan's); return the logits and sampled tokens of each
-        fed slot's last token, in ``feed`` order.
+        sequence ``lengths`` (default: this plan's); return the logits, sampled token and (with
+        ``logprobs``) its logprob of each fed slot's last token, in ``feed`` order, and (with
+        ``echo``) each fed token's logprob of the token after it, per slot.
 
         All or nothing: the new lengths become the plan's only when every step has run. A call
         cut short (an error, or Ctrl-C while a long prompt is prefilled in chunks) leaves the
@@ -283,21 +303,35 @@ class Plan:
         each such row in the step that first reads it.
         """
         lengths = list(self.lengths if lengths is None else lengths)
+        start = list(lengths)
         order = list(feed)
         target = {slot: lengths[slot] + len(toks) for slot, toks in feed.items()}
-        logits = np.zeros((len(order), self.vocab_size), np.float32)
-        nxt = np.zeros(len(order), np.int32)
+        fed = Fed(np.zeros((len(order), self.vocab_size), np.float32), np.zeros(len(order), np.int32),
+                  np.zeros(len(order), np.float32), {slot: np.zeros(len(t), np.float32) for slot, t in feed.items()})
         for step in self._pack(feed, lengths):
             row_of = [order.index(seg.slot) for seg in step]
-            step_logits, step_next = self._run_step(step, sampling.take(row_of), want_logits, lengths)
+            targets = None
+            if echo:  # each token's successor in the feed; the last token's is not known yet
+                nxt_tok = {slot: list(toks[1:]) + [-1] for slot, toks in feed.items()}
+                targets = np.concatenate([np.asarray(nxt_tok[s.slot][s.start - start[s.slot]:][:len(s.tokens)], np.int32)
+                                          for s in step])
+            out = self._run_step(step, sampling.take(row_of), want_logits, lengths, targets, logprobs)
+            at = 0
             for k, (seg, row) in enumerate(zip(step, row_of)):
                 lengths[seg.slot] = seg.start + len(seg.tokens)
+                if echo:
+                    first = seg.start - start[seg.slot]
+                    fed.prompt_logprobs[seg.slot][first:first + len(seg.tokens)] = \
+                        out[self.token_logprobs_name][at:at + len(seg.tokens)]
+                at += len(seg.tokens)
                 if lengths[seg.slot] == target[seg.slot]:
-                    nxt[row] = step_next[k]
+                    fed.next_token[row] = out[self.next_token_name][k]
+                    if logprobs:
+                        fed.next_logprob[row] = out[self.next_logprob_name][k]
                     if want_logits:
-                        logits[row] = step_logits[k]
+                        fed.logits[row] = out[self.logits_name][k]
         self.lengths = lengths
-        return logits, nxt
+        return fed
 
     def _pack(self, feed: dict[int, list[int]], lengths: list[int]) -> list[list[Segment]]:
         """Split the new tokens into steps of at most max_tokens tokens, in slot order."""
@@ -314,7 +348,10 @@ class Plan:
                 toks, pos, room = toks[len(take):], pos + len(take), room - len(take)
         return steps
 
-    def _run_step(self, step: list[Segment], sampling: "RowParams", want_logits: bool, lengths: list[int]):
+    def _run_step(self, step: list[Segment], sampling: "RowParams", want_logits: bool, lengths: list[int],
+                  targets: np.ndarray | None = None, logprobs: bool = False) -> dict[str, np.ndarray]:
+        """One executor step over ``step``'s segments; returns the fetched outputs by value name.
+        ``targets`` (each token's successor, -1 where unknown) asks for the prompt logprobs."""
         tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in step])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens), dtype=np.int32) for s in step])
         seq_ids = np.concatenate([np.full(len(s.tokens), s.slot, np.int32) for s in step])
@@ -329,11 +366,22 @@ class Plan:
             "seq_ids": seq_ids,
             "seq_lens": seq_lens,
             "last_index": last_index,
+            "targets": targets if targets is not None else np.full(len(tokens), -1, np.int32),
             **sampling.arrays(),
         }
-        fetch = [self.next_token_name] + ([self.logits_name] if want_logits else [])
-        out = self.executor.step(inputs, len(tokens), len(step), fetch)
-        return out.get(self.logits_name), out[self.next_token_name]
+        fetch = [self.next_token_name] + ([self.logits_name] if want_logits else []) + \
+            ([self.next_logprob_name] if logprobs else []) + ([self.token_logprobs_name] if targets is not None else [])
+        return self.executor.step(inputs, len(tokens), len(step), fetch)
+
+
+@dataclass
+class Fed:
+    """What ``_forward_slots`` returns, per fed slot in feed order (``prompt_logprobs`` by slot)."""
+
+    logits: np.ndarray  # [n, vocab] fp32 of each slot's last token (with want_logits)
+    next_token: np.ndarray  # [n] sampled after each slot's last token
+    next_logprob: np.ndarray  # [n] its logprob (with logprobs)
+    prompt_logprobs: dict[int, np.ndarray]  # slot -> [fed tokens] logprob of each one's successor (with echo)
 
 
 @dataclass

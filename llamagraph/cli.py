@@ -210,6 +210,8 @@ def add_run(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
     p.add_argument("--max-seq", type=positive_int, metavar="N", help="(not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    p.add_argument("--logprobs", action="store_true",
+                   help="after the output, print each generated token's logprob (log-softmax before temperature)")
     p.set_defaults(func=cmd_run)
 
 
@@ -227,7 +229,7 @@ def _tokenizer_dirs(model: str | None, weights: str | None) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import llamagraph
-    from llamagraph.textgen import find_tokenizer, stream_text
+    from llamagraph.textgen import find_tokenizer, format_logprobs, stream_text
 
     if args.random_weights and args.weights:
         raise UsageError("--weights and --random-weights exclude each other")
@@ -252,9 +254,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.prompt_len).tolist()
         print(f"prompt ids: {prompt}")
         sys.stdout.write("generated ids:")
-        plan.generate([prompt], args.max_new_tokens, on_token=lambda _s, t: (sys.stdout.write(f" {t}"), sys.stdout.flush()),
-                      **sampling)
+        result = plan.generate([prompt], args.max_new_tokens, logprobs=args.logprobs,
+                               on_token=lambda _s, t: (sys.stdout.write(f" {t}"), sys.stdout.flush()), **sampling)
         sys.stdout.write("\n")
+        if args.logprobs:
+            print(format_logprobs(result[1][0]))
         return 0
     if not args.prompt:
         raise UsageError("--prompt is required (or pass --random-weights)")
@@ -265,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = make_plan(progress=sys.stderr.isatty())
     cfg = plan.config
     stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,
-                stop_tokens=cfg.eos_token_ids, **sampling)
+                stop_tokens=cfg.eos_token_ids, logprobs=args.logprobs, **sampling)
     return 0
 
 

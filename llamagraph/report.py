@@ -160,13 +160,16 @@ def memory_table(graph: Graph) -> str:
 
 def kernel_lines(plan: CompiledPlan) -> list[str]:
     g = plan.graph
-    dec, pre = plan.phases["decode"], plan.phases["prefill"]
+    dec = [x for x in plan.phases["decode"] if not x.on_demand]
+    pre = [x for x in plan.phases["prefill"] if not x.on_demand]
+    demand = sorted({x.on_demand for ls in plan.phases.values() for x in ls if x.on_demand})
     return [
         f"kernels per decode step: {plan.kernel_launches('decode')} ({len(g.nodes)} nodes, "
         f"{plan.kernel_launches('decode') / max(1, g.meta['config']['num_layers']):.1f} per layer)",
         f"decode: {len(dec)} launches, captured as one CUDA graph per batch size",
         f"prefill: {len(pre)} launches ({sum(1 for x in pre if x.kind == 'library')} cuBLAS; "
         f"{sum(1 for x in pre if x.when)} chosen by the step's row count)",
+        *([f"on demand (only when a step asks for it): {', '.join(demand)}"] if demand else []),
         "workspaces: " + ", ".join(f"{w.name} {_mib(w.nbytes)}" for w in plan.workspaces),
     ]
 

@@ -87,9 +87,15 @@ def _hf_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(encode, lambda ids: tok.decode(ids), tok.get_vocab_size(), path, specials, encode)
 
 
+def format_logprobs(logprobs: list[float]) -> str:
+    """The ``logprobs:`` line ``llamagraph run --logprobs`` prints: one value per generated token."""
+    return "logprobs: " + " ".join(f"{x:.4f}" for x in logprobs)
+
+
 def stream_text(plan, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *, bos: int | None,
-                stop_tokens: list[int], out=None, **sampling) -> list[int]:
-    """Generate from ``prompt`` and write the text to ``out`` as tokens arrive."""
+                stop_tokens: list[int], out=None, logprobs: bool = False, **sampling) -> list[int]:
+    """Generate from ``prompt`` and write the text to ``out`` as tokens arrive; with
+    ``logprobs``, then a line of each generated token's logprob."""
     out = out or sys.stdout  # looked up per call: stdout may have been replaced since import
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
     generated: list[int] = []
@@ -103,6 +109,9 @@ def stream_text(plan, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
         out.flush()
         shown = text
 
-    plan.generate([ids], max_new_tokens, stop_tokens=stop_tokens, on_token=on_token, **sampling)
+    result = plan.generate([ids], max_new_tokens, stop_tokens=stop_tokens, on_token=on_token, logprobs=logprobs,
+                           **sampling)
     out.write("\n")
+    if logprobs:
+        out.write(format_logprobs(result[1][0]) + "\n")
     return generated

@@ -73,16 +73,19 @@ def test_launch_lists_per_phase():
     plan = compile_plan(cfg, dtype="float16", max_batch=2, max_seq=256)
     g = plan.graph
     dec, pre = plan.phases["decode"], plan.phases["prefill"]
-    # every node launches in both phases; decode attention is a split and a combine kernel
+    # every node launches in both phases; decode attention is a split and a combine kernel; the
+    # prompt logprobs (echo) launch only on demand, so a plain decode step does not count them
     assert {x.node for x in dec} == {x.node for x in pre} == set(range(len(g.nodes)))
-    assert plan.kernel_launches("decode") == len(g.nodes) + cfg.num_layers
-    assert all(x.kind == "kernel" and x.when is None for x in dec)
+    on_demand = [i for i, n in enumerate(g.nodes) if n.op == "token_logprobs"]
+    assert len(on_demand) == 1 and all(x.on_demand == "token_logprobs" for x in dec + pre if x.node == on_demand[0])
+    assert plan.kernel_launches("decode") == len(g.nodes) - 1 + cfg.num_layers
+    assert all(x.kind == "kernel" and (x.when == () or x.on_demand) for x in dec)
     by_op = {g.nodes[x.node].op: x for x in dec}
     assert "_silu" in by_op["gate_up_silu"].fn and by_op["rope_kv_append"].fn.startswith("rope_kv_append_fused")
     assert by_op["add_rmsnorm"].fn.startswith("add_rmsnorm") and by_op["add_rmsnorm"].shape.grid[0] == Scaled("T")
     # prefill: big row counts take cuBLAS, small ones the GEMV, chosen by the step's rows
     gemms = [x for x in pre if g.nodes[x.node].op == "qkv_gemm"]
-    assert sorted((x.kind, x.when.op) for x in gemms[:2]) == [("kernel", "<="), ("library", ">")]
+    assert sorted((x.kind, x.when[0].op) for x in gemms[:2]) == [("kernel", "<="), ("library", ">")]
     attn = [x for x in pre if g.nodes[x.node].op == "sdpa"][0]
     assert attn.fn.startswith("attn_prefill") and attn.shape.grid[0] == Scaled("seq_tiles.r64.n")
     assert plan.workspace("seq_tiles.r64").fill == "seq_tiles"

@@ -12,6 +12,8 @@ Before a phase may be captured, ``check_capturable`` proves its launch list grap
    executor copies in before each replay), never passed by value at capture: the only step
    scalars a captured launch may use are those fixed per captured batch size (``T``, ``B``),
    and no workspace the host rebuilds each step;
+   (on-demand launches, gated by ``wants.<output>``, are left out of every capture: a step that
+   wants their output runs the phase directly, so they are not checked here)
 2. no launch is a library call (cupy refuses cuBLAS during stream capture);
 3. every address is fixed for the plan's lifetime: a planned arena offset, a persistent weight,
    cache or input, or a declared workspace.
@@ -37,7 +39,7 @@ from .launch import (
     workspace_from_dict, workspace_to_dict,
 )
 
-FORMAT = "llamagraph-plan/1"
+FORMAT = "llamagraph-plan/2"  # 2: conditions are lists; value arguments may carry an offset
 PLAN_FILE, SOURCE_FILE = "plan.json", "kernels.cu"
 T = TypeVar("T")
 _KERNEL_DEF = re.compile(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\s*\(')
@@ -60,7 +62,8 @@ class CompiledPlan:
 
     # ---- what it holds ----------------------------------------------------------------------
     def kernel_launches(self, phase: str) -> int:
-        return sum(1 for launch in self.phases[phase] if launch.kind == "kernel")
+        """Kernel launches of a step of ``phase`` that asks for no on-demand output."""
+        return sum(1 for launch in self.phases[phase] if launch.kind == "kernel" and not launch.on_demand)
 
     def sizes(self) -> dict[str, int]:
         """Device bytes by region."""
@@ -226,13 +229,16 @@ def check_capturable(plan: CompiledPlan, phase: str) -> None:
                 "capture; read it from device memory (a step input) instead")
 
     for k, launch in enumerate(plan.phases[phase]):
+        if launch.on_demand:
+            continue
         node = g.nodes[launch.node].name if 0 <= launch.node < len(g.nodes) else "?"
         where = f"{phase} launch {k} ({launch.describe()}, node {launch.node} '{node}')"
         if launch.kind != "kernel":
             raise PlanError(f"{where}: a library call cannot be captured into a CUDA graph (cupy refuses cuBLAS "
                             "during stream capture); lower it to a generated kernel")
-        if launch.when is not None and scalar_problem(launch.when.scalar):
-            raise PlanError(f"{where}: its condition reads {scalar_problem(launch.when.scalar)}")
+        for c in launch.when:
+            if scalar_problem(c.scalar):
+                raise PlanError(f"{where}: its condition reads {scalar_problem(c.scalar)}")
         for e in launch.shape.grid if launch.shape else ():
             if isinstance(e, Scaled) and scalar_problem(e.scalar):
                 raise PlanError(f"{where}: its grid follows {scalar_problem(e.scalar)}")

@@ -10,8 +10,15 @@ shared memory, and its arguments. Each argument is one of:
   in the step, and ``<workspace>.n`` the rows of a step-filled workspace;
 - ``null``: a null pointer (an optional input that is absent).
 
-Grid extents are numbers or ``Scaled`` step scalars. ``when`` makes a launch conditional on a
-step scalar (prefill picks cuBLAS or the GEMV by the row count this way). Workspaces are
+A ``value`` argument may carry a byte ``offset`` into the value (a chunk of rows). Grid extents
+are numbers or ``Scaled`` step scalars. ``when`` makes a launch conditional on step scalars
+(prefill picks cuBLAS or the GEMV by the row count this way).
+
+On-demand launches compute an output only a step that asks for it needs (the prompt's
+logprobs): their ``when`` holds ``wants(output)``, the step scalar ``wants.<output>`` that the
+executor sets to 1 when the step fetches that output and to 0 otherwise. A captured phase is
+captured with every ``wants.*`` at 0, so its graph leaves them out; a step that wants one runs
+the phase's launches directly instead of replaying the graph. Workspaces are
 scratch memory, constant tables uploaded once, or tables the executor rebuilds from a step
 input before every step (``STEP_FILLS``).
 """
@@ -24,6 +31,7 @@ import numpy as np
 
 # Step scalars that are the same for every replay of a graph captured for one batch size.
 BUCKET_SCALARS = ("T", "B")
+WANTS = "wants."  # prefix of the on-demand step scalars: wants.<output value> is 1 when fetched
 
 
 @dataclass(frozen=True)
@@ -69,13 +77,14 @@ class Arg:
     kind: str  # "value" | "workspace" | "const" | "step" | "null"
     ref: str | int | float | None = None  # value / workspace / step scalar name, or the constant
     type: str = "ptr"  # C type passed: "ptr", "i32", "f32"; "str" for a library call's dtype names
+    offset: int = 0  # "value": bytes past the value's start (a chunk of its rows)
 
 
 ARG_KINDS = ("value", "workspace", "const", "step", "null")
 
 
-def value(name: str) -> Arg:
-    return Arg("value", name)
+def value(name: str, offset: int = 0) -> Arg:
+    return Arg("value", name, "ptr", offset)
 
 
 def workspace(name: str) -> Arg:
@@ -102,8 +111,13 @@ class Cond:
     bound: int
 
     def holds(self, scalars: dict[str, int]) -> bool:
-        v = scalars[self.scalar]
+        v = scalars.get(self.scalar, 0) if self.scalar.startswith(WANTS) else scalars[self.scalar]
         return v <= self.bound if self.op == "<=" else v > self.bound
+
+
+def wants(output: str) -> Cond:
+    """The condition of an on-demand launch: the step fetches ``output``."""
+    return Cond(WANTS + output, ">", 0)
 
 
 @dataclass(frozen=True)
@@ -112,11 +126,19 @@ class Launch:
     shape: Shape | None
     args: tuple[Arg, ...]
     kind: str = "kernel"  # "kernel" | "library"
-    when: Cond | None = None
+    when: tuple[Cond, ...] = ()  # every one must hold for the launch to run
     node: int = -1  # index of the graph node it computes (set when the plan is assembled)
 
     def describe(self) -> str:
         return f"{self.kind} {self.fn}"
+
+    def runs(self, scalars: dict[str, int]) -> bool:
+        return all(c.holds(scalars) for c in self.when)
+
+    @property
+    def on_demand(self) -> str | None:
+        """The output an on-demand launch computes, else None."""
+        return next((c.scalar[len(WANTS):] for c in self.when if c.scalar.startswith(WANTS)), None)
 
 
 @dataclass(frozen=True)
@@ -165,9 +187,9 @@ def launch_to_dict(launch: Launch) -> dict:
         d["grid"] = [_extent_json(e) for e in launch.shape.grid]
         d["block"] = list(launch.shape.block)
         d["smem"] = launch.shape.smem
-    d["args"] = [[a.kind, a.ref, a.type] for a in launch.args]
-    if launch.when is not None:
-        d["when"] = [launch.when.scalar, launch.when.op, launch.when.bound]
+    d["args"] = [[a.kind, a.ref, a.type] + ([a.offset] if a.offset else []) for a in launch.args]
+    if launch.when:
+        d["when"] = [[c.scalar, c.op, c.bound] for c in launch.when]
     return d
 
 
@@ -176,7 +198,7 @@ def launch_from_dict(d: dict) -> Launch:
     if "grid" in d:
         shape = Shape(tuple(_extent_from(e) for e in d["grid"]), tuple(d["block"]), d["smem"])
     return Launch(d["fn"], shape, tuple(Arg(*a) for a in d["args"]), d["kind"],
-                  Cond(*d["when"]) if "when" in d else None, d["node"])
+                  tuple(Cond(*c) for c in d.get("when", ())), d["node"])
 
 
 def workspace_to_dict(ws: Workspace) -> dict:
@@ -190,6 +212,6 @@ def workspace_from_dict(d: dict) -> Workspace:
 
 
 __all__ = [
-    "Arg", "BUCKET_SCALARS", "Cond", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
-    "const", "extent", "resolve", "seq_tiles", "step", "value", "workspace",
+    "Arg", "BUCKET_SCALARS", "Cond", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
+    "const", "extent", "resolve", "seq_tiles", "step", "value", "wants", "workspace",
 ]

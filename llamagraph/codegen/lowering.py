@@ -22,7 +22,7 @@ from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.errors import PlanError
 
 from . import attention, dense, sample
-from .launch import NULL, Cond, Launch, Shape, Workspace, const, step, value, workspace
+from .launch import NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
 from .render import Kernel
 
 PHASES = ("decode", "prefill")
@@ -166,7 +166,7 @@ def _gemm(n: Node, c: Ctx, epilogue: str) -> Lowered:
     b_arg = value(bias[0]) if bias else NULL
     decode = run(gemv, dense.gemv_launch(dt, N, K, rt, epilogue), value(x), value(w), b_arg, value(out), step(rows))
 
-    small, large = Cond(rows, "<=", 2 * rt), Cond(rows, ">", 2 * rt)
+    small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)
     silu = epilogue == "silu_mul"
     target = workspace(GEMM_SCRATCH) if silu else value(out)
     gemm_dt = dt if silu else out_dt
@@ -298,12 +298,50 @@ def lower_sdpa(n: Node, c: Ctx) -> Lowered:
 
 @lowering("topk_sample")
 def lower_topk_sample(n: Node, c: Ctx) -> Lowered:
-    logits = n.inputs[0]  # (logits, temperature, top_k, top_p, seed, step) -> next token
-    out = n.outputs[0]
+    logits = n.inputs[0]  # (logits, temperature, top_k, top_p, seed, step) -> (next token, its logprob)
+    token, logprob = n.outputs
     k = sample.sample(c.v(logits).shape[1])
-    rows = c.rows(out)
-    return same_in_both([k], [run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs), value(out),
-                                  step(rows))])
+    rows = c.rows(token)
+    return same_in_both([k], [run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs), value(token),
+                                  value(logprob), step(rows))])
+
+
+LOGPROB_CHUNK = 128  # rows of fp32 logits the prompt logprobs hold at once: [chunk, V], not [T, V]
+
+
+@lowering("token_logprobs")
+def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
+    """On demand (only steps that fetch the output): the LM head over a chunk of rows into an
+    fp32 workspace, then each row's log-softmax at its target. Decode (T = B rows) takes one
+    chunk through the GEMV; prefill walks the step's rows chunk by chunk with cuBLAS, each chunk
+    launched only when the step has rows there."""
+    x, w, targets = n.inputs  # x: [T, D] normed rows, w: [V, D], targets: [T]
+    (out,) = n.outputs
+    _float_only(c, w)
+    dt = c.dtype(x)
+    V, D = c.v(w).shape
+    T_max, B_max = c.graph.dims["T"], c.graph.dims["B"]
+    chunk = min(LOGPROB_CHUNK, T_max)
+    ws = Workspace(f"logprob_logits.v{V}", max(chunk, B_max) * V * 4)
+    on = wants(out)
+    lp = sample.token_logprobs(V)
+    gemv = dense.gemv(dt, V, D, c.row_tile, "none", False, "float32")
+    decode = [Launch(gemv.name, dense.gemv_launch(dt, V, D, c.row_tile, "none"),
+                     (value(x), value(w), NULL, workspace(ws.name), step("T")), when=(on,)),
+              Launch(lp.name, sample.token_logprobs_launch(B_max),
+                     (workspace(ws.name), value(targets), value(out), step("T"), const(0), step("T")), when=(on,))]
+    prefill = []
+    row_bytes = D * itemsize(dt)
+    for row0 in range(0, T_max, chunk):
+        rows = min(chunk, T_max - row0)  # rows past T are computed from stale rows and never read
+        has_rows = (on, Cond("T", ">", row0))
+        prefill += [Launch("gemm", None, (value(x, row0 * row_bytes), value(w), workspace(ws.name), const(rows),
+                                          const(V), const(D), const(dt), const("float32")), kind="library",
+                           when=has_rows),
+                    Launch(lp.name, sample.token_logprobs_launch(rows),
+                           (workspace(ws.name), value(targets), value(out), const(rows), const(row0), step("T")),
+                           when=has_rows)]
+    return Lowered([gemv, lp], decode, prefill, [ws])
 
 
 # ---------------------------------------------------------------------------------------------

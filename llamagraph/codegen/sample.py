@@ -15,7 +15,8 @@ def sample(V: int) -> Kernel:
     """Temperature / top-k / top-p sampling of one token per row.
 
     Arguments: logits float32 [B, V], temperature float32 [B], top_k int32 [B], top_p float32 [B],
-    seed int64 [B], step int32 [B], out int32 [B], n_rows int32 B.
+    seed int64 [B], step int32 [B], out int32 [B], logprob float32 [B], n_rows int32 B.
+    logprob[b] = log_softmax(logits[b])[out[b]]: the token's logprob before temperature.
     Semantics of ``llamagraph.ir.ops.sample_row`` with u = ``sample_uniform(seed, step)``:
     temperature <= 0 is greedy (first index of the maximum); top_k <= 0 or >= V and top_p >= 1
     disable those filters; top_p <= 0 keeps only the most likely token(s). Thresholds are found by
@@ -30,3 +31,21 @@ def sample(V: int) -> Kernel:
 def sample_launch(n_rows: int | str) -> Shape:
     """Grid (B), one 1024-thread block per row."""
     return Shape((extent(n_rows), 1, 1), (SAMPLE_THREADS, 1, 1), 0)
+
+
+LOGPROB_THREADS = 256
+
+
+def token_logprobs(V: int) -> Kernel:
+    """Each row's log-softmax at its target token: the prompt logprobs of echo.
+
+    Arguments: logits float32 [rows, V] (a chunk of rows), targets int32 [T], out float32 [T],
+    rows, row0 (the chunk's first row in the step), T. out[row0 + r] = log_softmax(logits[r])[
+    targets[row0 + r]], 0 where the target is < 0; rows at or past T are left alone.
+    """
+    name = f"token_logprobs_v{V}"
+    return Kernel(name, render("token_logprobs", name=name, V=V, threads=LOGPROB_THREADS))
+
+
+def token_logprobs_launch(rows: int) -> Shape:
+    return Shape((extent(rows), 1, 1), (LOGPROB_THREADS, 1, 1), 0)

@@ -7,6 +7,8 @@ Step inputs (all packed, no padding):
   tokens[T], positions[T], seq_ids[T]  one entry per token of every sequence in the step
   seq_lens[max_batch]                  each cache slot's sequence length after this step
   last_index[B]                        row of each sequence's last token in the step
+  targets[T]                           the token after each token, where known, else -1 (read
+                                       only by the on-demand prompt logprobs)
   sample.*[B]                          per-sequence sampling parameters and RNG key
 ``seq_ids`` names the KV-cache slot a token belongs to, so one op set serves prefill (many
 tokens per sequence), decode (one) and chunked prefill alike.
@@ -62,7 +64,7 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
         return HF_NAMES[key].format(i=i, p=p)
 
     # ---- step inputs ------------------------------------------------------------------------
-    for name in ("tokens", "positions", "seq_ids"):
+    for name in ("tokens", "positions", "seq_ids", "targets"):
         g.add_value(name, ("T",), "int32", INPUT)
     # seq_lens is indexed by cache slot (like seq_ids), not by position in the step
     g.add_value("seq_lens", (max_batch,), "int32", INPUT)
@@ -150,10 +152,14 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
     logits = act("logits", ("B", V), dt="float32", role="logits")  # logits: [B, V] fp32
     g.add_node("lm_head", [last, w_lm], [logits], out_dtype="float32")
     nxt = act("next_token", ("B",), dt="int32", role="next_token")
+    nxt_lp = act("next_logprob", ("B",), dt="float32", role="next_logprob")
     g.add_node(
         "topk_sample",
         [logits, "sample.temperature", "sample.top_k", "sample.top_p", "sample.seed", "sample.step"],
-        [nxt],
+        [nxt, nxt_lp],
     )
-    g.outputs = [logits, nxt]
+    # echo: every row's logprob of the token after it (on demand: only steps that fetch it pay)
+    token_lp = act("token_logprobs", ("T",), dt="float32", role="token_logprobs")
+    g.add_node("token_logprobs", [xn, w_lm, "targets"], [token_lp])
+    g.outputs = [logits, nxt, nxt_lp, token_lp]
     return g

@@ -29,7 +29,8 @@ Dim = int | str  # an int, or a symbolic dim name: "T" tokens in the step, "B" s
 
 # Roles: what a value is, where something must know (weights: how to draw random ones, what the
 # embedding table is; graph outputs: which holds the logits), so nothing guesses it from a name.
-ROLES = ("embedding_table", "norm", "matrix", "bias", "scales", "zeros", "logits", "next_token")
+ROLES = ("embedding_table", "norm", "matrix", "bias", "scales", "zeros", "logits", "next_token", "next_logprob",
+         "token_logprobs")
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,15 @@ class OpDef:
     effects: bool = False  # writes persistent state (KV cache): never dead code
     n_inputs: tuple[int, int] = (1, 1)  # (min, max) number of inputs
     gemm: bool = False  # y = x @ W^T (+ bias), nothing else: a bias add after it can fold in
+    # computed only in a step that fetches its output (its launches wait on wants.<output>)
+    on_demand: bool = False
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False):
-    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm)
+def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False, on_demand=False):
+    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm, on_demand)
 
 
 def gemm_ops() -> tuple[str, ...]:
@@ -295,13 +297,27 @@ def _add_rmsnorm_ref(ins, attrs):
     return [s, rmsnorm(s, w, attrs["eps"])]
 
 
+def log_softmax_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """logits: [R, V] fp32; index: [R] -> log_softmax(logits)[r, index[r]] in fp32 (0 where index < 0)."""
+    m = logits.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True, dtype=np.float32)))[:, 0]
+    picked = np.take_along_axis(logits, np.maximum(index, 0)[:, None].astype(np.int64), axis=-1)[:, 0]
+    return np.where(index >= 0, picked - lse, 0.0).astype(np.float32)
+
+
 def _sample_ref(ins, attrs):
     logits, temperature, top_k, top_p, seed, step = ins
     out = np.empty(logits.shape[0], np.int32)
     for b in range(logits.shape[0]):
         u = sample_uniform(int(seed[b]), int(step[b]))
         out[b] = sample_row(logits[b], float(temperature[b]), int(top_k[b]), float(top_p[b]), u)
-    return [out]
+    # the logprob of the token under the model's own distribution, before temperature (as Meta's generate)
+    return [out, log_softmax_at(logits, out)]
+
+
+def _token_logprobs_ref(ins, attrs):
+    x, w, targets = ins  # x: [T, D] normed rows, w: [V, D], targets: [T] next token of each row or -1
+    return [log_softmax_at(x @ w.T, targets.astype(np.int64))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +360,17 @@ register(
     n_inputs=(2, 2),
 )
 register(
-    "topk_sample",  # (logits, temperature, top_k, top_p, seed, step) -> next token per sequence
-    lambda ins, a: [((ins[0].shape[0],), "int32")],
+    "topk_sample",  # (logits, temperature, top_k, top_p, seed, step) -> (next token, its logprob) per sequence
+    lambda ins, a: [((ins[0].shape[0],), "int32"), ((ins[0].shape[0],), "float32")],
     _sample_ref,
     n_inputs=(6, 6),
+)
+register(
+    # (normed rows [T, D], LM head [V, D], targets [T]) -> log_softmax(row @ W^T)[target], 0 where target < 0:
+    # the logprob of each prompt token given the tokens before it (echo), computed only when fetched
+    "token_logprobs",
+    lambda ins, a: [((ins[0].shape[0],), "float32")],
+    _token_logprobs_ref,
+    n_inputs=(3, 3),
+    on_demand=True,
 )

@@ -10,7 +10,8 @@ launch may be conditional on one (``llamagraph.codegen.launch``).
 A step with one token per sequence runs the "decode" phase, captured into a CUDA graph the
 first time each batch size is seen and replayed after that (the plan proved the phase
 graph-safe when it was compiled); any other step runs "prefill" eagerly, library calls
-(cuBLAS) included.
+(cuBLAS) included. A step that fetches an on-demand output (``wants.<output>``) runs its
+phase eagerly with those launches switched on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import STEP_FILLS, Arg, Launch
+from llamagraph.codegen.launch import STEP_FILLS, WANTS, Arg, Launch
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, WeightError
 from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
@@ -148,6 +149,8 @@ class CudaExecutor:
                       for p, ls in plan.phases.items()}
         self.prepared = {p: [self._prepare(launch) for launch in ls] for p, ls in plan.phases.items()}
         self.graphs = {}  # batch size -> captured decode step
+        # outputs computed only by steps that fetch them (launches gated by wants.<output>)
+        self.on_demand = {launch.on_demand for ls in plan.phases.values() for launch in ls if launch.on_demand}
 
     # ---- memory ---------------------------------------------------------------------------------
     def _check_memory(self, weights) -> None:
@@ -211,7 +214,7 @@ class CudaExecutor:
         """An argument as passed to the call, resolved once: addresses and constants are fixed for
         the plan's lifetime; a step scalar stays an ``Arg`` until the step supplies it."""
         if a.kind in ("value", "workspace"):
-            return self.addr[a.ref]
+            return np.uint64(int(self.addr[a.ref]) + a.offset)
         if a.kind == "null":
             return np.uint64(0)
         if a.kind == "step":
@@ -222,7 +225,7 @@ class CudaExecutor:
         return launch, self.fns.get(launch.fn), [self._bind(a) for a in launch.args]
 
     def _issue(self, launch: Launch, fn, bound: list, scalars: dict[str, int]) -> None:
-        if launch.when is not None and not launch.when.holds(scalars):
+        if not launch.runs(scalars):
             return
         args = [np.int32(scalars[a.ref]) if isinstance(a, Arg) else a for a in bound]
         if launch.kind == "library":
@@ -266,6 +269,8 @@ class CudaExecutor:
         cp, g = self.cp, self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
         scalars = {"T": n_tokens, "B": n_seqs}
+        wanted = {WANTS + name: 1 for name in fetch if name in self.on_demand}
+        scalars.update(wanted)
         for name, arr in inputs.items():
             off = self.input_offsets[name]
             raw = np.ascontiguousarray(arr, DTYPES[g.values[name].dtype].storage).view(np.uint8).reshape(-1)
@@ -279,7 +284,7 @@ class CudaExecutor:
         with self.stream:
             cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
                                         cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
-            if phase in self.plan.captured:
+            if phase in self.plan.captured and not wanted:  # captures leave on-demand launches out
                 graph = self.graphs.get(n_seqs)
                 if graph is None:
                     graph = self.graphs[n_seqs] = self._capture(scalars)

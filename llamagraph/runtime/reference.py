@@ -58,6 +58,8 @@ class ReferenceExecutor:
         for name, arr in inputs.items():
             self._storage(name, dims)[...] = arr
         for node in self.graph.nodes:
+            if OPS[node.op].on_demand and not set(node.outputs) & set(fetch):
+                continue  # computed only for a step that asks for it, as on the GPU
             ins = [self._read(i, dims) for i in node.inputs]
             outs = OPS[node.op].reference(ins, node.attrs)
             for name, arr in zip(node.outputs, outs):
