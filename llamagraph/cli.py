@@ -330,9 +330,9 @@ def add_chat(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                    help="most tokens per reply (default: 256)")
     p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=non_negative(int), default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-k", type=top_k_count, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
-    p.add_argument("--seed", type=non_negative(int), default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
     p.add_argument("--max-seq", type=positive_int, metavar="N",
                    help="tokens the whole conversation may hold (not for a plan directory: it has its own)")

@@ -7,4 +7,4 @@ export PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-c
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || cat "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import cupy, torch, transformers; print('cupy', cupy.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest tests/gpu -q -rfE --tb=short -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
+python3 -m pytest tests/gpu tests/test_chat.py -m gpu -q -rfE --tb=short -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60

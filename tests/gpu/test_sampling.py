@@ -44,18 +44,23 @@ def sample(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
             cupy.asarray(full(top_k, np.int32)), cupy.asarray(full(top_p, np.float32)),
             cupy.asarray(full(seed, np.int64)), cupy.asarray(full(step, np.int32))]
     out = cupy.full(B + 1, -1, cupy.int32)
+    logprob = cupy.full(B + 1, np.nan, cupy.float32)
     la = sample_launch(B)
-    _sampler(V)(la.grid, la.block, (*args, out, np.int32(B)))
-    got = cupy.asnumpy(out)
-    assert got[B] == -1, "wrote past the last row"
+    _sampler(V)(la.grid, la.block, (*args, out, logprob, np.int32(B)))
+    got, got_lp = cupy.asnumpy(out), cupy.asnumpy(logprob)
+    assert got[B] == -1 and np.isnan(got_lp[B]), "wrote past the last row"
     assert ((got[:B] >= 0) & (got[:B] < V)).all(), got[:B]
+    # every sampled token comes with its log-softmax under the raw logits (before temperature)
+    x = np.asarray(logits, np.float64)
+    lse = x.max(1) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1))
+    np.testing.assert_allclose(got_lp[:B], x[np.arange(B), got[:B]] - lse, rtol=1e-5, atol=1e-4)
     return got[:B]
 
 
 def reference(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
     B = logits.shape[0]
     full = lambda x, dt: np.broadcast_to(np.asarray(x, dt), (B,))  # noqa: E731
-    (out,) = ops._sample_ref([logits, full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32),
+    out, _logprob = ops._sample_ref([logits, full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32),
                               full(seed, np.int64), full(step, np.int32)], {})
     return out
 
