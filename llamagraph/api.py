@@ -156,6 +156,7 @@ class Plan:
         self.next_logprob_name = graph.with_role("next_logprob")
         self.token_logprobs_name = graph.with_role("token_logprobs")
         self.lengths: list[int] = []  # tokens held in each slot's KV cache
+        self.state = 0  # bumped whenever what the KV cache holds changes (a chat checks it is still its own)
 
     @property
     def backend(self) -> str:
@@ -164,6 +165,7 @@ class Plan:
     def reset(self) -> None:
         """Forget every sequence; the next ``run`` prefills a new batch."""
         self.lengths = []
+        self.state += 1
 
     # ---- public API ---------------------------------------------------------------------------
     def run(self, tokens: list[list[int]]) -> np.ndarray:
@@ -331,6 +333,7 @@ class Plan:
                     if want_logits:
                         fed.logits[row] = out[self.logits_name][k]
         self.lengths = lengths
+        self.state += 1
         return fed
 
     def _pack(self, feed: dict[int, list[int]], lengths: list[int]) -> list[list[Segment]]:

@@ -211,6 +211,7 @@ class ChatSession:
     def __init__(self, plan, tokenizer, chat_format: ChatFormat):
         self.plan, self.tokenizer, self.format = plan, tokenizer, chat_format
         self.held: list[int] = []  # the token ids the plan's KV cache holds for this conversation
+        self.plan_state = -1  # the plan's state counter right after our last turn
         self.fed: list[int] = []  # what the last turn fed (its new tokens)
         self.cut_by_context = False  # the last reply stopped because the KV cache was full
 
@@ -227,8 +228,10 @@ class ChatSession:
         if len(ids) >= max_seq:
             raise ContextFullError(f"context full: the conversation is {len(ids)} tokens and the plan holds at most "
                                    f"{max_seq} per sequence (max_seq); start a new chat or compile with a larger max_seq")
-        # The cache still holds this conversation when slot 0 is all there is and has exactly our ids.
-        held = self.held if self.plan.lengths == [len(self.held)] else []
+        # The cache still holds this conversation when nothing else ran on the plan since our last
+        # turn (its state counter is unchanged) and slot 0 is all there is.
+        ours = self.plan.state == self.plan_state and self.plan.lengths == [len(self.held)]
+        held = self.held if ours else []
         keep = held if held and len(ids) > len(held) and ids[: len(held)] == held else []
         # the last reply token is sampled, not fed: a reply may reach one past the cache
         budget = min(max_new_tokens, max_seq - len(ids) + 1)
@@ -249,6 +252,7 @@ class ChatSession:
                                  append=bool(keep), **sampling)[0]
         self.fed = new
         self.held = (ids + out)[: self.plan.lengths[0]]
+        self.plan_state = self.plan.state
         self.cut_by_context = len(out) == budget < max_new_tokens
         text = self.tokenizer.decode(out)
         if on_text is not None and text.startswith(shown) and len(text) > len(shown):

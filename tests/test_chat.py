@@ -271,6 +271,22 @@ def test_a_run_between_turns_starts_the_chat_over(checkpoint, spy):
     assert second == llamagraph.compile(d, dtype="float32").chat(messages, max_new_tokens=3)
 
 
+def test_other_tokens_of_the_same_length_between_turns_start_the_chat_over(checkpoint, spy):
+    """A generate that leaves slot 0 at exactly the chat's length: the cache is not the chat's."""
+    d = checkpoint(LLAMA3_SPECIALS, TEMPLATES["headers"])
+    plan = llamagraph.compile(d, dtype="float32")
+    messages = [{"role": "user", "content": "hi how are you?"}]
+    first = plan.chat(messages, max_new_tokens=3)
+    held = plan.lengths[0]
+    plan.reset()
+    plan.run([[7] * held])  # same length, other tokens
+    assert plan.lengths == [held]
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "tell me more"}]
+    second = plan.chat(messages, max_new_tokens=3)
+    assert spy[-1][1] is False
+    assert second == llamagraph.compile(d, dtype="float32").chat(messages, max_new_tokens=3)
+
+
 def test_full_context_is_one_line(checkpoint):
     d = checkpoint(LLAMA3_SPECIALS, TEMPLATES["headers"])
     plan = llamagraph.compile(d, dtype="float32", max_seq=24)
