@@ -202,17 +202,56 @@ def add_run(sub) -> None:
     p.add_argument("--random-weights", action="store_true", help="random weights; the prompt is random token ids")
     p.add_argument("--prompt", default="", help="prompt text (ignored with --random-weights)")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt length (--random-weights)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
+    add_generation_options(p, max_new_tokens=64, max_seq_help="KV-cache length per sequence")
+    p.add_argument("--logprobs", action="store_true",
+                   help="after the output, print each generated token's logprob (log-softmax before temperature)")
+    p.set_defaults(func=cmd_run)
+
+
+def add_generation_options(p: argparse.ArgumentParser, *, max_new_tokens: int, max_seq_help: str) -> None:
+    """What `run` and `chat` share: sampling, and the sizes of a plan compiled on the spot."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+                   help=f"most new tokens (default: {max_new_tokens})")
     p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=top_k_count, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
-    p.add_argument("--max-seq", type=positive_int, metavar="N", help="(not for a plan directory: it has its own)")
+    p.add_argument("--max-seq", type=positive_int, metavar="N",
+                   help=f"{max_seq_help} (not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
-    p.add_argument("--logprobs", action="store_true",
-                   help="after the output, print each generated token's logprob (log-softmax before temperature)")
-    p.set_defaults(func=cmd_run)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+class PlanSource:
+    """MODEL as `run` and `chat` take it: a plan directory (loaded as it is) or a checkpoint /
+    config (compiled on the spot); ``model`` is where its tokenizer is looked for first."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.compiled, self.model = args, None, args.model
+        if _is_plan_dir(args.model):
+            from llamagraph.codegen.compiled import CompiledPlan
+
+            self.compiled = CompiledPlan.load(args.model)
+            self.model = self.compiled.model
+
+    def tokenizer_dirs(self) -> list[str]:
+        if self.model is None and not self.args.weights:
+            raise UsageError(f"{self.args.model}: the plan records no model directory to find a tokenizer in; "
+                             "pass --weights DIR")
+        return _tokenizer_dirs(self.model, self.args.weights)
+
+    def plan(self, weights, progress: bool = False):
+        import llamagraph
+
+        a = self.args
+        if self.compiled is not None:
+            return llamagraph.bind(self.compiled, weights, backend=a.backend, seed=a.seed, progress=progress)
+        return llamagraph.compile(a.model, weights, dtype=a.dtype, max_seq=a.max_seq, backend=a.backend, seed=a.seed,
+                                  progress=progress)
 
 
 def _is_plan_dir(path: str) -> bool:
@@ -228,27 +267,14 @@ def _tokenizer_dirs(model: str | None, weights: str | None) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import llamagraph
     from llamagraph.textgen import find_tokenizer, format_logprobs, stream_text
 
     if args.random_weights and args.weights:
         raise UsageError("--weights and --random-weights exclude each other")
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    weights = "random" if args.random_weights else args.weights
-    compiled = None
-    if _is_plan_dir(args.model):
-        from llamagraph.codegen.compiled import CompiledPlan
-
-        compiled = CompiledPlan.load(args.model)
-
-    def make_plan(progress: bool = False):
-        if compiled is not None:
-            return llamagraph.bind(compiled, weights, backend=args.backend, seed=args.seed, progress=progress)
-        return llamagraph.compile(args.model, weights, dtype=args.dtype, max_seq=args.max_seq, backend=args.backend,
-                                  seed=args.seed, progress=progress)
-
+    sampling = sampling_kwargs(args)
+    source = PlanSource(args)
     if args.random_weights:
-        plan = make_plan()
+        plan = source.plan("random")
         import numpy as np
 
         prompt = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.prompt_len).tolist()
@@ -262,11 +288,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if not args.prompt:
         raise UsageError("--prompt is required (or pass --random-weights)")
-    source = compiled.model if compiled is not None else args.model
-    if source is None and not args.weights:
-        raise UsageError(f"{args.model}: the plan records no model directory to find a tokenizer in; pass --weights DIR")
-    tokenizer = find_tokenizer(*_tokenizer_dirs(source, args.weights))
-    plan = make_plan(progress=sys.stderr.isatty())
+    tokenizer = find_tokenizer(*source.tokenizer_dirs())
+    plan = source.plan(args.weights, progress=sys.stderr.isatty())
     cfg = plan.config
     stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,
                 stop_tokens=cfg.eos_token_ids, logprobs=args.logprobs, **sampling)
@@ -327,39 +350,17 @@ def add_chat(sub) -> None:
                    help="checkpoint to load (default: MODEL, or the checkpoint a plan was compiled from); its "
                         "directory is searched for a tokenizer and chat template after MODEL's")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
-                   help="most tokens per reply (default: 256)")
-    p.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=top_k_count, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass to keep (default: 1.0)")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="(not for a plan directory: it has its own)")
-    p.add_argument("--max-seq", type=positive_int, metavar="N",
-                   help="tokens the whole conversation may hold (not for a plan directory: it has its own)")
-    p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    add_generation_options(p, max_new_tokens=256, max_seq_help="tokens the whole conversation may hold")
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import llamagraph
     from llamagraph.chat import ContextFullError, open_session
 
-    progress = sys.stderr.isatty()
-    if _is_plan_dir(args.model):
-        from llamagraph.codegen.compiled import CompiledPlan
-
-        compiled = CompiledPlan.load(args.model)
-        if compiled.model is None and not args.weights:
-            raise UsageError(f"{args.model}: the plan records no model directory to find a tokenizer in; "
-                             "pass --weights DIR")
-        dirs = _tokenizer_dirs(compiled.model, args.weights)
-        plan = llamagraph.bind(compiled, args.weights, backend=args.backend, seed=args.seed, progress=progress)
-    else:
-        dirs = _tokenizer_dirs(args.model, args.weights)
-        plan = llamagraph.compile(args.model, args.weights, dtype=args.dtype, max_seq=args.max_seq,
-                                  backend=args.backend, seed=args.seed, progress=progress)
-    session = open_session(plan, *dirs)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    source = PlanSource(args)
+    dirs = source.tokenizer_dirs()
+    session = open_session(source.plan(args.weights, progress=sys.stderr.isatty()), *dirs)
+    sampling = sampling_kwargs(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
 
