@@ -6,6 +6,7 @@
     llamagraph run MODEL|PLAN_DIR [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
     llamagraph bench CONFIG --random-weights [--batch B] [--prompt-len P] [--gen-len G] [--peers hf,compile]
+    llamagraph profile CONFIG --random-weights [--batch B] [--context N] [--dtype D] [-o OUT.html] [--json OUT.json]
     llamagraph chat MODEL|PLAN_DIR [--weights PATH] [--system TEXT] [--max-new-tokens N]
                           [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]   (turns on stdin)
 
@@ -438,6 +439,50 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# profile
+# ---------------------------------------------------------------------------------------------
+
+def add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="one decode step kernel by kernel: us, bytes, GB/s (GPU)",
+                       description="Replay one decode step kernel by kernel on random weights and print each "
+                                   "launch's microseconds, the bytes it must move, GB/s and %% of the copy "
+                                   "bandwidth, then the totals against the captured graph's replay time; "
+                                   "draw a bar per kernel, grouped by layer, as offline HTML + SVG.")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--random-weights", action="store_true", required=True,
+                   help="required: the profile runs on random weights")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--context", type=positive_int, default=128,
+                   help="cached tokens per sequence the profiled step attends over (default 128)")
+    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument("-o", "--output", metavar="OUT.html", default="profile.html", help="the picture (default profile.html)")
+    p.add_argument("--json", metavar="OUT.json", help="also write every figure as JSON")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from llamagraph.ir import load_config
+    from llamagraph.profile import profile
+    from llamagraph.runtime.cuda import CudaExecutor
+
+    if args.context < 2:
+        raise UsageError("argument --context: must be at least 2 (a prompt token and the decoded one)")
+    load_config(args.config)  # a bad config fails before any GPU work
+    CudaExecutor.check_available()
+    result = profile(args.config, batch=args.batch, context=args.context, dtype=args.dtype,
+                     progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+    print(result.table())
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(result.html())
+    print(f"wrote {args.output}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # the command table and main
 # ---------------------------------------------------------------------------------------------
 
@@ -447,6 +492,7 @@ COMMANDS: dict[str, Callable] = {
     "dump": add_dump,
     "run": add_run,
     "bench": add_bench,
+    "profile": add_profile,
     "chat": add_chat,
     "bisect": add_bisect,
 }

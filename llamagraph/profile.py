@@ -1,0 +1,232 @@
+"""``llamagraph profile``: one decode step, kernel by kernel, against the copy bandwidth.
+
+A decode step is a list of launches (``plan.compiled.phases["decode"]``) that the CUDA
+executor replays as one captured graph. ``profile`` times each launch alone: about 20
+repetitions of that one launch captured into a CUDA graph, replayed once to warm up, then
+timed with CUDA events, so Python's launch cost is not in the figure. Each launch gets the
+bytes it must move (``launch_bytes``), the GB/s that implies and its % of the device-to-device
+copy bandwidth measured in the same run (``bench.copy_bandwidth``). The totals compare the sum
+of the kernels with one replay of the whole captured step, and the step's bytes
+(``bench.decode_step_bytes``: the floor ``llamagraph bench`` uses) with that replay time.
+
+A launch repeated back to back finds in L2 what the previous repetition left there, so a
+launch whose bytes fit in L2 can read above the copy bandwidth; the whole-step replay, which
+streams every weight once, is the figure that cannot flatter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from llamagraph.bench import copy_bandwidth, decode_step_bytes
+from llamagraph.codegen.launch import Launch
+from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, Graph, InputError, load_config
+
+REPS = 20  # launches of one kernel captured into the graph that times it
+REPLAYS = 50  # whole-step graph replays timed
+
+
+def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
+    """Bytes a decode launch must move, from its ``value`` arguments, each value counted once.
+
+    - a weight: all of it, except the embedding table of an ``embedding`` node, which gathers
+      only ``batch`` rows (one token per sequence);
+    - a KV cache: only the rows the step touches, ``[.., KV, D]`` each: ``batch`` rows (one new
+      token per sequence) for the node that writes the cache, ``batch * context`` rows for a
+      node that reads it (attention over ``context`` cached tokens per sequence);
+    - an activation or a step input: its size at T = B = ``batch``.
+
+    Workspaces (scratch such as split-KV partials, constant tables) are not counted: they are
+    the plan's own traffic, not the model's, and small.
+    """
+    node = graph.nodes[launch.node]
+    dims = {"T": batch, "B": batch}
+    written = {graph.values[o].attrs.get("alias", o) for o in node.outputs}  # caches this node writes
+    total = 0
+    seen: set[str] = set()
+    for a in launch.args:
+        if a.kind != "value" or a.ref in seen:
+            continue
+        seen.add(a.ref)
+        v = graph.values[a.ref]
+        if v.kind == WEIGHT:
+            if v.role == "embedding_table" and node.op == "embedding":
+                total += batch * v.nbytes(graph.dims) // v.shape[0]
+            else:
+                total += v.nbytes(graph.dims)
+        elif v.kind == KV_CACHE:
+            row = v.nbytes(graph.dims) // (v.shape[0] * v.shape[1])  # one token of one sequence: [KV, D]
+            rows = batch if v.attrs.get("alias", v.name) in written else batch * context
+            total += rows * row
+        elif v.kind in (ACTIVATION, INPUT):
+            total += v.nbytes(dims)
+    return int(total)
+
+
+def layer_label(layer: int | None, op: str) -> str:
+    """The group a launch is drawn in: its decoder layer, else embedding (before) or head (after)."""
+    if layer is not None:
+        return f"layer {layer}"
+    return "embedding" if op == "embedding" else "head"
+
+
+@dataclass
+class KernelRow:
+    index: int  # position in the decode step
+    layer: int | None
+    group: str  # "embedding", "layer <i>" or "head"
+    op: str
+    node: str
+    kernel: str
+    us: float
+    bytes: int
+    gb_s: float
+    pct_copy: float  # GB/s as % of the copy bandwidth
+
+
+@dataclass
+class ProfileResult:
+    config: str
+    batch: int
+    context: int
+    dtype: str
+    device: str
+    copy_gb_s: float
+    replay_us: float  # one replay of the captured decode step
+    step_bytes: int  # bench's floor bytes for the step
+    rows: list[KernelRow] = field(default_factory=list)
+
+    @property
+    def kernels_us(self) -> float:
+        return sum(r.us for r in self.rows)
+
+    @property
+    def kernel_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def pct_floor(self) -> float:
+        """The floor time (step bytes over the copy bandwidth) as % of the replay time."""
+        return 100 * (self.step_bytes / (self.copy_gb_s * 1e9)) / (self.replay_us * 1e-6)
+
+    def totals(self) -> dict:
+        return {"kernels": len(self.rows), "kernels_us": self.kernels_us, "replay_us": self.replay_us,
+                "kernel_bytes": self.kernel_bytes, "step_bytes": self.step_bytes,
+                "replay_gb_s": self.step_bytes / (self.replay_us * 1e-6) / 1e9, "pct_floor": self.pct_floor}
+
+    def header(self) -> str:
+        return (f"{self.config}: decode step, batch {self.batch}, context {self.context}, {self.dtype}, {self.device}; "
+                f"copy bandwidth {self.copy_gb_s:.0f} GB/s")
+
+    def totals_line(self) -> str:
+        t = self.totals()
+        return (f"total: {t['kernels']} kernels, {t['kernels_us']:.1f} us summed alone; graph replay "
+                f"{t['replay_us']:.1f} us; step moves {t['step_bytes'] / 1e6:.2f} MB "
+                f"({t['replay_gb_s']:.0f} GB/s over the replay) -> {t['pct_floor']:.1f}% of floor")
+
+    def table(self) -> str:
+        lines = [self.header(),
+                 f"{'#':>4} {'group':<10} {'op':<16} {'kernel':<44} {'us':>9} {'bytes':>12} {'GB/s':>8} {'% copy':>7}"]
+        for r in self.rows:
+            lines.append(f"{r.index:>4} {r.group:<10} {r.op:<16} {r.kernel[:44]:<44} {r.us:>9.2f} {r.bytes:>12,} "
+                         f"{r.gb_s:>8.0f} {r.pct_copy:>6.1f}%")
+        lines.append(self.totals_line())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "batch": self.batch, "context": self.context, "dtype": self.dtype,
+                "device": self.device, "copy_gb_s": self.copy_gb_s, "totals": self.totals(),
+                "rows": [asdict(r) for r in self.rows]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def html(self) -> str:
+        from llamagraph.viz import profile_html
+
+        return profile_html([asdict(r) for r in self.rows], title=f"decode step profile: {self.config}",
+                            subtitle=[self.header(), self.totals_line()])
+
+
+def _time_graph(cp, graph, stream, reps: int) -> float:
+    """Microseconds per repetition of a captured graph, after one warm-up replay."""
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    graph.launch(stream)
+    start.record(stream)
+    graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / reps
+
+
+def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "float16", seed: int = 0,
+            progress: bool = False, log=None) -> ProfileResult:
+    """Profile one decode step of ``config`` on random weights on the GPU.
+
+    Prefills ``context - 1`` random tokens per sequence and runs one decode step (the graph is
+    captured), so the profiled step attends over ``context`` cached tokens per sequence; then
+    times each of its launches alone and one replay of the whole step (see the module doc)."""
+    import cupy as cp
+
+    import llamagraph
+
+    if context < 2:
+        raise InputError(f"context must be at least 2 (a prompt token and the decoded one), got {context}")
+    cfg = load_config(config)
+    say = log or (lambda m: None)
+    bw = copy_bandwidth()
+    say(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=context, backend="cuda",
+                              seed=seed, progress=progress)
+    ex = plan.executor
+    captured: dict[str, int] = {}  # the step scalars the decode graph is captured with
+
+    capture = ex._capture
+
+    def capture_recording(scalars):
+        captured.update(scalars)
+        return capture(scalars)
+
+    ex._capture = capture_recording  # an instance attribute over the method, removed below
+    prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context - 1)).tolist()
+    try:
+        plan.generate(prompts, 2)  # prefill, then one decode step: its inputs stay on the device
+    finally:
+        del ex._capture
+    if not captured:
+        raise RuntimeError("the decode step was not captured as a graph")
+    graph, stream = plan.graph, ex.stream
+    launches = [launch for launch in ex.plan.phases["decode"] if not launch.on_demand and launch.runs(captured)]
+    say(f"timing {len(launches)} decode launches")
+
+    result = ProfileResult(str(config), batch, context, dtype,
+                           cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode(), bw / 1e9,
+                           0.0, decode_step_bytes(graph, cfg, batch, context))
+    with stream:
+        for i, launch in enumerate(launches):
+            stream.begin_capture()
+            try:
+                for _ in range(REPS):
+                    ex.launch(launch, captured)
+            finally:
+                one = stream.end_capture()
+            us = _time_graph(cp, one, stream, REPS)
+            node = graph.nodes[launch.node]
+            nbytes = launch_bytes(graph, launch, batch, context)
+            gb_s = nbytes / (us * 1e-6) / 1e9 if us > 0 else float("nan")
+            result.rows.append(KernelRow(i, node.layer, layer_label(node.layer, node.op), node.op, node.name,
+                                         launch.fn, us, nbytes, gb_s, 100 * gb_s / (bw / 1e9)))
+        step = ex.graphs[batch]
+        for _ in range(5):
+            step.launch(stream)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(REPLAYS):
+            step.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        result.replay_us = 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
+    return result
