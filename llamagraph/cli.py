@@ -445,7 +445,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 def add_profile(sub) -> None:
     p = sub.add_parser("profile", help="one decode step kernel by kernel: us, bytes, GB/s (GPU)",
                        description="Replay one decode step kernel by kernel on random weights and print each "
-                                   "launch's microseconds, the bytes it must move, GB/s and %% of the copy "
+                                   "launch's microseconds, the bytes it must move, GB/s and % of the copy "
                                    "bandwidth, then the totals against the captured graph's replay time; "
                                    "draw a bar per kernel, grouped by layer, as offline HTML + SVG.")
     p.add_argument("config", metavar="CONFIG")
