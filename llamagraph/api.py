@@ -370,6 +370,7 @@ class Plan:
             "seq_lens": seq_lens,
             "last_index": last_index,
             "targets": targets if targets is not None else np.full(len(tokens), -1, np.int32),
+            "sample.logprobs": np.full(len(step), int(logprobs), np.int32),
             **sampling.arrays(),
         }
         fetch = [self.next_token_name] + ([self.logits_name] if want_logits else []) + \

@@ -189,7 +189,7 @@ def test_compile_refuses_a_lowering_that_is_not_graph_safe(monkeypatch, tmp_path
     assert main(["compile", str(cfg), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "decode launch" in err[0] and "node 20 'next_token'" in err[0]
-    assert "argument 8 (step 'sample.step_host')" in err[0]
+    assert "argument 9 (step 'sample.step_host')" in err[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ def sample(V: int) -> Kernel:
     """Temperature / top-k / top-p sampling of one token per row.
 
     Arguments: logits float32 [B, V], temperature float32 [B], top_k int32 [B], top_p float32 [B],
-    seed int64 [B], step int32 [B], out int32 [B], logprob float32 [B], n_rows int32 B.
-    logprob[b] = log_softmax(logits[b])[out[b]]: the token's logprob before temperature.
+    seed int64 [B], step int32 [B], want_logprob int32 [B], out int32 [B], logprob float32 [B],
+    n_rows int32 B. logprob[b] = log_softmax(logits[b])[out[b]], the token's logprob before
+    temperature, where want_logprob[b] != 0, else 0 (the log-sum-exp pass is skipped).
     Semantics of ``llamagraph.ir.ops.sample_row`` with u = ``sample_uniform(seed, step)``:
     temperature <= 0 is greedy (first index of the maximum); top_k <= 0 or >= V and top_p >= 1
     disable those filters; top_p <= 0 keeps only the most likely token(s). Thresholds are found by

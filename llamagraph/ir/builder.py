@@ -68,7 +68,8 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
         g.add_value(name, ("T",), "int32", INPUT)
     # seq_lens is indexed by cache slot (like seq_ids), not by position in the step
     g.add_value("seq_lens", (max_batch,), "int32", INPUT)
-    for name in ("last_index", "sample.top_k", "sample.step"):
+    # sample.logprobs: 1 where the step wants the sampled token's logprob (else the sampler skips it)
+    for name in ("last_index", "sample.top_k", "sample.step", "sample.logprobs"):
         g.add_value(name, ("B",), "int32", INPUT)
     g.add_value("sample.temperature", ("B",), "float32", INPUT)
     g.add_value("sample.top_p", ("B",), "float32", INPUT)
@@ -155,7 +156,8 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
     nxt_lp = act("next_logprob", ("B",), dt="float32", role="next_logprob")
     g.add_node(
         "topk_sample",
-        [logits, "sample.temperature", "sample.top_k", "sample.top_p", "sample.seed", "sample.step"],
+        [logits, "sample.temperature", "sample.top_k", "sample.top_p", "sample.seed", "sample.step",
+         "sample.logprobs"],
         [nxt, nxt_lp],
     )
     # echo: every row's logprob of the token after it (on demand: only steps that fetch it pay)

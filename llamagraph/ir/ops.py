@@ -306,13 +306,14 @@ def log_softmax_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def _sample_ref(ins, attrs):
-    logits, temperature, top_k, top_p, seed, step = ins
+    logits, temperature, top_k, top_p, seed, step, want_logprob = ins
     out = np.empty(logits.shape[0], np.int32)
     for b in range(logits.shape[0]):
         u = sample_uniform(int(seed[b]), int(step[b]))
         out[b] = sample_row(logits[b], float(temperature[b]), int(top_k[b]), float(top_p[b]), u)
-    # the logprob of the token under the model's own distribution, before temperature (as Meta's generate)
-    return [out, log_softmax_at(logits, out)]
+    # the logprob of the token under the model's own distribution, before temperature (as Meta's
+    # generate), where the row asks for it; 0 elsewhere
+    return [out, np.where(want_logprob != 0, log_softmax_at(logits, out), 0.0).astype(np.float32)]
 
 
 def _token_logprobs_ref(ins, attrs):
@@ -360,10 +361,11 @@ register(
     n_inputs=(2, 2),
 )
 register(
-    "topk_sample",  # (logits, temperature, top_k, top_p, seed, step) -> (next token, its logprob) per sequence
+    # (logits, temperature, top_k, top_p, seed, step, want_logprob) -> (next token, its logprob or 0) per sequence
+    "topk_sample",
     lambda ins, a: [((ins[0].shape[0],), "int32"), ((ins[0].shape[0],), "float32")],
     _sample_ref,
-    n_inputs=(6, 6),
+    n_inputs=(7, 7),
 )
 register(
     # (normed rows [T, D], LM head [V, D], targets [T]) -> log_softmax(row @ W^T)[target], 0 where target < 0:

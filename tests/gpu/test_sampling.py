@@ -36,13 +36,14 @@ def _sampler(V: int):
     return mod.get_function(kernel.name)
 
 
-def sample(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
+def sample(logits, temperature, top_k, top_p, seed, step, want_logprob=1) -> np.ndarray:
     """Runs the kernel on host arrays; the output is poisoned first."""
     B, V = logits.shape
     full = lambda x, dt: np.broadcast_to(np.asarray(x, dt), (B,)).copy()  # noqa: E731
     args = [cupy.asarray(np.ascontiguousarray(logits, np.float32)), cupy.asarray(full(temperature, np.float32)),
             cupy.asarray(full(top_k, np.int32)), cupy.asarray(full(top_p, np.float32)),
-            cupy.asarray(full(seed, np.int64)), cupy.asarray(full(step, np.int32))]
+            cupy.asarray(full(seed, np.int64)), cupy.asarray(full(step, np.int32)),
+            cupy.asarray(full(want_logprob, np.int32))]
     out = cupy.full(B + 1, -1, cupy.int32)
     logprob = cupy.full(B + 1, np.nan, cupy.float32)
     la = sample_launch(B)
@@ -50,10 +51,12 @@ def sample(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
     got, got_lp = cupy.asnumpy(out), cupy.asnumpy(logprob)
     assert got[B] == -1 and np.isnan(got_lp[B]), "wrote past the last row"
     assert ((got[:B] >= 0) & (got[:B] < V)).all(), got[:B]
-    # every sampled token comes with its log-softmax under the raw logits (before temperature)
+    # every sampled token of a row that asks comes with its log-softmax under the raw logits
+    # (before temperature); the other rows get 0
     x = np.asarray(logits, np.float64)
     lse = x.max(1) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1))
-    np.testing.assert_allclose(got_lp[:B], x[np.arange(B), got[:B]] - lse, rtol=1e-5, atol=1e-4)
+    want = np.broadcast_to(np.asarray(want_logprob), (B,)) != 0
+    np.testing.assert_allclose(got_lp[:B], np.where(want, x[np.arange(B), got[:B]] - lse, 0.0), rtol=1e-5, atol=1e-4)
     return got[:B]
 
 
@@ -61,7 +64,7 @@ def reference(logits, temperature, top_k, top_p, seed, step) -> np.ndarray:
     B = logits.shape[0]
     full = lambda x, dt: np.broadcast_to(np.asarray(x, dt), (B,))  # noqa: E731
     out, _logprob = ops._sample_ref([logits, full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32),
-                              full(seed, np.int64), full(step, np.int32)], {})
+                              full(seed, np.int64), full(step, np.int32), full(1, np.int32)], {})
     return out
 
 
@@ -72,6 +75,17 @@ def random_logits(rng, B, V, scale=3.0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # exact behaviour
 # ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_the_logprob_is_computed_only_for_rows_that_ask(V):
+    rng = np.random.default_rng(7 + V)
+    B = 8
+    logits = random_logits(rng, B, V)
+    want = np.arange(B) % 2  # odd rows ask; sample() checks each row's logprob (or 0)
+    temps = np.where(np.arange(B) < 4, 0.0, 0.9).astype(np.float32)  # greedy and sampled rows
+    tokens = sample(logits, temps, 0, 1.0, 11, 3, want_logprob=want)
+    assert np.array_equal(tokens, sample(logits, temps, 0, 1.0, 11, 3, want_logprob=1))
+
 
 @pytest.mark.parametrize("V", VOCABS)
 def test_greedy_is_argmax_with_ties_to_the_lowest_index(V):
