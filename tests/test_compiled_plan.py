@@ -139,10 +139,15 @@ def test_a_library_call_in_a_captured_phase_is_refused(plan):
         check_capturable(_with(plan, 5, gemm), "decode")
 
 
+def _decode_attention(plan):
+    """(index, launch) of layer 0's decode attention kernel."""
+    return next((k, x) for k, x in enumerate(plan.phases["decode"]) if plan.graph.nodes[x.node].op == "sdpa")
+
+
 def test_a_step_varying_scalar_baked_into_an_argument_is_refused(plan):
-    k, launch = next((k, x) for k, x in enumerate(plan.phases["decode"]) if x.fn.startswith("attn_decode_split"))
+    k, launch = _decode_attention(plan)
     broken = dataclasses.replace(launch, args=launch.args[:-1] + (step("max_position"),))
-    msg = rf"decode launch {k} \(kernel attn_decode_split.*, node \d+ 'l0.attn'\): argument 6 \(step 'max_position'\).*baked in"
+    msg = rf"decode launch {k} \(kernel attn_decode_.*, node \d+ 'l0.attn'\): argument 8 \(step 'max_position'\).*baked in"
     with pytest.raises(llamagraph.PlanError, match=msg):
         check_capturable(_with(plan, k, broken), "decode")
 
@@ -155,7 +160,7 @@ def test_a_grid_that_follows_a_step_varying_scalar_is_refused(plan):
 
 
 def test_a_host_rebuilt_workspace_in_a_captured_phase_is_refused(plan):
-    k, launch = next((k, x) for k, x in enumerate(plan.phases["decode"]) if x.fn.startswith("attn_decode_split"))
+    k, launch = _decode_attention(plan)
     broken = dataclasses.replace(launch, args=launch.args[:5] + (workspace("seq_tiles.r64"),) + launch.args[6:])
     with pytest.raises(llamagraph.PlanError, match=r"argument 5 \(workspace 'seq_tiles.r64'\): the host rebuilds"):
         check_capturable(_with(plan, k, broken), "decode")

@@ -171,10 +171,42 @@ def attention_decode(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq:
                   max_splits=max_splits, qscale=_c_float(scale * LOG2E))
     split_name = f"attn_decode_split_{tag}_q{qstride}{tail}"
     combine_name = f"attn_decode_combine_{DTYPES[dtype].short}_h{H}_d{D}_s{max_seq}_c{chunk}_n{max_splits}"
-    split = Kernel(split_name, render("attention_decode", name=split_name, part="split", **common, **tiling))
-    combine = Kernel(combine_name, render("attention_decode", name=combine_name, part="combine",
+    split = Kernel(split_name, render("attention_decode", name=split_name, part="split", fused=False, **common,
+                                      **tiling))
+    combine = Kernel(combine_name, render("attention_decode", name=combine_name, part="combine", fused=False,
                                           threads=_combine_threads(D), **common))
     return split, combine
+
+
+def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
+                           chunk: int | None = None, max_splits: int | None = None,
+                           scale: float | None = None) -> Kernel:
+    """Split-KV decode attention as one kernel: the split kernel of ``attention_decode`` whose
+    last block to finish, per (token, head group), merges the splits as the combine kernel does
+    (the same operations in the same order, so the output is bit-identical to the pair's).
+
+    Arguments: q, kcache, vcache, positions, seq_ids, ws (as the split kernel's), counters int32
+    [T, KV * head splits] (``attention_decode_counter_bytes``: zero before the first launch, and
+    left zero by every launch), out [T, H*D], n_tokens. Launch with the split shape of
+    ``attention_decode_launch``.
+    """
+    _check(dtype, H, KV, D)
+    if qstride < H * D or qstride % D:
+        raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
+    chunk, max_splits = decode_chunking(max_seq, chunk, max_splits)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    tag = f"{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
+    tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{number_tag(scale)}")
+    name = f"attn_decode_{tag}_q{qstride}{tail}"
+    return Kernel(name, render("attention_decode", name=name, part="split", fused=True, dtype=dtype, H=H, KV=KV, D=D,
+                               qstride=qstride, max_seq=max_seq, chunk=chunk, max_splits=max_splits,
+                               qscale=_c_float(scale * LOG2E), **_decode_tiling(dtype, D, H // KV)))
+
+
+def attention_decode_counter_bytes(max_tokens: int, H: int, KV: int) -> int:
+    """Bytes of the fused kernel's int32 counters: one per (token, block of heads)."""
+    group = H // KV
+    return max_tokens * KV * (group // _heads_per_block(group)) * 4
 
 
 def _combine_threads(D: int) -> int:

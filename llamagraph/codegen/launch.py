@@ -145,13 +145,15 @@ class Launch:
 class Workspace:
     name: str
     nbytes: int
-    fill: str = "scratch"  # "scratch" | "table" (``data``, uploaded once) | "seq_tiles" (rebuilt every step)
+    # "scratch" (uninitialised) | "zeros" (zeroed once; its kernels leave it zeroed) | "table" (``data``,
+    # uploaded once) | "seq_tiles" (rebuilt every step)
+    fill: str = "scratch"
     data: tuple = ()  # "table": float32 contents
     source: str = ""  # "seq_tiles": the step input it is built from
     rows: int = 0  # "seq_tiles": most rows per tile
 
 
-WORKSPACE_FILLS = ("scratch", "table", "seq_tiles")
+WORKSPACE_FILLS = ("scratch", "zeros", "table", "seq_tiles")
 
 
 def seq_tiles(seq_ids: np.ndarray, rows: int) -> np.ndarray:

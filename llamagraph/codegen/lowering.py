@@ -264,12 +264,14 @@ def lower_rope(n: Node, c: Ctx) -> Lowered:
 
 
 ATTN_PARTIALS = "attn_partials"  # decode: per-split softmax partials
+ATTN_COUNTERS = "attn_split_counters"  # decode: splits finished per (token, head block); zero between launches
 
 
 @lowering("sdpa")
 def lower_sdpa(n: Node, c: Ctx) -> Lowered:
-    """Decode: split-KV attention (split, then combine). Prefill: tiled causal attention over
-    tiles of each sequence's rows, from a table the executor rebuilds from seq_ids every step."""
+    """Decode: split-KV attention in one kernel (the last split block of each token and head
+    group merges the splits). Prefill: tiled causal attention over tiles of each sequence's
+    rows, from a table the executor rebuilds from seq_ids every step."""
     q, kc, vc, pos, sid = n.inputs
     out = n.outputs[0]
     a = n.attrs
@@ -277,19 +279,19 @@ def lower_sdpa(n: Node, c: Ctx) -> Lowered:
     dt = c.dtype(q)
     max_batch, max_seq = c.v(kc).shape[:2]
     qstride = c.v(q).shape[1] * c.v(q).shape[2]  # q: [T, Hq, D]; Hq is H or H+2KV
-    split, combine = attention.attention_decode(dt, H, KV, D, qstride, max_seq, scale=scale)
-    s_split, s_combine = attention.attention_decode_launch("T", H, KV, D, max_seq)
+    fused = attention.attention_decode_fused(dt, H, KV, D, qstride, max_seq, scale=scale)
+    s_split, _ = attention.attention_decode_launch("T", H, KV, D, max_seq)
     partials = Workspace(ATTN_PARTIALS, attention.attention_decode_workspace_bytes(max_batch, H, D, max_seq))
-    decode = [run(split, s_split, value(q), value(kc), value(vc), value(pos), value(sid), workspace(partials.name),
-                  step("T")),
-              run(combine, s_combine, workspace(partials.name), value(pos), value(out), step("T"))]
+    counters = Workspace(ATTN_COUNTERS, attention.attention_decode_counter_bytes(max_batch, H, KV), fill="zeros")
+    decode = [run(fused, s_split, value(q), value(kc), value(vc), value(pos), value(sid), workspace(partials.name),
+                  workspace(counters.name), value(out), step("T"))]
     prefill_k = attention.attention_prefill(dt, H, KV, D, qstride, max_seq, scale=scale)
     bq = attention.attention_prefill_rows(D)
     tiles = Workspace(f"seq_tiles.r{bq}", 8 * c.graph.dims["T"], fill="seq_tiles", source=sid, rows=bq)
     n_tiles = tiles.name + ".n"
     prefill = [run(prefill_k, attention.attention_prefill_launch(n_tiles, H, D), value(q), value(kc), value(vc),
                    value(pos), value(sid), workspace(tiles.name), value(out), step(n_tiles))]
-    return Lowered([split, combine, prefill_k], decode, prefill, [partials, tiles])
+    return Lowered([fused, prefill_k], decode, prefill, [partials, counters, tiles])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ class CudaExecutor:
                     self.workspaces[w.name] = cp.asarray(np.asarray(w.data, np.float32))
                 elif w.fill == "scratch":
                     self.workspaces[w.name] = cp.empty(max(w.nbytes, 1), np.uint8)
+                elif w.fill == "zeros":
+                    self.workspaces[w.name] = cp.zeros(max(w.nbytes, 1), np.uint8)
             self.out_host = {o: cp.cuda.alloc_pinned_memory(max(g.values[o].nbytes(g.dims), 1)) for o in g.outputs}
         self.stream.synchronize()
 

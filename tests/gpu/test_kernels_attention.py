@@ -284,6 +284,62 @@ def test_decode_attention(dtype, heads, qkind):
     assert_close(got, rounded(ref, dtype), dtype, 1e-4, f"decode {dtype} H{H} KV{KV} D{D} {qkind}")
 
 
+def _run_decode_fused(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids, launches=2,
+                      **chunking):
+    """The one-kernel decode attention, launched ``launches`` times on the same inputs: each launch
+    must leave its split counters at 0, or the next would merge early."""
+    T = len(positions)
+    f_fused = functions(A.attention_decode_fused(dtype, H, KV, D, qstride, max_seq, **chunking))[0]
+    l_split, _ = A.attention_decode_launch(T, H, KV, D, max_seq, **chunking)
+    ws = cupy.full(A.attention_decode_workspace_bytes(T, H, D, max_seq, **chunking) // 4, np.nan, cupy.float32)
+    counters = cupy.zeros(A.attention_decode_counter_bytes(T, H, KV) // 4 + 1, cupy.int32)
+    counters[-1] = -7  # past the end: must stay untouched
+    d_pos, d_ids = cupy.asarray(positions), cupy.asarray(seq_ids)
+    args = (cupy.asarray(storage(q, dtype)), cupy.asarray(storage(kc_dev, dtype)), cupy.asarray(storage(vc_dev, dtype)),
+            d_pos, d_ids, ws, counters)
+    outs = []
+    for _ in range(launches):
+        out = poisoned((T + 2, H * D), dtype)
+        go(f_fused, l_split, (*args, out, np.int32(T)))
+        got = host(out, dtype)
+        assert np.isnan(got[T:]).all(), "wrote past the last token"
+        assert (cupy.asnumpy(counters[:-1]) == 0).all() and int(counters[-1]) == -7
+        outs.append(got[:T])
+    return outs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", DECODE_HEADS, ids=lambda h: "h{}kv{}d{}".format(*h))
+def test_fused_decode_attention_is_bit_identical_to_split_and_combine(dtype, heads):
+    """The last split block merges exactly as the combine kernel does, launch after launch."""
+    H, KV, D = heads
+    rng = seeded(dtype, heads, "fused")
+    max_seq = 512
+    chunk, _ = A.decode_chunking(max_seq)
+    lengths = [1, 7, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, max_seq]
+    slots = [5, 0, 7, 2, 1, 6, 3]
+    qstride = (H + 2 * KV) * D
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _attention_case(rng, dtype, H, KV, D, qstride, lengths, max_seq,
+                                                                    slots, 8)
+    pair = _run_decode(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    first, second = _run_decode_fused(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    assert np.array_equal(first, pair) and np.array_equal(second, pair)
+    ref = _sdpa(q, kc, vc, positions, seq_ids, H, KV, D)
+    assert_close(first, rounded(ref, dtype), dtype, 1e-4, f"fused decode {dtype} H{H} KV{KV} D{D}")
+
+
+def test_fused_decode_attention_long_cache():
+    H, KV, D, max_seq = 8, 2, 64, 8192
+    rng = np.random.default_rng(12)
+    chunk, ms = A.decode_chunking(max_seq)
+    lengths = [1, chunk * ms - 1, chunk * ms + 1, 5000, max_seq]
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _attention_case(rng, "float16", H, KV, D, H * D, lengths, max_seq,
+                                                                    [0, 1, 2, 3, 4], 5)
+    pair = _run_decode("float16", H, KV, D, H * D, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    for got in _run_decode_fused("float16", H, KV, D, H * D, max_seq, q, kc_dev, vc_dev, positions, seq_ids):
+        assert np.array_equal(got, pair)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_decode_attention_long_cache_multi_chunk_splits(dtype):
     # max_seq 8192 with at most 64 splits: lengths past 64 * CHUNK use splits of several chunks
