@@ -308,15 +308,17 @@ class Plan:
         start = list(lengths)
         order = list(feed)
         target = {slot: lengths[slot] + len(toks) for slot, toks in feed.items()}
-        fed = Fed(np.zeros((len(order), self.vocab_size), np.float32), np.zeros(len(order), np.int32),
-                  np.zeros(len(order), np.float32), {slot: np.zeros(len(t), np.float32) for slot, t in feed.items()})
+        # a decode step allocates only what it returns (no [n, vocab] logits unless asked)
+        fed = Fed(np.zeros((len(order), self.vocab_size if want_logits else 0), np.float32),
+                  np.zeros(len(order), np.int32), np.zeros(len(order), np.float32),
+                  {slot: np.zeros(len(t), np.float32) for slot, t in feed.items()} if echo else {})
+        # echo: each fed token's successor; the last one's is not known yet
+        successors = {slot: np.asarray(list(toks[1:]) + [-1], np.int32) for slot, toks in feed.items()} if echo else {}
         for step in self._pack(feed, lengths):
             row_of = [order.index(seg.slot) for seg in step]
             targets = None
-            if echo:  # each token's successor in the feed; the last token's is not known yet
-                nxt_tok = {slot: list(toks[1:]) + [-1] for slot, toks in feed.items()}
-                targets = np.concatenate([np.asarray(nxt_tok[s.slot][s.start - start[s.slot]:][:len(s.tokens)], np.int32)
-                                          for s in step])
+            if echo:
+                targets = np.concatenate([successors[s.slot][s.start - start[s.slot]:][:len(s.tokens)] for s in step])
             out = self._run_step(step, sampling.take(row_of), want_logits, lengths, targets, logprobs)
             at = 0
             for k, (seg, row) in enumerate(zip(step, row_of)):
@@ -355,6 +357,16 @@ class Plan:
                   targets: np.ndarray | None = None, logprobs: bool = False) -> dict[str, np.ndarray]:
         """One executor step over ``step``'s segments; returns the fetched outputs by value name.
         ``targets`` (each token's successor, -1 where unknown) asks for the prompt logprobs."""
+        inputs = self.step_inputs(step, sampling, lengths, targets, logprobs)
+        fetch = [self.next_token_name] + ([self.logits_name] if want_logits else []) + \
+            ([self.next_logprob_name] if logprobs else []) + ([self.token_logprobs_name] if targets is not None else [])
+        return self.executor.step(inputs, len(inputs["tokens"]), len(step), fetch)
+
+    def step_inputs(self, step: list[Segment], sampling: "RowParams", lengths: list[int],
+                    targets: np.ndarray | None = None, logprobs: bool = False) -> dict[str, np.ndarray]:
+        """The graph's step inputs for one step over ``step``'s segments (every sequence's cache
+        holding ``lengths`` tokens before it): what ``executor.step`` takes. Tools that fetch
+        other values than ``run``/``generate`` do (``llamagraph.bisect``) build steps with it."""
         tokens = np.concatenate([np.asarray(s.tokens, np.int32) for s in step])
         positions = np.concatenate([np.arange(s.start, s.start + len(s.tokens), dtype=np.int32) for s in step])
         seq_ids = np.concatenate([np.full(len(s.tokens), s.slot, np.int32) for s in step])
@@ -373,9 +385,7 @@ class Plan:
             "sample.logprobs": np.full(len(step), int(logprobs), np.int32),
             **sampling.arrays(),
         }
-        fetch = [self.next_token_name] + ([self.logits_name] if want_logits else []) + \
-            ([self.next_logprob_name] if logprobs else []) + ([self.token_logprobs_name] if targets is not None else [])
-        return self.executor.step(inputs, len(tokens), len(step), fetch)
+        return inputs
 
 
 @dataclass

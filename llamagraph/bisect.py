@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from llamagraph.api import bind, greedy_sampling
+from llamagraph.api import Segment, bind, greedy_sampling
 from llamagraph.compiler import compile_graph, lower
 from llamagraph.ir import BackendError, ConfigError, Graph, InputError, ModelConfig, load_config, verify
 from llamagraph.ir.dtypes import FLOAT_DTYPES, to_float32
@@ -256,16 +256,8 @@ def _probes(graph: Graph, cfg: ModelConfig, T: int) -> tuple[list[Probe], list[s
 
 def _run_plan(plan, ids: list[int], fetch: list[str]) -> dict[str, np.ndarray]:
     """One prefill step of ``ids`` as sequence 0; every fetched value as fp32."""
-    T = len(ids)
-    inputs = {
-        "tokens": np.asarray(ids, np.int32),
-        "positions": np.arange(T, dtype=np.int32),
-        "seq_ids": np.zeros(T, np.int32),
-        "seq_lens": np.full(1, T, np.int32),
-        "last_index": np.full(1, T - 1, np.int32),
-        **greedy_sampling(1).arrays(),
-    }
-    out = plan.executor.step(inputs, T, 1, fetch)
+    inputs = plan.step_inputs([Segment(0, list(ids), 0)], greedy_sampling(1), [0])
+    out = plan.executor.step(inputs, len(ids), 1, fetch)
     return {name: to_float32(arr, plan.graph.values[name].dtype) for name, arr in out.items()}
 
 

@@ -32,8 +32,9 @@ REPLAYS = 50  # whole-step graph replays timed
 def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
     """Bytes a decode launch must move, from its ``value`` arguments, each value counted once.
 
-    - a weight: all of it, except the embedding table of an ``embedding`` node, which gathers
-      only ``batch`` rows (one token per sequence);
+    - a weight: all of it, except a weight its node reads through integer step-input indices (a
+      row gather: the embedding lookup of ``tokens``), which moves only ``batch`` rows (one token
+      per sequence); a tied LM head reads the same table whole;
     - a KV cache: only the rows the step touches, ``[.., KV, D]`` each: ``batch`` rows (one new
       token per sequence) for the node that writes the cache, ``batch * context`` rows for a
       node that reads it (attention over ``context`` cached tokens per sequence);
@@ -44,6 +45,7 @@ def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
     """
     node = graph.nodes[launch.node]
     dims = {"T": batch, "B": batch}
+    gathers = any(graph.values[i].kind == INPUT and graph.values[i].dtype == "int32" for i in node.inputs)
     written = {graph.values[o].attrs.get("alias", o) for o in node.outputs}  # caches this node writes
     total = 0
     seen: set[str] = set()
@@ -53,7 +55,7 @@ def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
         seen.add(a.ref)
         v = graph.values[a.ref]
         if v.kind == WEIGHT:
-            if v.role == "embedding_table" and node.op == "embedding":
+            if gathers:
                 total += batch * v.nbytes(graph.dims) // v.shape[0]
             else:
                 total += v.nbytes(graph.dims)
@@ -66,11 +68,12 @@ def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
     return int(total)
 
 
-def layer_label(layer: int | None, op: str) -> str:
-    """The group a launch is drawn in: its decoder layer, else embedding (before) or head (after)."""
+def layer_label(layer: int | None, after_layers: bool) -> str:
+    """The group a launch is drawn in: its decoder layer, else embedding (before the layers) or
+    head (after them)."""
     if layer is not None:
         return f"layer {layer}"
-    return "embedding" if op == "embedding" else "head"
+    return "head" if after_layers else "embedding"
 
 
 @dataclass
@@ -182,22 +185,12 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
     plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=context, backend="cuda",
                               seed=seed, progress=progress)
     ex = plan.executor
-    captured: dict[str, int] = {}  # the step scalars the decode graph is captured with
-
-    capture = ex._capture
-
-    def capture_recording(scalars):
-        captured.update(scalars)
-        return capture(scalars)
-
-    ex._capture = capture_recording  # an instance attribute over the method, removed below
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context - 1)).tolist()
-    try:
-        plan.generate(prompts, 2)  # prefill, then one decode step: its inputs stay on the device
-    finally:
-        del ex._capture
-    if not captured:
+    plan.generate(prompts, 2)  # prefill, then one decode step (captured): its inputs stay on the device
+    if batch not in ex.graphs:
         raise RuntimeError("the decode step was not captured as a graph")
+    # a captured decode launch reads no step scalar but T and B (check_capturable proved it)
+    captured = {"T": batch, "B": batch}
     graph, stream = plan.graph, ex.stream
     launches = [launch for launch in ex.plan.phases["decode"] if not launch.on_demand and launch.runs(captured)]
     say(f"timing {len(launches)} decode launches")
@@ -205,6 +198,7 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
     result = ProfileResult(str(config), batch, context, dtype,
                            cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode(), bw / 1e9,
                            0.0, decode_step_bytes(graph, cfg, batch, context))
+    after_layers = False
     with stream:
         for i, launch in enumerate(launches):
             stream.begin_capture()
@@ -215,9 +209,10 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
                 one = stream.end_capture()
             us = _time_graph(cp, one, stream, REPS)
             node = graph.nodes[launch.node]
+            after_layers = after_layers or node.layer is not None
             nbytes = launch_bytes(graph, launch, batch, context)
             gb_s = nbytes / (us * 1e-6) / 1e9 if us > 0 else float("nan")
-            result.rows.append(KernelRow(i, node.layer, layer_label(node.layer, node.op), node.op, node.name,
+            result.rows.append(KernelRow(i, node.layer, layer_label(node.layer, after_layers), node.op, node.name,
                                          launch.fn, us, nbytes, gb_s, 100 * gb_s / (bw / 1e9)))
         step = ex.graphs[batch]
         for _ in range(5):

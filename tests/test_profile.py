@@ -85,7 +85,7 @@ def test_compiled_decode_launches_cover_the_step_floor(config_path):
 
 
 def test_layer_labels():
-    assert [layer_label(None, "embedding"), layer_label(3, "sdpa"), layer_label(None, "lm_head")] == \
+    assert [layer_label(None, after_layers=False), layer_label(3, True), layer_label(None, after_layers=True)] == \
         ["embedding", "layer 3", "head"]
 
 

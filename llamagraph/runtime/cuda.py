@@ -180,13 +180,15 @@ class CudaExecutor:
                 out[v.name] = to_storage(x, v.dtype, xp=cp)
                 bar(v.nbytes(g.dims), v.name)
             return out
-        # a dict of arrays, or an iterator of (name, array) streamed from a checkpoint
-        items = weights.items() if isinstance(weights, dict) else weights
+        # a dict of arrays (checked on the host when it was resolved), or an iterator of (name,
+        # array) streamed from a checkpoint, checked here on the device, where it is cheap
+        streamed = not isinstance(weights, dict)
+        items = weights if streamed else weights.items()
         for name, arr in items:
             arr = np.ascontiguousarray(arr)
             out[name] = cp.asarray(arr)
             dtype = g.values[name].dtype
-            if DTYPES[dtype].kind == "float" and nonfinite_counts(out[name], dtype, xp=cp) != (0, 0):
+            if streamed and DTYPES[dtype].kind == "float" and nonfinite_counts(out[name], dtype, xp=cp) != (0, 0):
                 raise nonfinite_error(g, name, arr)  # found on the device; named from the host copy
             bar(arr.nbytes, name)
         missing = [v.name for v in values if v.name not in out]
