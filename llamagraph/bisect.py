@@ -13,18 +13,22 @@ unfused one passes, a fusion is at fault). HF runs ``LlamaForCausalLM`` in float
 (eager attention), with forward hooks reading the same intermediates.
 
 What is compared, per layer (plan value <- HF module):
-  attn_norm        l{i}.attn_in                  <- input_layernorm output
+  attn_norm        l{i}.attn_in                  <- input_layernorm output (absent from a fused
+                                                    16-bit plan: the norm is the QKV GEMV's prologue)
   q_rot            l{i}.qkv_rot[:, :H] / q_rot   <- q_proj output, rotated with HF's own
                                                     apply_rotary_pos_emb and the cos/sin the
                                                     model's rotary_emb produced
   k_rot, v         the KV cache rows written     <- k_proj output (rotated) / v_proj output
   attention        l{i}.attn                     <- o_proj input
   o_proj+residual  l{i}.x_mid                    <- post_attention_layernorm input
-  ffn_norm         l{i}.ffn_in                   <- post_attention_layernorm output
-  mlp              l{i}.down (or down_b)         <- mlp output (absent from a fused plan with
-                                                    an MLP bias: the bias folds into add_rmsnorm)
+  ffn_norm         l{i}.ffn_in                   <- post_attention_layernorm output (absent from
+                                                    a fused plan: the gate/up GEMV's prologue)
+  mlp              l{i}.down (or down_b)         <- mlp output (absent from a fused plan: the
+                                                    down GEMV adds the residual in its epilogue)
   residual         l{i}.x_out                    <- decoder layer output
-then final_norm (final_norm_out <- model.norm) and logits (the last token's row).
+then final_norm (final_norm_out <- model.norm, the last token's row; absent from a fused plan:
+the LM head's prologue) and logits (the last token's row). Rows a plan holds no value for are
+listed as not compared (``unmapped``); the unfused plan (``passes=[]``) has them all.
 
 Error of one row: for each token, max |plan - hf| / max |hf| over that token's elements; the
 row reports the worst token. It is the accumulated error up to that op, not the op's own, so
@@ -249,7 +253,10 @@ def _probes(graph: Graph, cfg: ModelConfig, T: int) -> tuple[list[Probe], list[s
                 probes.append(Probe(i, op, value, take))
             else:
                 unmapped.append(f"layer {i} {op}: no value {value!r} in this plan")
-    probes.append(Probe(None, "final_norm", "final_norm_out", flat))
+    if "final_norm_out" in have:  # the last row of each sequence: [B, D]
+        probes.append(Probe(None, "final_norm", "final_norm_out", flat))
+    else:
+        unmapped.append("final_norm: no value 'final_norm_out' in this plan")
     probes.append(Probe(None, "logits", graph.with_role("logits"), flat))
     return probes, unmapped
 
@@ -324,6 +331,7 @@ def _run_hf(model_dir: str, ids: list[int], cfg: ModelConfig) -> dict[tuple[int 
         for h in hooks:
             h.remove()
     seen[(None, "logits")] = logits[0, -1:]  # the plan computes the last token's logits: [1, V]
+    seen[(None, "final_norm")] = seen[(None, "final_norm")][-1:]  # and norms the last row alone: [1, D]
     return {key: t.float().numpy() for key, t in seen.items()}
 
 

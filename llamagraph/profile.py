@@ -23,7 +23,7 @@ import numpy as np
 
 from llamagraph.bench import copy_bandwidth, decode_step_bytes
 from llamagraph.codegen.launch import Launch
-from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, Graph, InputError, load_config
+from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, OPS, WEIGHT, Graph, InputError, load_config
 
 REPS = 20  # launches of one kernel captured into the graph that times it
 REPLAYS = 50  # whole-step graph replays timed
@@ -32,9 +32,9 @@ REPLAYS = 50  # whole-step graph replays timed
 def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
     """Bytes a decode launch must move, from its ``value`` arguments, each value counted once.
 
-    - a weight: all of it, except a weight its node reads through integer step-input indices (a
-      row gather: the embedding lookup of ``tokens``), which moves only ``batch`` rows (one token
-      per sequence); a tied LM head reads the same table whole;
+    - a weight: all of it, except the weight of a gathering op (``OpDef.gather``: the embedding
+      lookup of ``tokens``), which moves only ``batch`` rows (one token per sequence); a tied LM
+      head reads the same table whole;
     - a KV cache: only the rows the step touches, ``[.., KV, D]`` each: ``batch`` rows (one new
       token per sequence) for the node that writes the cache, ``batch * context`` rows for a
       node that reads it (attention over ``context`` cached tokens per sequence);
@@ -45,7 +45,7 @@ def launch_bytes(graph: Graph, launch: Launch, batch: int, context: int) -> int:
     """
     node = graph.nodes[launch.node]
     dims = {"T": batch, "B": batch}
-    gathers = any(graph.values[i].kind == INPUT and graph.values[i].dtype == "int32" for i in node.inputs)
+    gathers = OPS[node.op].gather
     written = {graph.values[o].attrs.get("alias", o) for o in node.outputs}  # caches this node writes
     total = 0
     seen: set[str] = set()

@@ -29,6 +29,7 @@ from llamagraph import viz  # noqa: E402
 from llamagraph.cli import main  # noqa: E402
 from llamagraph.codegen.compiled import CompiledPlan  # noqa: E402
 from llamagraph.ir import BackendError, ConfigError, PlanError, WeightError, build_graph, load_config  # noqa: E402
+from llamagraph.ir.layout import row_order  # noqa: E402
 from llamagraph.runtime import weights as W  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +339,7 @@ def _poke(name, value):
 # (id, edit of a good storage dict, words the error must hold)
 BAD_WEIGHT_DICTS = [
     ("missing", _drop("l1.o.w"), "weights dict has no array for graph weight 'l1.o.w'"),
-    ("wrong-shape", _replace("l0.qkv.w", lambda a: a[:-1]), "'l0.qkv.w' has shape [127, 64] but the graph expects [128, 64]"),
+    ("wrong-shape", _replace("l0.o.w", lambda a: a[:-1]), "'l0.o.w' has shape [63, 64] but the graph expects [64, 64]"),
     ("transposed", _replace("l0.down.w", lambda a: a.T), "'l0.down.w' has shape [128, 64] but the graph expects [64, 128]"),
     ("scalar", _replace("final_norm.w", lambda a: 1.0), "'final_norm.w' has shape [] but the graph expects [64]"),
     ("int32", _replace("l0.gate_up.w", lambda a: a.astype(np.int32)), "'l0.gate_up.w' has dtype int32 but the graph expects float16"),
@@ -369,7 +370,14 @@ def test_weights_dict_of_any_float_width_gives_hf_logits(hf_model):
     ref = models.hf_reference_logits(ckpt, [prompt], [[]])[0][0]
     got = llamagraph.compile(ckpt, as_f64, dtype="float32", max_seq=16).run([prompt])[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    as_f32 = {k: v.astype(np.float32) for k, v in as_f64.items()}
+    # a 16-bit plan holds its qkv rows in rope pair order, under another name: the dict follows its graph
+    g16 = llamagraph.compile_graph(load_config(ckpt), dtype="bfloat16", max_seq=16)
+    as_f32 = {}
+    for k, v in g16.values.items():
+        if v.kind == "weight":
+            order = row_order(v.attrs)
+            base = as_f64[k.replace(".rope_pairs", "")]
+            as_f32[k] = (base if order is None else base[order]).astype(np.float32)
     from_dict = llamagraph.compile(ckpt, as_f32, dtype="bfloat16", max_seq=16).run([prompt])[0]
     from_ckpt = llamagraph.compile(ckpt, dtype="bfloat16", max_seq=16).run([prompt])[0]
     np.testing.assert_array_equal(from_dict, from_ckpt)  # the same rounding as the loader's

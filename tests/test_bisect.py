@@ -27,7 +27,9 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def wrong_eps(layer: int, eps: float):
     """A fault: the RMSNorm before layer ``layer``'s MLP uses ``eps`` (the checkpoint says 1e-5)."""
     def edit(graph):
-        [node] = [n for n in graph.nodes if f"l{layer}.ffn_in" in n.outputs]  # rmsnorm or add_rmsnorm
+        # rmsnorm, or in a fused plan the gate/up GEMV it is the prologue of
+        [node] = [n for n in graph.nodes if f"l{layer}.ffn_in" in n.outputs
+                  or (n.op == "rms_gate_up_silu" and n.layer == layer)]
         node.attrs["eps"] = eps
     return edit
 
@@ -35,10 +37,26 @@ def wrong_eps(layer: int, eps: float):
 def interleaved_rope(layer: int):
     """A fault: layer ``layer`` rotates (2i, 2i+1) pairs where the HF checkpoint needs (i, i+D/2)."""
     def edit(graph):
-        [node] = [n for n in graph.nodes if n.layer == layer and n.op in ("rope", "rope_kv_append")]
+        [node] = [n for n in graph.nodes if n.layer == layer
+                  and n.op in ("rope", "rope_kv_append", "rms_qkv_rope_kv_append")]
         assert node.attrs["layout"] == "rotate_half"
         node.attrs["layout"] = "interleaved"
+        for name in node.inputs:  # the fused QKV GEMV pairs its weight rows by the layout too
+            order = graph.values[name].attrs.get("row_order")
+            if order:
+                graph.values[name].attrs["row_order"] = order[:3] + ["interleaved"]
     return edit
+
+
+def expected_rows(r, passes) -> list[tuple]:
+    """The rows bisect compares: all of them unfused; a fused plan holds no norm output (the norms
+    are GEMV prologues; an fp32 plan keeps the attention norm) and no MLP output (the down GEMV
+    adds the residual)."""
+    skip = set() if passes == UNFUSED else {"ffn_norm", "mlp", "final_norm"}
+    if passes != UNFUSED and r.dtype != "float32":
+        skip.add("attn_norm")
+    rows = [(i, op) for i in range(2) for op in LAYER_OPS if op not in skip]
+    return rows + [(None, op) for op in ("final_norm", "logits") if op not in skip]
 
 
 def ops_compared(result) -> list[tuple]:
@@ -52,9 +70,8 @@ def ops_compared(result) -> list[tuple]:
 def test_clean_checkpoint_passes_every_row(hf_model, dtype, passes):
     r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype=dtype, passes=passes)
     assert r.ok and r.first_failure is None
-    assert ops_compared(r) == [(i, op) for i in range(2) for op in LAYER_OPS] + [(None, "final_norm"),
-                                                                                  (None, "logits")]
-    assert all(row.ok for row in r.rows) and not r.unmapped
+    assert ops_compared(r) == expected_rows(r, passes)
+    assert all(row.ok for row in r.rows) and len(r.unmapped) == 2 * len(LAYER_OPS) + 2 - len(r.rows)
     assert r.rows[-1].token == len(PROMPT) - 1  # logits exist for the last token only
     errors = np.array([row.error for row in r.rows])
     if dtype == "float16":  # fp16 storage really differs from the fp32 oracle: both sides were read
@@ -65,18 +82,21 @@ def test_clean_checkpoint_passes_every_row(hf_model, dtype, passes):
 
 def test_a_one_token_prompt(hf_model):
     # T == B: the step the CUDA backend runs as its captured decode phase
-    r = llamagraph.bisect(hf_model("gqa"), [1], dtype="float32")
+    r = llamagraph.bisect(hf_model("gqa"), [1], dtype="float32", passes=UNFUSED)
     assert r.ok and len(r.rows) == 2 * len(LAYER_OPS) + 2
-    bad = llamagraph.bisect(hf_model("gqa"), [1], dtype="float32", edit_graph=wrong_eps(1, 1.0))
+    bad = llamagraph.bisect(hf_model("gqa"), [1], dtype="float32", passes=UNFUSED, edit_graph=wrong_eps(1, 1.0))
     assert (bad.first_failure.layer, bad.first_failure.op) == (1, "ffn_norm")
+    fused = llamagraph.bisect(hf_model("gqa"), [1], dtype="float32", edit_graph=wrong_eps(1, 1.0))
+    assert (fused.first_failure.layer, fused.first_failure.op) == (1, "residual")
 
 
 def test_fused_plan_with_an_mlp_bias_says_what_it_cannot_compare(hf_model):
     d = hf_model("bias")
     fused = llamagraph.bisect(d, PROMPT, dtype="float32")
-    # the down bias folds into the next add_rmsnorm: no value holds the MLP output
+    # the down GEMV adds its bias and the residual in its epilogue: no value holds the MLP output
     assert [(r.layer, r.op) for r in fused.rows if r.op == "mlp"] == []
-    assert [u.split(":")[0] for u in fused.unmapped] == ["layer 0 mlp", "layer 1 mlp"]
+    assert [u.split(":")[0] for u in fused.unmapped] == [f"layer {i} {op}" for i in range(2)
+                                                         for op in ("ffn_norm", "mlp")] + ["final_norm"]
     unfused = llamagraph.bisect(d, PROMPT, dtype="float32", passes=[])
     assert [r.layer for r in unfused.rows if r.op == "mlp"] == [0, 1] and not unfused.unmapped
     assert fused.ok and unfused.ok
@@ -89,10 +109,14 @@ def test_fused_plan_with_an_mlp_bias_says_what_it_cannot_compare(hf_model):
 def test_wrong_rmsnorm_eps_is_named_at_layer_1_ffn_norm(hf_model, dtype, passes):
     r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype=dtype, passes=passes, edit_graph=wrong_eps(1, 1.0))
     bad = r.first_failure
-    assert not r.ok and (bad.layer, bad.op) == (1, "ffn_norm")
-    assert bad.value == "l1.ffn_in" and bad.error > bad.tolerance
+    # fused, the norm is the gate/up GEMV's prologue: the first value after it is the layer's output
+    op, value = ("ffn_norm", "l1.ffn_in") if passes == UNFUSED else ("residual", "l1.x_out")
+    assert not r.ok and (bad.layer, bad.op) == (1, op)
+    assert bad.value == value and bad.error > bad.tolerance
     before = r.rows[: r.rows.index(bad)]
-    assert len(before) == len(LAYER_OPS) + LAYER_OPS.index("ffn_norm") and all(row.ok for row in before)
+    expected = expected_rows(r, passes)
+    assert [(x.layer, x.op) for x in before] == expected[: expected.index((1, op))]
+    assert all(row.ok for row in before)
 
 
 @pytest.mark.parametrize("passes", [FUSED, UNFUSED], ids=["fused", "unfused"])
@@ -101,7 +125,8 @@ def test_interleaved_rope_is_named_at_layer_0_q_and_k(hf_model, dtype, passes):
     r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype=dtype, passes=passes, edit_graph=interleaved_rope(0))
     assert (r.first_failure.layer, r.first_failure.op) == (0, "q_rot")
     row = {(x.layer, x.op): x for x in r.rows}
-    assert row[(0, "attn_norm")].ok and not row[(0, "k_rot")].ok
+    assert (0, "attn_norm") not in row or row[(0, "attn_norm")].ok
+    assert not row[(0, "k_rot")].ok
     assert row[(0, "v")].ok  # V is not rotated: the fault is in RoPE, not in the QKV projection
     assert row[(0, "q_rot")].token > 0  # position 0 is not rotated by either layout
 
@@ -109,12 +134,12 @@ def test_interleaved_rope_is_named_at_layer_0_q_and_k(hf_model, dtype, passes):
 @pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")
 def test_a_nan_is_a_failure(hf_model):
     # eps -10 makes var + eps negative: the norm's output is NaN, which compares as an infinite error
-    r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype="float32", edit_graph=wrong_eps(0, -10.0))
+    r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype="float32", passes=UNFUSED, edit_graph=wrong_eps(0, -10.0))
     assert (r.first_failure.layer, r.first_failure.op) == (0, "ffn_norm") and r.first_failure.error == np.inf
 
 
 def test_tolerance_grows_with_depth_and_can_be_set(hf_model):
-    r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype="float16", tolerance=1e-3)
+    r = llamagraph.bisect(hf_model("gqa"), PROMPT, dtype="float16", tolerance=1e-3, passes=UNFUSED)
     tol = {(x.layer, x.op): x.tolerance for x in r.rows}
     assert tol[(0, "attn_norm")] == pytest.approx(1e-3)
     assert tol[(1, "attn_norm")] == pytest.approx(1e-3 * 2 ** 0.5)
@@ -186,7 +211,7 @@ def test_missing_transformers_is_one_line(hf_model, monkeypatch):
 
 def test_cli_prints_the_table_and_exits_0_on_a_clean_checkpoint(hf_model, capsys):
     rc = main(["bisect", hf_model("gqa"), "--prompt-ids", ",".join(map(str, PROMPT)), "--backend", "reference",
-               "--dtype", "float32"])
+               "--dtype", "float32", "--unfused"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()

@@ -161,8 +161,8 @@ def test_compile_dump_dir(tmp_path, capsys):
         lines = (dump / f"{k:02d}_{name}.txt").read_text().splitlines()
         assert lines[0] == f"# after {name}"
         assert lines[1].startswith("# ") and len(lines[1]) > 3  # the change note
-    note = (dump / "01_fuse_residual_rmsnorm.txt").read_text()
-    assert "# add_rmsnorm: 0 -> 32" in note and "# residual: 32 -> 0" in note
+    note = (dump / "01_fuse_linear_residual.txt").read_text()
+    assert "# linear_residual: 0 -> 32" in note and "# residual: 32 -> 0" in note
     assert "arena" in (dump / f"{len(stages) - 1:02d}_plan_memory.txt").read_text().splitlines()[1]
     assert f"{len(stages)} files in {dump}" in report
 
@@ -174,7 +174,7 @@ def test_compile_dump_dir(tmp_path, capsys):
 def test_dump_after_residual_rmsnorm(capsys):
     rc, out, err = run(capsys, "dump", example(SMALL), "--after", "fuse_residual_rmsnorm")
     assert rc == 0, err
-    assert " = add_rmsnorm(" in out
+    assert " = linear_residual(" in out and " = rmsnorm(" in out  # the adds went into the projections
     assert " = silu(" in out and " = mul(" in out  # later fusions have not run yet
     assert " = rope(" in out
 
@@ -241,7 +241,7 @@ BAD_INPUTS = [
      "'vocab_size' is -1"),
     ("bad-dtype", lambda t: ["compile", _tiny(t), "--dtype", "float64"], "--dtype: invalid choice: 'float64'"),
     ("unknown-after", lambda t: ["dump", _tiny(t), "--after", "fuse_everything"],
-     "unknown pass 'fuse_everything'; valid names: build, fuse_residual_rmsnorm"),
+     "unknown pass 'fuse_everything'; valid names: build, fuse_linear_residual, fuse_residual_rmsnorm"),
     ("zero-max-batch", lambda t: ["compile", _tiny(t), "--max-batch", "0"], "--max-batch: must be a positive integer"),
     ("negative-max-batch", lambda t: ["compile", _tiny(t), "--max-batch=-4"], "--max-batch: must be a positive integer, got '-4'"),
     ("max-seq-not-int", lambda t: ["dump", _tiny(t), "--max-seq", "lots"], "--max-seq: must be a positive integer, got 'lots'"),
@@ -298,7 +298,7 @@ def test_python_m_compile(tmp_path):
     p = _python_m("compile", example(SMALL), "-o", tmp_path / "out", "--max-seq", "256", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
-    # 16 layers x (2 norms, qkv, rope+append, attention, o_proj, gate_up, down) + embedding, final norm,
-    # last rows, LM head, sampler
-    assert f"kernels per decode step: {16 * 8 + 5}" in p.stdout
+    # 16 layers x (norm+qkv+rope+append, attention, o_proj+residual, norm+gate_up+silu, down+residual)
+    # + embedding, last rows, final norm+LM head, sampler
+    assert f"kernels per decode step: {16 * 5 + 4}" in p.stdout
     assert (tmp_path / "out" / "graph.html").is_file()

@@ -82,11 +82,18 @@ def test_launch_lists_per_phase():
     assert plan.kernel_launches("decode") == len(g.nodes) - 1
     assert all(x.kind == "kernel" and (x.when == () or x.on_demand) for x in dec)
     by_op = {g.nodes[x.node].op: x for x in dec}
-    assert "_silu" in by_op["gate_up_silu"].fn and by_op["rope_kv_append"].fn.startswith("rope_kv_append_fused")
-    assert by_op["add_rmsnorm"].fn.startswith("add_rmsnorm") and by_op["add_rmsnorm"].shape.grid[0] == Scaled("T")
-    # prefill: big row counts take cuBLAS, small ones the GEMV, chosen by the step's rows
-    gemms = [x for x in pre if g.nodes[x.node].op == "qkv_gemm"]
-    assert sorted((x.kind, x.when[0].op) for x in gemms[:2]) == [("kernel", "<="), ("library", ">")]
+    # the norms live in the prologue of the GEMV after them, the residual adds in the epilogue of
+    # the projection before them, RoPE + KV append in the QKV GEMV's epilogue
+    assert "_rms" in by_op["rms_gate_up_silu"].fn and "_silu" in by_op["rms_gate_up_silu"].fn
+    assert "_rms" in by_op["rms_qkv_rope_kv_append"].fn and "_rope_" in by_op["rms_qkv_rope_kv_append"].fn
+    assert by_op["linear_residual"].fn.endswith("_res") and "_rms" in by_op["rms_lm_head"].fn
+    assert not {"rmsnorm", "add_rmsnorm", "rope_kv_append", "qkv_gemm", "o_proj", "down_proj"} & set(by_op)
+    # prefill: big row counts take cuBLAS, small ones the GEMV, chosen by the step's rows; the big
+    # path norms into scratch, multiplies with cuBLAS, then rotates from the pair-ordered columns
+    first_qkv = next(i for i, n in enumerate(g.nodes) if n.op == "rms_qkv_rope_kv_append")
+    qkv = [x for x in pre if x.node == first_qkv]
+    assert [(x.kind, x.when[0].op) for x in qkv] == [("kernel", "<="), ("kernel", ">"), ("library", ">"), ("kernel", ">")]
+    assert qkv[1].fn.startswith("rmsnorm") and qkv[3].fn.startswith("rope_kv_append_fused_pairs")
     attn = [x for x in pre if g.nodes[x.node].op == "sdpa"][0]
     assert attn.fn.startswith("attn_prefill") and attn.shape.grid[0] == Scaled("seq_tiles.r64.n")
     assert plan.workspace("seq_tiles.r64").fill == "seq_tiles"
@@ -94,12 +101,29 @@ def test_launch_lists_per_phase():
     assert plan.source == compile_plan(cfg, dtype="float16", max_batch=2, max_seq=256).source
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
+def test_at_most_five_kernels_per_layer_in_a_decode_step(example, dtype):
+    """Issue #7: <= 5 launches per decoder layer, plus <= 4 for the embedding, the last rows' gather
+    (the final norm's rows), the LM head with the final norm, and sampling."""
+    plan = compile_plan(example, dtype=dtype, max_batch=4, max_seq=256)
+    g = plan.graph
+    per_layer: dict = {}
+    for x in plan.phases["decode"]:
+        if not x.on_demand:
+            per_layer[g.nodes[x.node].layer] = per_layer.get(g.nodes[x.node].layer, 0) + 1
+    outside = per_layer.pop(None)
+    assert len(per_layer) == g.meta["config"]["num_layers"]
+    assert set(per_layer.values()) == {5} and outside == 4, (per_layer, outside)
+    assert plan.kernel_launches("decode") == 5 * len(per_layer) + 4
+
+
 def test_lowerings_read_value_dtypes_not_a_global_one():
     """Each kernel is specialised on the dtype of the values it touches: the logits are fp32 in
     every plan, whatever the plan's activation dtype."""
     plan = compile_plan(EXAMPLES[0], dtype="bfloat16", max_batch=1, max_seq=128)
     g = plan.graph
-    lm = [x for x in plan.phases["decode"] if g.nodes[x.node].op == "lm_head"][0]
+    lm = [x for x in plan.phases["decode"] if g.nodes[x.node].op == "rms_lm_head"][0]
     assert "_bf16_of32_" in lm.fn
     g.meta["dtype"] = "float32"  # the metadata is a summary for reports; lowering never reads it
     assert lowering.lower_graph(g).kernels == lowering.lower_graph(plan.graph).kernels
@@ -113,5 +137,5 @@ def test_quantized_weight_has_no_kernel_yet():
     w = g.values["l0.o.w"]
     g.add_value("l0.o.scales", (w.shape[0],), "float16", "weight", layer=0, role="scales")
     w.dtype, w.quant = "int8", Quant("int8", "l0.o.scales")
-    with pytest.raises(llamagraph.PlanError, match=r"o_proj 'l0\.o': %l0\.o\.w is quantized \(int8\)"):
+    with pytest.raises(llamagraph.PlanError, match=r"linear_residual 'l0\.o': %l0\.o\.w is quantized \(int8\)"):
         lowering.lower_graph(g)

@@ -291,12 +291,12 @@ def test_verifier_rejects_a_read_after_an_in_place_update():
 # the pipeline
 # ---------------------------------------------------------------------------------------------
 
-def _biased_model():
+def _biased_model(dtype="float32"):
     from llamagraph.ir import build_graph, load_config
 
-    cfg = load_config({"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2, "num_hidden_layers": 2,
+    cfg = load_config({"hidden_size": 32, "intermediate_size": 24, "num_attention_heads": 2, "num_hidden_layers": 2,
                        "vocab_size": 32, "attention_bias": True, "mlp_bias": True})
-    return build_graph(cfg, dtype="float32", max_batch=1, max_seq=8, max_tokens=8)
+    return build_graph(cfg, dtype=dtype, max_batch=1, max_seq=8, max_tokens=8)
 
 
 def _run(graph: Graph, order: list[str]) -> Graph:
@@ -311,25 +311,56 @@ def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
     fused = run_pipeline(_biased_model(), dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".txt")
     assert names == ["00_build.txt"] + [f"{k:02d}_{p.__name__}.txt" for k, p in enumerate(PIPELINE, 1)]
-    assert "rmsnorm: 5 -> 1" in (tmp_path / "01_fuse_residual_rmsnorm.txt").read_text()
+    assert "residual: 4 -> 0" in (tmp_path / "01_fuse_linear_residual.txt").read_text()
+    assert "rmsnorm: 5 -> 2" in (tmp_path / f"{PASS_NAMES.index('fuse_norm_prologue') + 1:02d}_fuse_norm_prologue.txt").read_text()
     ops = fused.op_counts()
-    for gone in ("residual", "bias_add", "silu", "mul", "rope", "kv_append", "gate_proj", "up_proj"):
+    for gone in ("residual", "bias_add", "silu", "mul", "rope", "kv_append", "gate_proj", "up_proj", "add_rmsnorm",
+                 "gate_up_silu", "lm_head"):
         assert gone not in ops
-    assert ops["add_rmsnorm"] == 4 and ops["gate_up_silu"] == 2 and ops["rope_kv_append"] == 2
+    # fp32: the attention norms stay (no pair-ordered QKV kernel on CUDA cores), the others fold in
+    assert ops["linear_residual"] == 4 and ops["rms_gate_up_silu"] == 2 and ops["rms_lm_head"] == 1
+    assert ops["rmsnorm"] == 2 and ops["rope_kv_append"] == 2
+    f16 = run_pipeline(_biased_model("float16")).op_counts()
+    assert f16["rms_qkv_rope_kv_append"] == 2 and not {"rmsnorm", "rope_kv_append", "qkv_gemm"} & set(f16)
     # every dump parses back into the graph it shows
     for k, p in enumerate(PIPELINE, 1):
         text = (tmp_path / f"{k:02d}_{p.__name__}.txt").read_text()
         assert str(Graph.from_text(text)) == text.split("\n\n", 1)[1]
 
 
-def test_pipeline_order_residual_norm_before_gemm_bias():
-    """pipeline.py: the residual+norm fusion takes the o_proj/down biases; swapped, they stay on the GEMMs."""
+def test_pipeline_order_linear_residual_first():
+    """pipeline.py: the projection epilogue takes every residual add (and its bias); after the
+    residual+norm fusion there would be none left to take."""
     fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    assert fusions[0] == "fuse_linear_residual"
+    right = _run(_biased_model(), fusions).op_counts()
+    late = _run(_biased_model(), fusions[1:] + fusions[:1]).op_counts()
+    assert right["linear_residual"] == 4 and "add_rmsnorm" not in right
+    # late, the residual+norm fusion took every add a norm follows; the last layer's (the final norm
+    # runs after the last-row gather) is all that is left for the epilogue
+    assert late["add_rmsnorm"] == 3 and late["linear_residual"] == 1
+
+
+def test_pipeline_order_norm_prologue_after_gate_up_and_rope_fusions():
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    assert fusions[-1] == "fuse_norm_prologue"
+    early = [n for n in fusions if n != "fuse_norm_prologue"]
+    early.insert(early.index("fuse_gate_up_silu"), "fuse_norm_prologue")
+    right = _run(_biased_model("float16"), fusions).op_counts()
+    swapped = _run(_biased_model("float16"), early).op_counts()
+    assert right["rms_gate_up_silu"] == right["rms_qkv_rope_kv_append"] == 2
+    assert "rms_gate_up_silu" not in swapped and "rms_qkv_rope_kv_append" not in swapped
+
+
+def test_pipeline_order_residual_norm_before_gemm_bias():
+    """pipeline.py: without the projection epilogue, the residual+norm fusion takes the o_proj/down
+    biases; swapped, they stay on the GEMMs."""
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_") and n != "fuse_linear_residual"]
     assert fusions.index("fuse_residual_rmsnorm") < fusions.index("fuse_gemm_bias")
     right = _run(_biased_model(), fusions)
     swapped = _run(_biased_model(), ["fuse_gemm_bias", "fuse_residual_rmsnorm"] + fusions[2:])
     inputs = {(g_, n.op): len(n.inputs) for g_, graph in (("right", right), ("swapped", swapped))
-              for n in graph.nodes if n.op in ("o_proj", "down_proj", "add_rmsnorm")}
+              for n in graph.nodes if n.op in ("o_proj", "down_proj", "add_rmsnorm") and n.layer == 0}
     assert inputs[("right", "o_proj")] == inputs[("right", "down_proj")] == 2
     assert inputs[("right", "add_rmsnorm")] == 4  # (y, residual, weight, bias)
     assert inputs[("swapped", "o_proj")] == inputs[("swapped", "down_proj")] == 3
@@ -345,7 +376,9 @@ def test_pipeline_order_gate_up_silu_last_of_the_mlp_fusions(first, then):
     early = [n for n in fusions if n != then]
     early.insert(early.index(first), then)
     swapped = _run(_biased_model(), early)
-    assert right.op_counts().get("gate_up_silu") == 2 and "gate_up_silu" not in swapped.op_counts()
+    def swiglu(g):
+        return g.op_counts().get("gate_up_silu", 0) + g.op_counts().get("rms_gate_up_silu", 0)
+    assert swiglu(right) == 2 and swiglu(swapped) == 0
 
 
 def test_pipeline_order_dce_after_fusions_and_planner_last():

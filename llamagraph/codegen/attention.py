@@ -44,7 +44,7 @@ ROPE_THREADS = 128
 
 
 def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: int, mode: str,
-                   rope_scaling: dict | None = None, theta: float = 10000.0) -> Kernel:
+                   rope_scaling: dict | None = None, theta: float = 10000.0, src_pairs: bool = False) -> Kernel:
     """Rotary embedding and/or KV-cache append (one template, three modes).
 
     Kernel arguments, in order (every kernel of every mode takes all of them):
@@ -59,8 +59,11 @@ def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: in
       vcache     [max_batch, max_seq, KV, D]
       n_tokens   int32 T
     Launch with ``rope_kv_append_launch``. Tokens whose position is outside [0, max_seq) are
-    not written to the cache.
+    not written to the cache. ``src_pairs`` (fused mode): each head of src is in rope pair order
+    (``llamagraph.ir.layout.rope_pair_order``), as a GEMM with the pair-ordered qkv weight writes it.
     """
+    if src_pairs and (mode != "fused" or D % 16):
+        raise ValueError("src_pairs needs mode 'fused' and head_dim % 16 == 0")
     _check(dtype, H, KV, D)
     if layout not in LAYOUT_TAG:
         raise ValueError(f"unknown rope layout {layout!r}")
@@ -69,8 +72,8 @@ def rope_kv_append(dtype: str, H: int, KV: int, D: int, layout: str, max_seq: in
     kind = (rope_scaling or {}).get("rope_type", "default")
     dynamic = kind == "dynamic" and mode != "append"
     params = dict(dtype=dtype, H=H, KV=KV, D=D, layout=layout, max_seq=max_seq, mode=mode, dynamic=dynamic,
-                  theta="", factor="", orig="")
-    name = f"rope_kv_append_{mode}_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
+                  theta="", factor="", orig="", src_pairs=src_pairs)
+    name = f"rope_kv_append_{mode}{'_pairs' if src_pairs else ''}_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
     if mode != "append":
         name += f"_{LAYOUT_TAG[layout]}"
     if mode != "rope":

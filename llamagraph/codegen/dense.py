@@ -21,7 +21,8 @@ from llamagraph.ir.dtypes import DTYPES, FLOAT_DTYPES, itemsize
 from .launch import Shape, extent
 from .render import Kernel, number_tag, render
 
-GEMV_EPILOGUES = ("none", "silu_mul")
+GEMV_EPILOGUES = ("none", "silu_mul", "residual", "rope")
+GEMV_PROLOGUES = ("none", "rmsnorm")
 EW_OPERANDS = ("none", "row", "full", "halves")
 MAX_ROW_TILE = 16
 
@@ -157,7 +158,8 @@ class GemvTuning:
         return f"w{self.warps}u{self.unroll}"
 
 
-def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str = "none") -> GemvTuning:
+def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str = "none",
+                        prologue: str = "none") -> GemvTuning:
     """Enough bytes in flight per SM to cover HBM latency, within a register budget that keeps
     two 256-thread blocks resident per SM (checked by tests through ptxas -v)."""
     nt = _cdiv(row_tile, 8)
@@ -166,11 +168,60 @@ def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str
         per_lane = _cdiv(K // 4, 32)  # float4 chunks of a W row per lane
         return GemvTuning(warps=8, unroll=max(1, min(unroll, per_lane)))
     unroll = (4 if nt == 1 else 2) if epilogue == "silu_mul" else (8 if nt == 1 else 4)
+    if prologue == "rmsnorm":
+        # the norm's registers (weight chunk, per-row scales) leave room for fewer loads per lane;
+        # 4 x 16 B x 2 W rows per lane is still ~64 KB in flight per SM (ptxas: no spills, tests)
+        unroll = min(unroll, 4)
     per_warp = _cdiv(_cdiv(K // 8, 4), 8)  # 32-k steps of the block's W rows per warp
     return GemvTuning(warps=8, unroll=max(1, min(unroll, per_warp)))
 
 
-def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning):
+@dataclass(frozen=True)
+class RopeEpilogue:
+    """What the GEMV's rope epilogue needs: the attention shape, the rotary pairing and the cache.
+
+    The GEMV's W (and bias) rows must be in ``llamagraph.ir.layout.rope_pair_order(H + 2 * KV, HD,
+    layout)`` order."""
+
+    H: int
+    KV: int
+    HD: int
+    layout: str  # "rotate_half" | "interleaved"
+    max_seq: int
+    scaling: dict | None = None
+    theta: float = 10000.0
+
+    @property
+    def dynamic(self) -> bool:
+        return (self.scaling or {}).get("rope_type") == "dynamic"
+
+    def tag(self) -> str:
+        t = f"rope_h{self.H}_kv{self.KV}_d{self.HD}_{'il' if self.layout == 'interleaved' else 'rh'}_s{self.max_seq}"
+        if self.dynamic:
+            s = self.scaling
+            t += f"_dyn_t{number_tag(self.theta)}_f{number_tag(s['factor'])}_o{int(s['original_max_position_embeddings'])}"
+        return t
+
+    def params(self) -> dict:
+        p = dict(H=self.H, KV=self.KV, HD=self.HD, layout=self.layout, max_seq=self.max_seq, dynamic=self.dynamic,
+                 theta="", factor="", orig="")
+        if self.dynamic:
+            p.update(theta=repr(float(self.theta)), factor=repr(float(self.scaling["factor"])),
+                     orig=str(int(self.scaling["original_max_position_embeddings"])))
+        return p
+
+
+def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="none", rope=None):
+    if prologue not in GEMV_PROLOGUES:
+        raise ValueError(f"gemv prologue must be one of {GEMV_PROLOGUES}, got {prologue!r}")
+    if epilogue == "residual" and out_dtype != dtype:
+        raise ValueError("gemv residual epilogue writes the residual stream's dtype; out_dtype must equal dtype")
+    if epilogue == "rope":
+        if dtype == "float32":
+            raise ValueError("gemv rope epilogue needs 16-bit weights (it pairs rows of a tensor-core tile)")
+        if rope is None or N != (rope.H + 2 * rope.KV) * rope.HD or rope.HD % 16 or out_dtype != dtype:
+            raise ValueError(f"gemv rope epilogue needs N = (H + 2KV) * head_dim with head_dim % 16 == 0, got "
+                             f"N={N}, {rope}")
     _check_dtype(dtype)
     _check_dtype(out_dtype)
     _check_dim("N", N)
@@ -199,6 +250,9 @@ def gemv(
     has_bias: bool = False,
     out_dtype: str | None = None,
     tuning: GemvTuning | None = None,
+    prologue: str = "none",
+    eps: float = 0.0,
+    rope: RopeEpilogue | None = None,
 ) -> Kernel:
     """out[r, n] = sum_k x[r, k] * W[n, k] (+ bias[n]), fp32 accumulation.
 
@@ -210,18 +264,30 @@ def gemv(
     Rows are processed row_tile at a time (W is read once per row tile), so pick
     row_tile >= the usual row count (<= 16; 8 covers one tensor-core tile).
     16-bit W uses tensor cores (needs sm_80+); fp32 W uses CUDA-core FMAs.
+      epilogue "residual": out[r, n] = round(h[r, n]) + res[r, n]; out may alias res.
+      epilogue "rope":     W rows in ``ir.layout.rope_pair_order``; q heads -> out [rows, H, HD] rotated,
+                           k heads (rotated) and v heads -> kcache / vcache at (seq_ids[r], positions[r]).
+      prologue "rmsnorm":  x is replaced by round(x * rsqrt(mean(x^2) + eps) * norm_w) per row first.
+    Extra args after ``rows``: norm_w (rmsnorm), res (residual), positions, seq_ids, seq_lens,
+    inv_freq, kcache, vcache (rope).
     out must not alias x (x is read through the non-coherent cache while out is written).
     """
     out_dtype = out_dtype or dtype
-    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue)
+    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue)
     tuning = tuning or default
-    _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning)
+    _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue, rope)
     name = f"gemv_{_tag(dtype)}"
     if out_dtype != dtype:
         name += f"_o{_tag(out_dtype)}"
     name += f"_n{N}_k{K}_r{row_tile}"
+    if prologue == "rmsnorm":
+        name += f"_rms{eps_tag(eps)}"
     if epilogue == "silu_mul":
         name += "_silu"
+    elif epilogue == "residual":
+        name += "_res"
+    elif epilogue == "rope":
+        name += "_" + rope.tag()
     if has_bias:
         name += "_bias"
     if tuning != default:
@@ -241,6 +307,9 @@ def gemv(
         # ask ptxas for 2 resident blocks of 256 threads: without a minimum it schedules for
         # occupancy and sinks each W load next to its use, leaving 2-3 loads in flight per warp
         min_blocks=max(1, 512 // (32 * tuning.warps)),
+        prologue=prologue,
+        eps=repr(float(eps)) + "f",
+        **(rope.params() if rope else {}),
     )
     return Kernel(name, src)
 

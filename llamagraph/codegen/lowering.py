@@ -145,57 +145,136 @@ def lower_add_rmsnorm(n: Node, c: Ctx) -> Lowered:
 # GEMMs
 # ---------------------------------------------------------------------------------------------
 
-GEMM_SCRATCH = "gemm_scratch"  # prefill: cuBLAS output before a SwiGLU epilogue
+GEMM_SCRATCH = "gemm_scratch"  # prefill: cuBLAS output before an epilogue kernel
+NORM_SCRATCH = "norm_scratch"  # prefill: the normed rows a prologue-fused GEMM reads through cuBLAS
 # prefill epilogues after a cuBLAS GEMM: kernel tag -> (C expression, how b is read); see dense.elementwise
-PREFILL_EPILOGUES = {"bias_row": ("a + b", "row"), "silu_mul_halves": ("silu(a) * b", "halves")}
+PREFILL_EPILOGUES = {"bias_row": ("a + b", "row"), "silu_mul_halves": ("silu(a) * b", "halves"),
+                     "residual": ("a + b", "full")}
 
 
-def _gemm(n: Node, c: Ctx, epilogue: str) -> Lowered:
-    """Decode: the tensor-core GEMV with its epilogue (W read once per row tile).
+@dataclass
+class Gemv:
+    """One GEMM node in GEMV terms: what the decode kernel fuses and what prefill does instead."""
 
-    Prefill: up to two row tiles the GEMV still wins; past that, cuBLAS writes the plain GEMM
-    (into scratch when a SwiGLU epilogue follows) and element-wise kernels apply the bias and
-    the epilogue.
+    x: str  # input rows [rows, K]
+    w: str  # weight [N, K]
+    out: str
+    bias: str | None = None
+    norm: tuple[str, float] | None = None  # rmsnorm prologue: (norm weight, eps)
+    epilogue: str = "none"  # see dense.gemv
+    res: str | None = None  # residual epilogue: the stream added to
+    rope: tuple | None = None  # rope epilogue: (RopeEpilogue, positions, seq_ids, seq_lens, kc, vc)
+
+
+def _gemv(g: Gemv, c: Ctx) -> Lowered:
+    """Decode: the tensor-core GEMV with its prologue and epilogue (W read once per row tile).
+
+    Prefill: up to two row tiles the same GEMV still wins; past that the work is split up again:
+    a norm kernel writes the normed rows to scratch, cuBLAS writes the plain GEMM (into scratch
+    when an epilogue follows), and element-wise kernels (or the rope kernel) apply the rest.
     """
-    x, w, *bias = n.inputs
-    out = n.outputs[0]
-    _float_only(c, w, *bias)
-    dt, out_dt, rows, rt = c.dtype(x), c.dtype(out), c.rows(out), c.row_tile
-    N, K = c.v(w).shape
-    gemv = dense.gemv(dt, N, K, rt, epilogue, bool(bias), out_dt)
-    b_arg = value(bias[0]) if bias else NULL
-    decode = run(gemv, dense.gemv_launch(dt, N, K, rt, epilogue), value(x), value(w), b_arg, value(out), step(rows))
+    _float_only(c, g.w, *([g.bias] if g.bias else []))
+    dt, out_dt, rows, rt = c.dtype(g.x), c.dtype(g.out), c.rows(g.out), c.row_tile
+    N, K = c.v(g.w).shape
+    T_max = c.graph.dims["T"]
+    ropespec = g.rope[0] if g.rope else None
+    prologue = "rmsnorm" if g.norm else "none"
+    eps = g.norm[1] if g.norm else 0.0
+    gemv = dense.gemv(dt, N, K, rt, g.epilogue, bool(g.bias), out_dt, prologue=prologue, eps=eps, rope=ropespec)
+    b_arg = value(g.bias) if g.bias else NULL
+    args = [value(g.x), value(g.w), b_arg, value(g.out), step(rows)]
+    if g.norm:
+        args.append(value(g.norm[0]))
+    if g.res:
+        args.append(value(g.res))
+    workspaces: list[Workspace] = []
+    if g.rope:
+        spec, pos, sid, lens, kc, vc = g.rope
+        table = _inv_freq({"head_dim": spec.HD, "theta": spec.theta, "scaling": spec.scaling})
+        workspaces.append(table)
+        args += [value(pos), value(sid), value(lens), workspace(table.name), value(kc), value(vc)]
+    decode = run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue), *args)
 
     small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)
-    silu = epilogue == "silu_mul"
-    target = workspace(GEMM_SCRATCH) if silu else value(out)
-    gemm_dt = dt if silu else out_dt
-    kernels, workspaces = [gemv], []
-    prefill = [replace(decode, when=small),
-               Launch("gemm", None, (value(x), value(w), target, step(rows), const(N), const(K), const(dt),
-                                     const(gemm_dt)), kind="library", when=large)]
-    if bias:
+    kernels, prefill = [gemv], [replace(decode, when=small)]
+
+    def later(k: Kernel, *launch_args, shape) -> None:
+        kernels.append(k)
+        prefill.append(replace(run(k, shape, *launch_args), when=large))
+
+    x_arg = value(g.x)
+    if g.norm:  # the normed rows, as the rmsnorm op would store them
+        k = dense.add_rmsnorm(dt, K, eps, has_residual=False)
+        later(k, x_arg, NULL, NULL, value(g.norm[0]), NULL, workspace(NORM_SCRATCH), step(rows),
+              shape=dense.add_rmsnorm_launch(dt, K, rows))
+        workspaces.append(Workspace(NORM_SCRATCH, T_max * K * itemsize(dt)))
+        x_arg = workspace(NORM_SCRATCH)
+    direct = g.epilogue == "none"
+    target = value(g.out) if direct else workspace(GEMM_SCRATCH)
+    gemm_dt = out_dt if direct else dt
+    # cuBLAS is not in `kernels`: the executor calls it by kind
+    prefill.append(Launch("gemm", None, (x_arg, value(g.w), target, step(rows), const(N), const(K), const(dt),
+                                         const(gemm_dt)), kind="library", when=large))
+    if not direct:
+        workspaces.append(Workspace(GEMM_SCRATCH, T_max * N * itemsize(dt)))
+    if g.bias:
         k = dense.elementwise("bias_row", *PREFILL_EPILOGUES["bias_row"], gemm_dt, N)
-        kernels.append(k)
-        prefill.append(replace(run(k, dense.elementwise_launch(gemm_dt, N, rows), target, b_arg, target, step(rows)),
-                               when=large))
-    if silu:
+        later(k, target, b_arg, target, step(rows), shape=dense.elementwise_launch(gemm_dt, N, rows))
+    if g.epilogue == "silu_mul":
         k = dense.elementwise("silu_mul_halves", *PREFILL_EPILOGUES["silu_mul_halves"], dt, N // 2)
-        kernels.append(k)
-        prefill.append(replace(run(k, dense.elementwise_launch(dt, N // 2, rows), target, NULL, value(out),
-                                   step(rows)), when=large))
-        workspaces.append(Workspace(GEMM_SCRATCH, c.graph.dims["T"] * N * itemsize(dt)))
+        later(k, target, NULL, value(g.out), step(rows), shape=dense.elementwise_launch(dt, N // 2, rows))
+    elif g.epilogue == "residual":
+        k = dense.elementwise("residual", *PREFILL_EPILOGUES["residual"], dt, N)
+        later(k, target, value(g.res), value(g.out), step(rows), shape=dense.elementwise_launch(dt, N, rows))
+    elif g.epilogue == "rope":
+        spec, pos, sid, lens, kc, vc = g.rope
+        k = attention.rope_kv_append(dt, spec.H, spec.KV, spec.HD, spec.layout, spec.max_seq, "fused", spec.scaling,
+                                     spec.theta, src_pairs=True)
+        later(k, target, value(pos), value(sid), value(lens), workspace(workspaces[0].name), value(g.out), value(kc),
+              value(vc), step("T"), shape=attention.rope_kv_append_launch("T", spec.H, spec.KV, spec.HD, "fused"))
     return Lowered(kernels, [decode], prefill, workspaces)
 
 
 @lowering("qkv_gemm", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 def lower_gemm(n: Node, c: Ctx) -> Lowered:
-    return _gemm(n, c, "none")
+    x, w, *bias = n.inputs
+    return _gemv(Gemv(x, w, n.outputs[0], bias[0] if bias else None), c)
 
 
 @lowering("gate_up_silu")
 def lower_gate_up_silu(n: Node, c: Ctx) -> Lowered:
-    return _gemm(n, c, "silu_mul")
+    x, w, *bias = n.inputs
+    return _gemv(Gemv(x, w, n.outputs[0], bias[0] if bias else None, epilogue="silu_mul"), c)
+
+
+@lowering("linear_residual")
+def lower_linear_residual(n: Node, c: Ctx) -> Lowered:
+    x, w, r, *bias = n.inputs  # out = round(x W^T + b) + r, in place over r
+    return _gemv(Gemv(x, w, n.outputs[0], bias[0] if bias else None, epilogue="residual", res=r), c)
+
+
+@lowering("rms_gate_up_silu")
+def lower_rms_gate_up_silu(n: Node, c: Ctx) -> Lowered:
+    x, norm_w, w, *bias = n.inputs
+    return _gemv(Gemv(x, w, n.outputs[0], bias[0] if bias else None, norm=(norm_w, n.attrs["eps"]),
+                      epilogue="silu_mul"), c)
+
+
+@lowering("rms_lm_head")
+def lower_rms_lm_head(n: Node, c: Ctx) -> Lowered:
+    x, norm_w, w = n.inputs
+    return _gemv(Gemv(x, w, n.outputs[0], norm=(norm_w, n.attrs["eps"])), c)
+
+
+@lowering("rms_qkv_rope_kv_append")
+def lower_rms_qkv_rope_kv_append(n: Node, c: Ctx) -> Lowered:
+    x, norm_w, w, pos, sid, lens, kc, vc, *bias = n.inputs
+    q_rot = n.outputs[0]  # the cache outputs alias kc / vc
+    a = n.attrs
+    spec = dense.RopeEpilogue(a["num_heads"], a["num_kv_heads"], a["head_dim"], a.get("layout", "rotate_half"),
+                              c.v(kc).shape[1], a.get("scaling"), a.get("theta", 10000.0))
+    return _gemv(Gemv(x, w, q_rot, bias[0] if bias else None, norm=(norm_w, a["eps"]), epilogue="rope",
+                      rope=(spec, pos, sid, lens, kc, vc)), c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,23 +392,25 @@ LOGPROB_CHUNK = 128  # rows of fp32 logits the prompt logprobs hold at once: [ch
 
 @lowering("token_logprobs")
 def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
-    """On demand (only steps that fetch the output): the LM head over a chunk of rows into an
-    fp32 workspace, then each row's log-softmax at its target. Decode (T = B rows) takes one
-    chunk through the GEMV; prefill walks the step's rows chunk by chunk with cuBLAS, each chunk
-    launched only when the step has rows there."""
-    x, w, targets = n.inputs  # x: [T, D] normed rows, w: [V, D], targets: [T]
+    """On demand (only steps that fetch the output): the final norm and the LM head over a chunk
+    of rows into an fp32 workspace, then each row's log-softmax at its target. Decode (T = B rows)
+    takes one chunk through the GEMV with its rmsnorm prologue; prefill walks the step's rows
+    chunk by chunk (norm kernel, then cuBLAS), each chunk launched only when the step has rows there."""
+    x, norm_w, w, targets = n.inputs  # x: [T, D] residual rows, norm_w: [D], w: [V, D], targets: [T]
     (out,) = n.outputs
     _float_only(c, w)
-    dt = c.dtype(x)
+    dt, eps = c.dtype(x), n.attrs["eps"]
     V, D = c.v(w).shape
     T_max, B_max = c.graph.dims["T"], c.graph.dims["B"]
     chunk = min(LOGPROB_CHUNK, T_max)
     ws = Workspace(f"logprob_logits.v{V}", max(chunk, B_max) * V * 4)
+    normed = Workspace(f"logprob_normed.d{D}", chunk * D * itemsize(dt))
     on = wants(out)
     lp = sample.token_logprobs(V)
-    gemv = dense.gemv(dt, V, D, c.row_tile, "none", False, "float32")
+    gemv = dense.gemv(dt, V, D, c.row_tile, "none", False, "float32", prologue="rmsnorm", eps=eps)
+    norm = dense.add_rmsnorm(dt, D, eps, has_residual=False)
     decode = [Launch(gemv.name, dense.gemv_launch(dt, V, D, c.row_tile, "none"),
-                     (value(x), value(w), NULL, workspace(ws.name), step("T")), when=(on,)),
+                     (value(x), value(w), NULL, workspace(ws.name), step("T"), value(norm_w)), when=(on,)),
               Launch(lp.name, sample.token_logprobs_launch(B_max),
                      (workspace(ws.name), value(targets), value(out), step("T"), const(0), step("T")), when=(on,))]
     prefill = []
@@ -337,13 +418,16 @@ def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
     for row0 in range(0, T_max, chunk):
         rows = min(chunk, T_max - row0)  # rows past T are computed from stale rows and never read
         has_rows = (on, Cond("T", ">", row0))
-        prefill += [Launch("gemm", None, (value(x, row0 * row_bytes), value(w), workspace(ws.name), const(rows),
+        prefill += [Launch(norm.name, dense.add_rmsnorm_launch(dt, D, rows),
+                           (value(x, row0 * row_bytes), NULL, NULL, value(norm_w), NULL, workspace(normed.name),
+                            const(rows)), when=has_rows),
+                    Launch("gemm", None, (workspace(normed.name), value(w), workspace(ws.name), const(rows),
                                           const(V), const(D), const(dt), const("float32")), kind="library",
                            when=has_rows),
                     Launch(lp.name, sample.token_logprobs_launch(rows),
                            (workspace(ws.name), value(targets), value(out), const(rows), const(row0), step("T")),
                            when=has_rows)]
-    return Lowered([gemv, lp], decode, prefill, [ws])
+    return Lowered([gemv, norm, lp], decode, prefill, [ws, normed])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,14 +144,16 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
         x = act(L + "x_out", ("T", D), i)
         g.add_node("residual", [down, x_mid], [x], layer=i)
 
+    # The final norm is row-wise, so it runs on each sequence's last row only (HF norms every row
+    # and then keeps the last: the same numbers for those rows).
     w_final = weight("final_norm", (D,), [hf("norm")], role="norm")
-    xn = act("final_norm_out", ("T", D))
-    g.add_node("rmsnorm", [x, w_final], [xn], eps=cfg.rms_norm_eps)
     last = act("last_hidden", ("B", D))  # last: [B, D]
-    g.add_node("gather_last", [xn, "last_index"], [last])
+    g.add_node("gather_last", [x, "last_index"], [last])
+    xn = act("final_norm_out", ("B", D))
+    g.add_node("rmsnorm", [last, w_final], [xn], eps=cfg.rms_norm_eps)
     w_lm = embed if cfg.tie_word_embeddings else weight("lm_head", (V, D), [hf("lm_head")])
     logits = act("logits", ("B", V), dt="float32", role="logits")  # logits: [B, V] fp32
-    g.add_node("lm_head", [last, w_lm], [logits], out_dtype="float32")
+    g.add_node("lm_head", [xn, w_lm], [logits], out_dtype="float32")
     nxt = act("next_token", ("B",), dt="int32", role="next_token")
     nxt_lp = act("next_logprob", ("B",), dt="float32", role="next_logprob")
     g.add_node(
@@ -162,6 +164,6 @@ def build_graph(cfg: ModelConfig, *, dtype: str, max_batch: int, max_seq: int, m
     )
     # echo: every row's logprob of the token after it (on demand: only steps that fetch it pay)
     token_lp = act("token_logprobs", ("T",), dt="float32", role="token_logprobs")
-    g.add_node("token_logprobs", [xn, w_lm, "targets"], [token_lp])
+    g.add_node("token_logprobs", [x, w_final, w_lm, "targets"], [token_lp], eps=cfg.rms_norm_eps, dtype=dtype)
     g.outputs = [logits, nxt, nxt_lp, token_lp]
     return g

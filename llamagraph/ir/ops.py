@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from .dtypes import to_float32, to_storage
 from .graph import Value
+from .layout import rope_pair_order
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,16 @@ class OpDef:
     gemm: bool = False  # y = x @ W^T (+ bias), nothing else: a bias add after it can fold in
     # computed only in a step that fetches its output (its launches wait on wants.<output>)
     on_demand: bool = False
+    # reads its weight one row per index (an embedding lookup), not whole
+    gather: bool = False
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False, on_demand=False):
-    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm, on_demand)
+def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False, on_demand=False,
+             gather=False):
+    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm, on_demand, gather)
 
 
 def gemm_ops() -> tuple[str, ...]:
@@ -297,6 +302,68 @@ def _add_rmsnorm_ref(ins, attrs):
     return [s, rmsnorm(s, w, attrs["eps"])]
 
 
+def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded to a storage dtype and back to fp32: where a fused kernel rounds as the unfused
+    graph stores an intermediate value."""
+    return to_float32(to_storage(x, dtype), dtype)
+
+
+def _normed(x, w, attrs):
+    # the rmsnorm prologue of a fused GEMV: each element rounded as the rmsnorm op stores it
+    return rounded(rmsnorm(x, w, attrs["eps"]), attrs["dtype"])
+
+
+def _linear_residual_ref(ins, attrs):
+    x, w, r, *bias = ins  # out = round(x @ W^T + bias) + r: the projection is stored, then added
+    (y,) = _linear_ref([x, w, *bias], attrs)
+    return [rounded(y, attrs["dtype"]) + r]
+
+
+def _rms_gate_up_silu_ref(ins, attrs):
+    x, norm_w, w, *bias = ins
+    return _gate_up_silu_ref([_normed(x, norm_w, attrs), w, *bias], attrs)
+
+
+def _rms_linear_ref(ins, attrs):
+    x, norm_w, w = ins
+    return _linear_ref([_normed(x, norm_w, attrs), w], attrs)
+
+
+def _rms_qkv_rope_ref(ins, attrs):
+    x, norm_w, w, positions, seq_ids, seq_lens, kc, vc, *bias = ins
+    H, KV, D = _heads(attrs)
+    (qkv_perm,) = _linear_ref([_normed(x, norm_w, attrs), w, *bias], attrs)  # columns in rope pair order
+    qkv = np.empty_like(qkv_perm)
+    qkv[:, rope_pair_order(H + 2 * KV, D, attrs["layout"])] = rounded(qkv_perm, attrs["dtype"])
+    return _rope_kv_append_ref([qkv, positions, seq_ids, seq_lens, kc, vc], attrs)
+
+
+def _linear_residual_infer(ins, attrs):
+    x, w, r = ins[:3]
+    (shape, dtype), = _linear_infer([x, w] + ins[3:], attrs)
+    if r.shape != shape:
+        raise ValueError(f"residual {r.shape} != projection {shape}")
+    return [(shape, dtype)]
+
+
+def _rms_infer(inner):
+    def infer(ins, attrs):
+        x, norm_w = ins[0], ins[1]
+        if norm_w.shape != (x.shape[-1],):
+            raise ValueError(f"norm weight {norm_w.shape} != ({x.shape[-1]},)")
+        return inner([x] + ins[2:], attrs)
+    return infer
+
+
+def _rms_qkv_rope_infer(ins, attrs):
+    x, norm_w, w, positions, seq_ids, seq_lens, kc, vc, *bias = ins
+    if norm_w.shape != (x.shape[-1],):
+        raise ValueError(f"norm weight {norm_w.shape} != ({x.shape[-1]},)")
+    ((T, width), dtype), = _linear_infer([x, w, *bias], attrs)
+    qkv = Value("qkv", (T, width), dtype)
+    return _rope_kv_append_infer([qkv, positions, seq_ids, seq_lens, kc, vc], attrs)
+
+
 def log_softmax_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
     """logits: [R, V] fp32; index: [R] -> log_softmax(logits)[r, index[r]] in fp32 (0 where index < 0)."""
     m = logits.max(axis=-1, keepdims=True)
@@ -317,8 +384,8 @@ def _sample_ref(ins, attrs):
 
 
 def _token_logprobs_ref(ins, attrs):
-    x, w, targets = ins  # x: [T, D] normed rows, w: [V, D], targets: [T] next token of each row or -1
-    return [log_softmax_at(x @ w.T, targets.astype(np.int64))]
+    x, norm_w, w, targets = ins  # x: [T, D] residual rows, w: [V, D], targets: [T] next token of each row or -1
+    return [log_softmax_at(_normed(x, norm_w, attrs) @ w.T, targets.astype(np.int64))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +397,7 @@ register(
     lambda ins, a: [((ins[0].shape[0], ins[1].shape[1]), ins[1].dtype)],
     lambda ins, a: [ins[1][ins[0]]],
     n_inputs=(2, 2),
+    gather=True,
 )
 register("rmsnorm", _same, lambda ins, a: [rmsnorm(ins[0], ins[1], a["eps"])], n_inputs=(2, 2))
 register(
@@ -345,6 +413,19 @@ register(
 for _name in ("qkv_gemm", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
     register(_name, _linear_infer, _linear_ref, n_inputs=(2, 3), gemm=True)
 register("gate_up_silu", _gate_up_silu_infer, _gate_up_silu_ref, n_inputs=(2, 3))
+# GEMMs with the neighbouring element-wise work folded in (attrs["dtype"]: where the unfused graph
+# would store an intermediate, the fused kernel rounds to it):
+register(
+    # (x, W, residual[, bias]) -> round(x W^T + bias) + residual; the new residual stream may overwrite the old
+    "linear_residual", _linear_residual_infer, _linear_residual_ref, inplace={0: (2,)}, n_inputs=(3, 4),
+)
+register("rms_gate_up_silu", _rms_infer(_gate_up_silu_infer), _rms_gate_up_silu_ref, n_inputs=(3, 4))
+register("rms_lm_head", _rms_infer(_linear_infer), _rms_linear_ref, n_inputs=(3, 3))
+register(
+    # (x, norm_w, W_qkv in rope pair row order, positions, seq_ids, seq_lens, kcache, vcache[, bias])
+    #   -> (rotated q [T, H, D], kcache', vcache'): rmsnorm, QKV projection, RoPE and the KV append
+    "rms_qkv_rope_kv_append", _rms_qkv_rope_infer, _rms_qkv_rope_ref, effects=True, n_inputs=(8, 9),
+)
 register("bias_add", _same, lambda ins, a: [ins[0] + ins[1]], inplace={0: (0,)}, n_inputs=(2, 2))
 register("residual", _same, lambda ins, a: [ins[0] + ins[1]], inplace={0: (0, 1)}, n_inputs=(2, 2))
 register("silu", _same, lambda ins, a: [silu(ins[0])], inplace={0: (0,)})
@@ -368,11 +449,12 @@ register(
     n_inputs=(7, 7),
 )
 register(
-    # (normed rows [T, D], LM head [V, D], targets [T]) -> log_softmax(row @ W^T)[target], 0 where target < 0:
-    # the logprob of each prompt token given the tokens before it (echo), computed only when fetched
+    # (rows [T, D], final norm weight [D], LM head [V, D], targets [T]) -> log_softmax(rmsnorm(row) @ W^T)[target],
+    # 0 where target < 0: the logprob of each prompt token given the tokens before it (echo), computed
+    # only when fetched
     "token_logprobs",
     lambda ins, a: [((ins[0].shape[0],), "float32")],
     _token_logprobs_ref,
-    n_inputs=(3, 3),
+    n_inputs=(4, 4),
     on_demand=True,
 )

@@ -13,6 +13,8 @@ from llamagraph.ir import Graph, verify
 from .dce import dce
 from .fuse_gate_up_silu import fuse_gate_up_silu
 from .fuse_gemm_bias import fuse_gemm_bias
+from .fuse_linear_residual import fuse_linear_residual
+from .fuse_norm_prologue import fuse_norm_prologue
 from .fuse_residual_rmsnorm import fuse_residual_rmsnorm
 from .fuse_rope_kv_append import fuse_rope_kv_append
 from .fuse_silu_mul import fuse_silu_mul
@@ -21,18 +23,25 @@ from .plan_memory import plan_memory
 Pass = Callable[[Graph], Graph]
 
 # Order matters (tests/test_passes.py pins each of these):
-# - fuse_residual_rmsnorm before fuse_gemm_bias: the residual+norm fusion takes the o_proj/down
-#   biases into add_rmsnorm; fuse_gemm_bias then folds the remaining ones (qkv, gate, up) into
-#   their GEMMs. The other way round, o_proj/down would keep a bias epilogue of their own.
+# - fuse_linear_residual first: it takes every residual add fed by a projection (with its bias),
+#   so the norms after them stay plain and can move into the next GEMV's prologue.
+# - fuse_residual_rmsnorm before fuse_gemm_bias: where a residual add is left (linear_residual
+#   switched off), the residual+norm fusion takes the o_proj/down biases into add_rmsnorm;
+#   fuse_gemm_bias then folds the remaining ones (qkv, gate, up) into their GEMMs. The other way
+#   round, o_proj/down would keep a bias epilogue of their own.
 # - fuse_silu_mul before fuse_gate_up_silu: the gate/up fusion matches silu_mul, not silu + mul.
 # - fuse_gemm_bias before fuse_gate_up_silu: the biased gate/up pattern reads biased GEMMs.
+# - fuse_norm_prologue after fuse_gate_up_silu and fuse_rope_kv_append: it matches the norms
+#   under gate_up_silu and under qkv_gemm -> rope_kv_append.
 # - dce after the fusions (they leave the separate gate/up weights unread), plan_memory last.
 PIPELINE: list[Pass] = [
+    fuse_linear_residual,
     fuse_residual_rmsnorm,
     fuse_gemm_bias,
     fuse_silu_mul,
     fuse_gate_up_silu,
     fuse_rope_kv_append,
+    fuse_norm_prologue,
     dce,
     plan_memory,
 ]

@@ -29,6 +29,7 @@ import numpy as np
 from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
 from llamagraph.ir.errors import BackendError, WeightError
 from llamagraph.ir.graph import WEIGHT, Graph
+from llamagraph.ir.layout import assemble, stacked_row
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
@@ -115,7 +116,7 @@ def nonfinite_error(graph: Graph, value: str, arr: np.ndarray, where: str = "") 
     if not nan and not inf:
         return None
     bad = ~np.isfinite(weights_to_float32(arr, v.dtype))
-    row = int(np.argwhere(bad)[0][0]) if bad.ndim else 0
+    row = stacked_row(v.attrs, int(np.argwhere(bad)[0][0])) if bad.ndim else 0
     part, first = v.name, 0
     for name, shape in v.attrs.get("parts", []):  # parts are stacked along axis 0
         if row < first + shape[0]:
@@ -370,7 +371,7 @@ def iter_weights(
     total, done = _storage_nbytes(graph), 0
     for v in _weight_values(graph):
         parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name, check_finite) for n, s in v.attrs["parts"]]
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        arr = assemble(v.attrs, parts)
         assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
         done += arr.nbytes
         if progress is not None:
@@ -521,7 +522,7 @@ def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str
 
     def one(v) -> np.ndarray:
         parts = [random_part(n, s, seed, scale, v.role) for n, s in v.attrs["parts"]]
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        arr = assemble(v.attrs, parts)
         return float32_to_storage(arr, v.dtype)
 
     # numpy's generators release the GIL while filling, and every part has its own generator,
