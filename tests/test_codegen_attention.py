@@ -58,8 +58,20 @@ def _decode_kernels(dtype: str) -> list:
     return ks
 
 
+# prefill adds head dims off the tensor-core path (72: not a multiple of 16) and at its end (256)
+PREFILL_HEADS = HEADS + [(4, 2, 72), (8, 1, 256)]
+
+
 def _prefill_kernels(dtype: str) -> list:
-    return [A.attention_prefill(dtype, H, KV, D, qs, MAX_SEQ) for H, KV, D in HEADS for qs in (H * D, (H + 2 * KV) * D)]
+    return [A.attention_prefill(dtype, H, KV, D, qs, MAX_SEQ)
+            for H, KV, D in PREFILL_HEADS for qs in (H * D, (H + 2 * KV) * D)]
+
+
+def _prefill_mma_variants() -> list:
+    """The tensor-core kernel's non-default register and pipeline plans (the benchmark compares them)."""
+    return [A.attention_prefill_mma(dtype, 32, 8, D, 32 * D, MAX_SEQ, q_regs=qr, min_blocks=mb, stages=st)
+            for dtype in ("float16", "bfloat16") for D in (64, 128)
+            for qr, mb, st in ((False, 2, 1), (True, 1, 2), (False, 1, 2))]
 
 
 def _all(dtype: str) -> list:
@@ -178,12 +190,54 @@ def test_seq_tiles():
 
 
 def test_prefill_rows_and_launch():
-    for D in (32, 64, 80, 96, 128, 256):
+    # one launch serves both kernels of a head dim (the lowering passes no dtype): enough shared
+    # memory for either, the tile rows and threads both expect
+    for D in (32, 64, 72, 80, 96, 128, 256):
         bq = A.attention_prefill_rows(D)
         la = A.attention_prefill_launch(7, 32, D)
         assert la.grid == (7, 32, 1) and la.block == (256, 1, 1)
         assert bq == 64 and 0 < la.smem <= 227 * 1024
+        assert la.smem >= A._prefill_tiling(D)["smem"]
+        if A.prefill_uses_mma("float16", D):
+            assert la.smem >= A.attention_prefill_mma_smem(D)
+            # Q, two K and two V tiles of 64 rows, 16-bit, rows padded by 16 bytes
+            assert A.attention_prefill_mma_smem(D) == (64 + 4 * 64) * (D + 8) * 2
     assert A.attention_prefill_launch(1, 32, 128).smem <= 227 * 1024 // 2  # two blocks per SM
+    assert A.attention_prefill_launch("seq_tiles.r64.n", 32, 128).at({"seq_tiles.r64.n": 3}).grid == (3, 32, 1)
+
+
+def test_prefill_uses_tensor_cores_for_16_bit_multiples_of_16():
+    for dtype in DTYPES:
+        for D in (32, 64, 72, 80, 96, 128, 256, 320):
+            k = A.attention_prefill(dtype, 8, 2, D, 8 * D, MAX_SEQ)
+            mma = dtype != "float32" and D % 16 == 0 and D <= 256
+            assert A.prefill_uses_mma(dtype, D) == mma
+            assert k.name.startswith("attn_prefill_mma_" if mma else "attn_prefill_"), k.name
+            assert ("mma.sync.aligned.m16n8k16" in k.source) == mma, k.name
+            if mma:
+                # Q.K^T and P.V on tensor cores in the storage dtype, fp32 accumulate, fragments by
+                # ldmatrix (V transposed), tiles staged by cp.async
+                kind = "bf16.bf16" if dtype == "bfloat16" else "f16.f16"
+                assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.f32" in k.source
+                assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in k.source
+                assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in k.source
+                assert "cp.async.cg.shared.global" in k.source
+    with pytest.raises(ValueError):
+        A.attention_prefill_mma("float32", 8, 2, 64, 512, MAX_SEQ)
+    with pytest.raises(ValueError):
+        A.attention_prefill_mma("float16", 8, 2, 72, 576, MAX_SEQ)
+    with pytest.raises(ValueError):
+        A.attention_prefill_mma("float16", 8, 2, 64, 512, MAX_SEQ, stages=3)
+
+
+def test_prefill_mma_names_encode_every_constant():
+    base = dict(dtype="float16", H=32, KV=8, D=128, qstride=4096, max_seq=4096)
+    variants = [dict(base, **c) for c in ({}, {"dtype": "bfloat16"}, {"H": 16}, {"KV": 4}, {"D": 64},
+                                          {"qstride": 6144}, {"max_seq": 2048}, {"scale": 0.1}, {"q_regs": True},
+                                          {"min_blocks": 1}, {"stages": 1})]
+    kernels = [A.attention_prefill_mma(**v) for v in variants]
+    assert len({k.name for k in kernels}) == len(kernels)
+    assert len({k.source for k in kernels}) == len(kernels)
 
 
 def test_decode_chunking_and_workspace():
@@ -275,8 +329,33 @@ def test_decode_attention_and_sampler_do_not_spill(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_attention_does_not_spill_for_llama_head_dims(dtype):
+    # the tensor-core kernel must not spill at any head dim it takes; its default plan keeps two
+    # blocks (16 warps) per SM up to D = 128, so it fits 128 registers there
     found = _resources(dtype)
     for k in _prefill_kernels(dtype):
-        if int(k.name.split("_d")[1].split("_")[0]) <= 128:
-            r = found[k.name]
-            assert r.spill_stores == 0 and r.spill_loads == 0, (k.name, r)
+        r = found[k.name]
+        D = int(k.name.split("_d")[1].split("_")[0])
+        if D <= 128 or k.name.startswith("attn_prefill_mma_"):
+            assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_bytes == 0, (k.name, r)
+        if k.name.startswith("attn_prefill_mma_") and D <= 128:
+            assert r.registers <= 128, (k.name, r)
+
+
+@pytest.fixture(scope="module")
+def _mma_variants_compiled():
+    if nvrtc.available() is None:
+        pytest.skip("no CUDA compiler (NVRTC wheel or nvcc)")
+    ks = _prefill_mma_variants() + [A.attention_prefill(dt, 32, 8, D, 32 * D, MAX_SEQ)
+                                     for dt in ("float16", "bfloat16") for D in (64, 128)]
+    return ks, {arch: nvrtc.compile_source(module_source(ks), arch=arch, options=("--std=c++17",)).kernels
+                for arch in ("sm_80", "sm_90")}
+
+
+def test_prefill_mma_compiles_for_sm80_and_sm90_without_spills(_mma_variants_compiled):
+    # sm_80 is the oldest target of mma.m16n8k16 with bf16, cp.async and __reduce_min_sync
+    ks, found = _mma_variants_compiled
+    for arch, res in found.items():
+        for k in ks:
+            r = res[k.name]
+            if "_qr_mb1" in k.name or "_qr" not in k.name:  # q_regs with two blocks per SM may spill at D = 128
+                assert r.spill_stores == 0 and r.spill_loads == 0, (arch, k.name, r)

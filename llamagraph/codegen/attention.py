@@ -238,11 +238,19 @@ def attention_decode_workspace_bytes(max_tokens: int, H: int, D: int, max_seq: i
 # prefill attention (tiled, causal, packed sequences)
 # ---------------------------------------------------------------------------------------------
 
-PREFILL_THREADS = 256  # 16 x 16: ty owns RM query rows, tx owns CN keys and D/16 output columns
+# Both prefill kernels run 256 threads on tiles of 64 query rows, so the tile table and the
+# launch depend on the head dim only (the lowering does not pass the dtype to them):
+#   fp16/bf16 with head_dim % 16 == 0 and <= 256: tensor cores (``attention_prefill_mma.cu.j2``);
+#   otherwise fp32 CUDA-core math (``attention_prefill.cu.j2``).
+PREFILL_THREADS = 256  # fp32 path: 16 x 16, ty owns RM query rows, tx owns CN keys and D/16 output columns
+PREFILL_ROWS = 64
+PREFILL_MMA_KEYS = 64  # keys per shared K/V tile of the tensor-core kernel (32 per warp)
+PREFILL_MMA_MAX_D = 256
 
 
 def _prefill_tiling(D: int) -> dict:
-    rm = 4
+    """Tiling of the fp32 CUDA-core kernel."""
+    rm = PREFILL_ROWS // 16
     cn = 4 if D <= 64 else 2
     bq, bk = 16 * rm, 16 * cn
     dq = -(-D // 4)                  # float4 quads per row
@@ -254,26 +262,53 @@ def _prefill_tiling(D: int) -> dict:
                 min_blocks=2 if 2 * smem <= 227 * 1024 else 1)
 
 
+def prefill_uses_mma(dtype: str, D: int) -> bool:
+    """True where prefill attention runs on tensor cores: 16-bit storage, head_dim % 16 == 0, <= 256."""
+    return dtype in ("float16", "bfloat16") and D % 16 == 0 and 16 <= D <= PREFILL_MMA_MAX_D
+
+
+def _prefill_mma_tiling(D: int, q_regs: bool | None = None, min_blocks: int | None = None,
+                        stages: int | None = None) -> dict:
+    """Tiling of the tensor-core kernel: a Q [64][D+8] tile and ``stages`` pairs of K, V [64][D+8]
+    tiles, 16-bit, in shared memory."""
+    stages = 2 if stages is None else int(stages)
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    smem = (PREFILL_ROWS + 2 * stages * PREFILL_MMA_KEYS) * (D + 8) * 2
+    # Q's fragments take D/4 registers: held up to D = 64, re-read from shared memory beyond, so
+    # that two blocks (16 warps) per SM fit the 128-register budget up to D = 128
+    q_regs = D <= 64 if q_regs is None else bool(q_regs)
+    min_blocks = (2 if D <= 128 else 1) if min_blocks is None else int(min_blocks)
+    return dict(bq=PREFILL_ROWS, bk=PREFILL_MMA_KEYS, smem=smem, q_regs=q_regs, min_blocks=min_blocks,
+                stages=stages, threads=PREFILL_THREADS)
+
+
 def attention_prefill_rows(D: int) -> int:
     """BQ: the most query rows one tile of the ``seq_tiles`` table may hold for head dim D."""
-    return _prefill_tiling(D)["bq"]
+    return PREFILL_ROWS
 
 
 def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
                       scale: float | None = None) -> Kernel:
-    """Tiled causal attention for prefill (many query rows per sequence), fp32 CUDA-core math.
+    """Tiled causal attention for prefill (many query rows per sequence).
+
+    fp16/bf16 with head_dim % 16 == 0 (up to 256) run flash-attention-2 style on tensor cores
+    (``attention_prefill_mma``); the rest run fp32 CUDA-core math.
 
     Arguments: q [T, qstride] (head h of row r at q[r*qstride + h*D]), kcache, vcache
     [max_batch, max_seq, KV, D], positions int32 [T], seq_ids int32 [T], tiles int32 [n_tiles, 2]
-    (``llamagraph.codegen.launch.seq_tiles``), out [T, H*D] (storage dtype), n_tiles int32.
-    A tile's rows belong to one sequence, are contiguous and have nondecreasing positions; row r
-    attends keys 0..positions[r] of its slot (earlier chunks already in the cache included).
-    Launch with ``attention_prefill_launch``; its dynamic shared memory may exceed 48 KiB, so the
-    caller raises the kernel's max dynamic shared memory attribute to ``Launch.smem``.
+    (``llamagraph.codegen.launch.seq_tiles`` with ``attention_prefill_rows(D)`` rows), out
+    [T, H*D] (storage dtype), n_tiles int32. A tile's rows belong to one sequence, are contiguous
+    and have nondecreasing positions; row r attends keys 0..positions[r] of its slot (earlier
+    chunks already in the cache included). Launch with ``attention_prefill_launch``; its dynamic
+    shared memory may exceed 48 KiB, so the caller raises the kernel's max dynamic shared memory
+    attribute to ``Launch.smem``.
     """
     _check(dtype, H, KV, D)
     if qstride < H * D or qstride % D:
         raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
+    if prefill_uses_mma(dtype, D):
+        return attention_prefill_mma(dtype, H, KV, D, qstride, max_seq, scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tiling = _prefill_tiling(D)
     name = f"attn_prefill_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}_bq{tiling['bq']}_bk{tiling['bk']}"
@@ -284,6 +319,46 @@ def attention_prefill(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq
     return Kernel(name, src)
 
 
+def attention_prefill_mma(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
+                          scale: float | None = None, q_regs: bool | None = None,
+                          min_blocks: int | None = None, stages: int | None = None) -> Kernel:
+    """The tensor-core prefill kernel (``attention_prefill`` picks it; arguments and launch as there).
+
+    mma.m16n8k16 with fp32 accumulation, online softmax in fp32 registers, P rounded to the
+    storage dtype for the P.V product; K/V tiles of 64 keys staged in shared memory with
+    cp.async. ``q_regs``, ``min_blocks`` and ``stages`` override the defaults (for benchmarks; a
+    launch must then give the shared memory that ``attention_prefill_mma_smem`` says).
+    """
+    _check(dtype, H, KV, D)
+    if not prefill_uses_mma(dtype, D):
+        raise ValueError(f"tensor-core prefill needs float16/bfloat16 and head_dim % 16 == 0 <= "
+                         f"{PREFILL_MMA_MAX_D}, got {dtype} D={D}")
+    if qstride < H * D or qstride % D:
+        raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    tiling = _prefill_mma_tiling(D, q_regs, min_blocks, stages)
+    name = (f"attn_prefill_mma_{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}_q{qstride}_s{max_seq}"
+            f"_bq{tiling['bq']}_bk{tiling['bk']}_st{tiling['stages']}{'_qr' if tiling['q_regs'] else ''}"
+            f"_mb{tiling['min_blocks']}")
+    if scale != 1.0 / math.sqrt(D):
+        name += f"_sc{number_tag(scale)}"
+    params = {k: v for k, v in tiling.items() if k != "smem"}
+    src = render("attention_prefill_mma", name=name, dtype=dtype, H=H, KV=KV, D=D, qstride=qstride,
+                 max_seq=max_seq, qscale=_c_float(scale * LOG2E), **params)
+    return Kernel(name, src)
+
+
+def attention_prefill_mma_smem(D: int, stages: int | None = None) -> int:
+    """Dynamic shared memory bytes of the tensor-core kernel with ``stages`` K/V buffer pairs."""
+    return _prefill_mma_tiling(D, stages=stages)["smem"]
+
+
 def attention_prefill_launch(n_tiles: int | str, H: int, D: int) -> Shape:
-    """Grid (n_tiles, H), 256 threads, dynamic shared memory for Q, K, V and P tiles."""
-    return Shape((extent(n_tiles), H, 1), (PREFILL_THREADS, 1, 1), _prefill_tiling(D)["smem"])
+    """Grid (n_tiles, H), 256 threads. Dynamic shared memory: enough for whichever kernel
+    ``attention_prefill`` picks for D (the fp32 one stages fp32 Q, K, V and P tiles; the
+    tensor-core one 16-bit Q, K and V tiles). Both kernels start the blocks of the last tiles
+    (the most keys) first."""
+    smem = _prefill_tiling(D)["smem"]
+    if D % 16 == 0 and D <= PREFILL_MMA_MAX_D:
+        smem = max(smem, _prefill_mma_tiling(D)["smem"])
+    return Shape((extent(n_tiles), H, 1), (PREFILL_THREADS, 1, 1), smem)

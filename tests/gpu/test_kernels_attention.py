@@ -10,6 +10,7 @@ an elementwise bound of 1e-2 relative + 2e-2 of the output's RMS.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -426,10 +427,49 @@ def test_decode_attention_bandwidth_report(record_property):
 
 
 # ---------------------------------------------------------------------------------------------
-# prefill attention (tiled, packed sequences)
+# prefill attention (tiled, packed sequences; tensor cores for fp16/bf16 with head_dim % 16 == 0)
 # ---------------------------------------------------------------------------------------------
 
-PREFILL_HEADS = [(4, 4, 128), (8, 2, 64), (4, 1, 96), (2, 1, 80), (4, 2, 32)]
+# (4, 2, 72): 16-bit storage off the tensor-core path (head dim not a multiple of 16)
+PREFILL_HEADS = [(4, 4, 128), (8, 2, 64), (4, 1, 96), (2, 1, 80), (4, 2, 32), (4, 2, 72)]
+
+
+def _prefill_case(rng, dtype, H, KV, D, qstride, seqs, slots, max_seq, max_batch):
+    """Random q and caches for sequences given as (first new position, new tokens): keys before
+    the first new position are earlier chunks already in the cache; every cache row past a
+    sequence's last key, and every slot no sequence uses, holds NaN."""
+    positions, seq_ids = packed(rng, seqs, slots)
+    q = randn(rng, (len(positions), qstride), dtype, 2.0)  # larger scores exercise the running max
+    kc = randn(rng, (max_batch, max_seq, KV, D), dtype)
+    vc = randn(rng, (max_batch, max_seq, KV, D), dtype)
+    kc_dev, vc_dev = kc.copy(), vc.copy()
+    used = np.zeros(max_batch, bool)
+    for (p0, n), s in zip(seqs, slots):
+        kc_dev[s, p0 + n:] = np.nan
+        vc_dev[s, p0 + n:] = np.nan
+        used[s] = True
+    kc_dev[~used] = np.nan
+    vc_dev[~used] = np.nan
+    return q, kc, vc, kc_dev, vc_dev, positions, seq_ids
+
+
+def _run_prefill(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids, kernel=None, smem=None):
+    """The prefill kernel (``attention_prefill``'s unless given) over one packed step; poisoned
+    output rows past the step must stay untouched."""
+    T = len(positions)
+    kernel = kernel or A.attention_prefill(dtype, H, KV, D, qstride, max_seq)
+    (fn,) = functions(kernel)
+    tiles = seq_tiles(seq_ids, A.attention_prefill_rows(D))
+    launch = A.attention_prefill_launch(len(tiles), H, D)
+    if smem is not None:
+        launch = dataclasses.replace(launch, smem=smem)
+    out = poisoned((T + 2, H * D), dtype)
+    go(fn, launch, (cupy.asarray(storage(q, dtype)), cupy.asarray(storage(kc_dev, dtype)),
+                    cupy.asarray(storage(vc_dev, dtype)), cupy.asarray(positions), cupy.asarray(seq_ids),
+                    cupy.asarray(tiles), out, np.int32(len(tiles))))
+    got = host(out, dtype)
+    assert np.isnan(got[T:]).all(), "wrote past the last row"
+    return got[:T]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -444,27 +484,93 @@ def test_prefill_attention(dtype, heads, qkind):
     # (positions < first) are already in the cache
     seqs = [(0, 1), (0, bq - 1), (0, bq), (0, bq + 1), (0, 3 * bq + 17), (100, 37), (bq, bq), (250, 70)]
     slots = [6, 0, 3, 1, 7, 2, 5, 4]
-    positions, seq_ids = packed(rng, seqs, slots)
-    T = len(positions)
     qstride = H * D if qkind == "q" else (H + 2 * KV) * D
-    q = randn(rng, (T, qstride), dtype, 2.0)
-    kc = randn(rng, (max_batch, max_seq, KV, D), dtype)
-    vc = randn(rng, (max_batch, max_seq, KV, D), dtype)
-    kc_dev, vc_dev = kc.copy(), vc.copy()
-    for (p0, n), s in zip(seqs, slots):
-        kc_dev[s, p0 + n:] = np.nan
-        vc_dev[s, p0 + n:] = np.nan
-    kernel = A.attention_prefill(dtype, H, KV, D, qstride, max_seq)
-    (fn,) = functions(kernel)
-    tiles = seq_tiles(seq_ids, bq)
-    out = poisoned((T + 2, H * D), dtype)
-    go(fn, A.attention_prefill_launch(len(tiles), H, D),
-       (cupy.asarray(storage(q, dtype)), cupy.asarray(storage(kc_dev, dtype)), cupy.asarray(storage(vc_dev, dtype)),
-        cupy.asarray(positions), cupy.asarray(seq_ids), cupy.asarray(tiles), out, np.int32(len(tiles))))
-    got = host(out, dtype)
-    assert np.isnan(got[T:]).all(), "wrote past the last row"
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _prefill_case(rng, dtype, H, KV, D, qstride, seqs, slots,
+                                                                  max_seq, max_batch)
+    got = _run_prefill(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
     ref = _sdpa(q, kc, vc, positions, seq_ids, H, KV, D)
-    assert_close(got[:T], rounded(ref, dtype), dtype, 1e-4, f"prefill {dtype} H{H} KV{KV} D{D} {qkind}")
+    assert_close(got, rounded(ref, dtype), dtype, 1e-4, f"prefill {dtype} H{H} KV{KV} D{D} {qkind}")
+
+
+# ragged prompts around the 64-row query tiles and the kernel's 32-key warp halves, packed in one
+# step; four are later chunks of their sequence (first position > 0, earlier keys from the cache),
+# one of them starting off any tile boundary and one ending at the last cache row
+RAGGED = [(0, 1), (0, 15), (0, 16), (0, 17), (0, 63), (0, 64), (0, 65), (0, 130), (0, 300),
+          (40, 15), (129, 65), (64, 130), (212, 300)]
+RAGGED_SLOTS = [3, 0, 12, 5, 1, 7, 9, 2, 11, 4, 6, 10, 8]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_attention_tensor_cores_ragged_chunked(dtype, group, D):
+    H = 8
+    KV = H // group
+    assert A.prefill_uses_mma(dtype, D)
+    rng = seeded(dtype, group, D, "prefill ragged")
+    max_seq, max_batch = 512, 13
+    qstride = (H + 2 * KV) * D if group == 4 else H * D  # q inside the unfused qkv rows, or alone
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _prefill_case(rng, dtype, H, KV, D, qstride, RAGGED,
+                                                                  RAGGED_SLOTS, max_seq, max_batch)
+    got = _run_prefill(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    ref = _sdpa(q, kc, vc, positions, seq_ids, H, KV, D)
+    assert_close(got, rounded(ref, dtype), dtype, 1e-4, f"prefill ragged {dtype} group {group} D{D}")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_attention_tensor_core_variants(D):
+    """The register and pipeline plans the benchmark compares all compute the same attention."""
+    dtype, H, KV = "float16", 8, 2
+    rng = seeded(D, "prefill variants")
+    max_seq, max_batch = 512, 13
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _prefill_case(rng, dtype, H, KV, D, H * D, RAGGED,
+                                                                  RAGGED_SLOTS, max_seq, max_batch)
+    ref = rounded(_sdpa(q, kc, vc, positions, seq_ids, H, KV, D), dtype)
+    for q_regs, min_blocks, stages in ((False, 2, 1), (True, 1, 2), (False, 1, 2), (True, 2, 1)):
+        kernel = A.attention_prefill_mma(dtype, H, KV, D, H * D, max_seq, q_regs=q_regs, min_blocks=min_blocks,
+                                         stages=stages)
+        got = _run_prefill(dtype, H, KV, D, H * D, max_seq, q, kc_dev, vc_dev, positions, seq_ids, kernel=kernel,
+                           smem=A.attention_prefill_mma_smem(D, stages))
+        assert_close(got, ref, dtype, 1e-4, f"prefill variant {kernel.name}")
+
+
+def _causal_blas(q, kc, vc, positions, slot, H, KV, D):
+    """Causal attention of one sequence's rows with per-head BLAS matmuls (fp32): ``_sdpa_ref``'s
+    semantics at a cost a 2048-token prompt can afford; checked against it below."""
+    T = len(positions)
+    n = int(positions.max()) + 1
+    qh = q.reshape(T, -1, D)[:, :H]
+    causal = np.arange(n)[None, :] <= positions[:, None]  # [T, n]
+    out = np.empty((T, H, D), np.float32)
+    for h in range(H):
+        k, v = kc[slot, :n, h // (H // KV)], vc[slot, :n, h // (H // KV)]  # [n, D]
+        s = np.where(causal, (qh[:, h] @ k.T) * np.float32(1.0 / math.sqrt(D)), -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v
+    return out.reshape(T, H * D)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_prefill_attention_long_prompt(dtype):
+    """A Llama-3-8B layer's attention over a 2048-token prompt (H 32, KV 8, D 128): P is rounded
+    to 16 bits for the P.V product over up to 2048 keys, and the error stays within the 16-bit
+    bounds (1e-2 relative by norm)."""
+    H, KV, D, T = 32, 8, 128, 2048
+    rng = seeded(dtype, "prefill long")
+    max_seq, max_batch = T, 2
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _prefill_case(rng, dtype, H, KV, D, (H + 2 * KV) * D,
+                                                                  [(0, T)], [1], max_seq, max_batch)
+    got = _run_prefill(dtype, H, KV, D, (H + 2 * KV) * D, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    ref = _causal_blas(q, kc, vc, positions, 1, H, KV, D)
+    rows = np.r_[0:70, 1000:1100, T - 70:T]  # the BLAS reference against the ops reference on some rows
+    np.testing.assert_allclose(ref[rows], _sdpa(q[rows], kc, vc, positions[rows], seq_ids[rows], H, KV, D),
+                               rtol=1e-4, atol=1e-5)
+    assert_close(got, rounded(ref, dtype), dtype, 1e-4, f"prefill 2048 tokens {dtype}")
+    # the second half as a later chunk: its first 1024 keys come from the cache
+    half = T // 2
+    got2 = _run_prefill(dtype, H, KV, D, (H + 2 * KV) * D, max_seq, q[half:], kc_dev, vc_dev, positions[half:],
+                        seq_ids[half:])
+    assert_close(got2, rounded(ref[half:], dtype), dtype, 1e-4, f"prefill 1024 + 1024 tokens {dtype}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
