@@ -118,6 +118,26 @@ def test_at_most_five_kernels_per_layer_in_a_decode_step(example, dtype):
     assert plan.kernel_launches("decode") == 5 * len(per_layer) + 4
 
 
+def test_early_launches_wait_for_their_predecessor_in_their_own_code():
+    """A launch marked ``early`` may start before the kernel before it finishes (programmatic
+    dependent launch): its kernel must call lg_pdl_wait() before its first read of another
+    kernel's output. Every decode launch is early; the flag survives the plan's JSON."""
+    from llamagraph.codegen.launch import launch_from_dict, launch_to_dict
+
+    plan = compile_plan(EXAMPLES[0], dtype="float16", max_batch=2, max_seq=256)
+    dec = [x for x in plan.phases["decode"] if not x.on_demand]
+    assert dec and all(x.early for x in dec)
+    for name in {x.fn for x in dec}:
+        body = plan.source.split(f"{name}(", 2)[-1]  # the kernel's definition follows its last mention
+        entry = body[: body.index("\n}\n")]
+        wait = entry.index("lg_pdl_wait();")
+        # nothing but weight prefetches before the wait: no other pointer is dereferenced
+        before = entry[entry.index("{") + 1: wait]
+        assert "_impl::run" not in before and "[" not in before.replace("reinterpret_cast<const uint4*>(W)", ""), name
+    assert all(launch_from_dict(launch_to_dict(x)) == x for x in plan.phases["decode"] + plan.phases["prefill"])
+    assert not any(x.early for x in plan.phases["prefill"] if x.kind == "library")
+
+
 def test_lowerings_read_value_dtypes_not_a_global_one():
     """Each kernel is specialised on the dtype of the values it touches: the logits are fp32 in
     every plan, whatever the plan's activation dtype."""

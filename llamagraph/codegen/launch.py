@@ -128,6 +128,9 @@ class Launch:
     kind: str = "kernel"  # "kernel" | "library"
     when: tuple[Cond, ...] = ()  # every one must hold for the launch to run
     node: int = -1  # index of the graph node it computes (set when the plan is assembled)
+    # the kernel waits for the kernel before it itself (lg_pdl_wait at its top): it may be launched
+    # before that one finishes (programmatic dependent launch), overlapping its start-up
+    early: bool = False
 
     def describe(self) -> str:
         return f"{self.kind} {self.fn}"
@@ -192,6 +195,8 @@ def launch_to_dict(launch: Launch) -> dict:
     d["args"] = [[a.kind, a.ref, a.type] + ([a.offset] if a.offset else []) for a in launch.args]
     if launch.when:
         d["when"] = [[c.scalar, c.op, c.bound] for c in launch.when]
+    if launch.early:
+        d["early"] = True
     return d
 
 
@@ -200,7 +205,7 @@ def launch_from_dict(d: dict) -> Launch:
     if "grid" in d:
         shape = Shape(tuple(_extent_from(e) for e in d["grid"]), tuple(d["block"]), d["smem"])
     return Launch(d["fn"], shape, tuple(Arg(*a) for a in d["args"]), d["kind"],
-                  tuple(Cond(*c) for c in d.get("when", ())), d["node"])
+                  tuple(Cond(*c) for c in d.get("when", ())), d["node"], bool(d.get("early", False)))
 
 
 def workspace_to_dict(ws: Workspace) -> dict:

@@ -104,8 +104,8 @@ def _float_only(c: Ctx, *names: str) -> None:
 def _gather(table: str, index: str, out: str, c: Ctx) -> Lowered:
     dt, D, rows = c.dtype(out), c.v(out).shape[1], c.rows(out)
     k = dense.gather_rows(dt, D)
-    return same_in_both([k], [run(k, dense.gather_rows_launch(dt, D, rows), value(table), value(index), value(out),
-                                  step(rows))])
+    return same_in_both([k], [replace(run(k, dense.gather_rows_launch(dt, D, rows), value(table), value(index),
+                                          value(out), step(rows)), early=True)])
 
 
 @lowering("embedding")
@@ -193,7 +193,7 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
         table = _inv_freq({"head_dim": spec.HD, "theta": spec.theta, "scaling": spec.scaling})
         workspaces.append(table)
         args += [value(pos), value(sid), value(lens), workspace(table.name), value(kc), value(vc)]
-    decode = run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue), *args)
+    decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue), *args), early=True)
 
     small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)
     kernels, prefill = [gemv], [replace(decode, when=small)]
@@ -362,8 +362,8 @@ def lower_sdpa(n: Node, c: Ctx) -> Lowered:
     s_split, _ = attention.attention_decode_launch("T", H, KV, D, max_seq)
     partials = Workspace(ATTN_PARTIALS, attention.attention_decode_workspace_bytes(max_batch, H, D, max_seq))
     counters = Workspace(ATTN_COUNTERS, attention.attention_decode_counter_bytes(max_batch, H, KV), fill="zeros")
-    decode = [run(fused, s_split, value(q), value(kc), value(vc), value(pos), value(sid), workspace(partials.name),
-                  workspace(counters.name), value(out), step("T"))]
+    decode = [replace(run(fused, s_split, value(q), value(kc), value(vc), value(pos), value(sid),
+                          workspace(partials.name), workspace(counters.name), value(out), step("T")), early=True)]
     prefill_k = attention.attention_prefill(dt, H, KV, D, qstride, max_seq, scale=scale)
     bq = attention.attention_prefill_rows(D)
     tiles = Workspace(f"seq_tiles.r{bq}", 8 * c.graph.dims["T"], fill="seq_tiles", source=sid, rows=bq)
@@ -383,8 +383,8 @@ def lower_topk_sample(n: Node, c: Ctx) -> Lowered:
     token, logprob = n.outputs
     k = sample.sample(c.v(logits).shape[1])
     rows = c.rows(token)
-    return same_in_both([k], [run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs), value(token),
-                                  value(logprob), step(rows))])
+    return same_in_both([k], [replace(run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs),
+                                          value(token), value(logprob), step(rows)), early=True)])
 
 
 LOGPROB_CHUNK = 128  # rows of fp32 logits the prompt logprobs hold at once: [chunk, V], not [T, V]

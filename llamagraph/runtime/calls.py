@@ -38,6 +38,57 @@ def launch_kernel(fn, shape: Shape, args, stream=None) -> None:
         fn(shape.grid, shape.block, conv, shared_mem=shape.smem)
 
 
+def early_launch_supported(compute_capability: str) -> bool:
+    """Whether kernels may be launched with programmatic dependent launch here: an sm_90+ device
+    and NVIDIA's ``cuda-bindings`` (cupy cannot set launch attributes). ``LLAMAGRAPH_PDL=0``
+    turns it off (for A/B runs); launches then wait for the kernel before them as usual."""
+    import os
+
+    if os.environ.get("LLAMAGRAPH_PDL", "1") == "0" or int(compute_capability) < 90:
+        return False
+    try:
+        from cuda.bindings import driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def launch_kernel_early(fn, shape: Shape, args, stream) -> None:
+    """Launch like ``launch_kernel``, with the programmatic-stream-serialization attribute: the
+    kernel may start before the previous kernel on ``stream`` finishes, and must itself wait
+    (``lg_pdl_wait``) before touching anything that kernel writes. Works inside stream capture
+    (the graph keeps a programmatic edge)."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    if shape.smem > _SMEM_DEFAULT_LIMIT and fn.max_dynamic_shared_size_bytes < shape.smem:
+        fn.max_dynamic_shared_size_bytes = shape.smem
+    cfg = driver.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = (int(x) for x in shape.grid)
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (int(x) for x in shape.block)
+    cfg.sharedMemBytes = int(shape.smem)
+    cfg.hStream = driver.CUstream(int(_as_stream(stream).ptr))
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    values, types = [], []
+    for a in args:
+        if isinstance(a, np.uint64):  # a raw device pointer
+            values.append(int(a)), types.append(ctypes.c_void_p)
+        elif isinstance(a, (np.floating, float)):
+            values.append(float(a)), types.append(ctypes.c_float)
+        elif isinstance(a, (int, np.integer)):
+            values.append(int(a)), types.append(ctypes.c_int)
+        else:  # a cupy array
+            values.append(int(a.data.ptr)), types.append(ctypes.c_void_p)
+    (err,) = driver.cuLaunchKernelEx(cfg, driver.CUfunction(int(fn.ptr)), (tuple(values), tuple(types)), 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx failed: {err}")
+
+
 def _as_stream(stream):
     """A cupy Stream for ``stream``: a cupy Stream, a raw cudaStream_t, or None (the current one)."""
     import cupy

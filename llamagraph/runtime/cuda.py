@@ -28,7 +28,7 @@ from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Wei
 from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
 
-from .calls import LIBRARY, launch_kernel
+from .calls import LIBRARY, early_launch_supported, launch_kernel, launch_kernel_early
 from .weights import check_fits, nonfinite_counts, nonfinite_error
 
 ALIGN = 256
@@ -106,6 +106,7 @@ class CudaExecutor:
         self.plan = plan
         self.graph = g = plan.graph
         self.arch = f"sm_{cp.cuda.Device().compute_capability}"
+        self.early = early_launch_supported(cp.cuda.Device().compute_capability)  # programmatic dependent launch
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._check_memory(weights)  # one clear line rather than an allocation failing half-way
         module = load_module(plan.source, self.arch)
@@ -236,7 +237,10 @@ class CudaExecutor:
             LIBRARY[launch.fn](*args, stream=self.stream)
             return
         shape = launch.shape.at(scalars)
-        launch_kernel(fn, shape, args, self.stream)  # raises the smem limit if needed
+        if launch.early and self.early:
+            launch_kernel_early(fn, shape, args, self.stream)
+        else:
+            launch_kernel(fn, shape, args, self.stream)  # raises the smem limit if needed
         if SYNC_EACH and not self.stream.is_capturing():  # debugging aid: name the kernel that faults
             try:
                 self.stream.synchronize()
