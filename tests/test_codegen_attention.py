@@ -212,7 +212,7 @@ def test_prefill_uses_tensor_cores_for_16_bit_multiples_of_16():
             k = A.attention_prefill(dtype, 8, 2, D, 8 * D, MAX_SEQ)
             mma = dtype != "float32" and D % 16 == 0 and D <= 256
             assert A.prefill_uses_mma(dtype, D) == mma
-            assert k.name.startswith("attn_prefill_mma_" if mma else "attn_prefill_"), k.name
+            assert k.name.startswith("attn_prefill_mma_") == mma, k.name
             assert ("mma.sync.aligned.m16n8k16" in k.source) == mma, k.name
             if mma:
                 # Q.K^T and P.V on tensor cores in the storage dtype, fp32 accumulate, fragments by
