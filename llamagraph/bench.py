@@ -1,17 +1,46 @@
-"""``llamagraph bench``: decode speed against the bandwidth floor and PyTorch peers.
+"""``llamagraph bench``: decode and prefill speed against the bandwidth floor and PyTorch peers.
 
-Batch-``B`` decode is bound by memory bandwidth: one step must read every weight it uses
-once plus the KV cache of every sequence. The floor for a step is those bytes over the
+Batch-``B`` decode is bound by memory bandwidth: one step must read every weight it uses once
+plus the KV cache of every sequence. The floor for a step is those bytes over the
 device-to-device copy bandwidth measured in the same run (bytes read + written / time).
-Peers run in the same process on the same random-weight shape: HF transformers eager, and
-HF with a static cache under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). They are
-built from an HF ``config.json`` as transformers reads it, or, for a Meta ``params.json``, from
-the equivalent ``LlamaConfig`` of llamagraph's own parsed config (``hf_peer_config``).
+
+Engines, run one after another in the same process on the same random-weight shape, each at
+every batch size asked for (the prompts of batch ``b`` are the first ``b`` of one draw):
+
+- ``llamagraph (CUDA graphs)``: a plan compiled for that batch, decode steps replayed as CUDA graphs;
+- ``torch.compile (gpt-fast style)`` (peer ``gptfast``): ``llamagraph.gptfast``, a compact
+  static-cache Llama with fused QKV and gate/up weights whose decode step is compiled with
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)``: the strongest plain-PyTorch peer;
+- ``HF eager`` (peer ``hf``): transformers' ``LlamaForCausalLM.generate`` (SDPA attention);
+- ``HF static cache + torch.compile`` (peer ``compile``): the same model through generate's own
+  compile path (``cache_implementation="static"`` + ``compile_config``).
+
+HF peers are built from an HF ``config.json`` as transformers reads it, or, for a Meta
+``params.json``, from the equivalent ``LlamaConfig`` of llamagraph's parsed config
+(``hf_peer_config``); the gpt-fast peer is built from llamagraph's parsed config directly.
+
+Figures, per engine and batch (``B`` sequences of ``P`` prompt tokens, ``G`` new tokens each):
+
+- prefill tok/s: ``B * P`` over one forward pass of the prompts up to the last position's logits
+  (llamagraph's prefill step samples the first token on the device, so its prefill is its TTFT);
+- TTFT ms: from the prompts to the first sampled token in host memory, through the engine's
+  generate call;
+- decode tok/s and ms/step: the ``G - 1`` steps after the first token (a generate of ``G``
+  tokens minus the TTFT, or timed directly for the gpt-fast peer, whose loop is ours);
+  % floor is decode tok/s over the floor;
+- compile s: ``llamagraph.compile``'s wall time (passes, codegen, NVRTC, random weights drawn
+  on the device); for the torch.compile peers, their warm-up, in which Dynamo and Inductor
+  compile the decode step and CUDA graphs are captured;
+- warm-up s: other untimed first runs (llamagraph's first generate: module load, decode graph
+  capture; HF eager's first generate).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,44 +48,165 @@ import numpy as np
 
 from llamagraph.ir import KV_CACHE, WEIGHT, Graph, ModelConfig, load_config
 
+ENGINES = {  # key -> the row's name, in table order
+    "llamagraph": "llamagraph (CUDA graphs)",
+    "gptfast": "torch.compile (gpt-fast style)",
+    "hf": "HF eager",
+    "compile": "HF static cache + torch.compile",
+}
+PEERS = ("gptfast", "hf", "compile")
+
+LEGEND = (
+    "prefill: one forward pass over the prompts (llamagraph's prefill step also samples the first token, so "
+    "it is its TTFT); TTFT: prompts to the first token in host memory; decode: the gen_len - 1 steps after it.\n"
+    "compile s: llamagraph.compile wall time (passes, codegen, NVRTC, random weights drawn on the device); for "
+    "the torch.compile rows, their warm-up, in which the decode step is compiled and its CUDA graph captured. "
+    "warm-up s: other untimed first runs."
+)
+
 
 @dataclass
 class Result:
-    name: str
-    prefill_tok_s: float
-    decode_tok_s: float
-    ms_per_step: float
+    """One engine at one batch size. Figures an engine did not produce are None."""
+
+    engine: str  # a key of ENGINES
+    decode_tok_s: float | None = None
+    ms_per_step: float | None = None
+    prefill_tok_s: float | None = None
+    ttft_ms: float | None = None
+    compile_s: float | None = None
+    warmup_s: float | None = None
     note: str = ""
+
+    @property
+    def name(self) -> str:
+        return ENGINES[self.engine]
+
+
+@dataclass
+class BatchReport:
+    batch: int
+    step_bytes: int  # bytes one decode step must read (weights + KV cache at the mean context)
+    floor_tok_s: float
+    results: list[Result] = field(default_factory=list)
+
+    def result(self, engine: str) -> Result | None:
+        return next((r for r in self.results if r.engine == engine), None)
+
+    def pct_floor(self, r: Result) -> float | None:
+        return None if not r.decode_tok_s else 100 * r.decode_tok_s / self.floor_tok_s
+
+    def ratio(self, r: Result, engine: str, figure: str = "decode_tok_s") -> float | None:
+        """r's ``figure`` over the same figure of ``engine``'s row (None where either is missing)."""
+        base = self.result(engine)
+        a, b = _num(getattr(r, figure)), _num(getattr(base, figure)) if base else None
+        return a / b if a and b else None
 
 
 @dataclass
 class BenchReport:
     config: str
-    batch: int
     prompt_len: int
     gen_len: int
     dtype: str
     device: str
     copy_gb_s: float
-    step_bytes: int
-    floor_tok_s: float
-    results: list[Result] = field(default_factory=list)
+    model: dict = field(default_factory=dict)  # the shape benchmarked
+    peers: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    batches: list[BatchReport] = field(default_factory=list)
 
-    def table(self) -> str:
+    # ---- text ------------------------------------------------------------------------------------
+    COLUMNS = (  # header, width, figure -> text
+        ("prefill tok/s", 13, lambda b, r: _fmt(r.prefill_tok_s, ".0f")),
+        ("decode tok/s", 12, lambda b, r: _fmt(r.decode_tok_s, ".1f")),
+        ("ms/step", 8, lambda b, r: _fmt(r.ms_per_step, ".3f")),
+        ("% floor", 7, lambda b, r: _fmt(b.pct_floor(r), ".1f", "%")),
+        ("TTFT ms", 8, lambda b, r: _fmt(r.ttft_ms, ".1f")),
+        ("compile s", 9, lambda b, r: _fmt(r.compile_s, ".1f")),
+        ("warm-up s", 9, lambda b, r: _fmt(r.warmup_s, ".1f")),
+        ("vs gpt-fast", 11, lambda b, r: _fmt(b.ratio(r, "gptfast"), ".2f", "x")),
+        ("vs HF eager", 11, lambda b, r: _fmt(b.ratio(r, "hf"), ".2f", "x")),
+    )
+    NAME_WIDTH = 32
+
+    def batch_table(self, b: BatchReport) -> str:
         lines = [
-            f"{self.config}: batch {self.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens, {self.dtype}, {self.device}",
-            f"copy bandwidth {self.copy_gb_s:.0f} GB/s; one decode step reads {self.step_bytes / 1e9:.3f} GB "
-            f"-> floor {self.floor_tok_s:.1f} tok/s",
-            f"{'engine':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9} {'% floor':>8} {'vs HF eager':>12}",
+            f"{self.config}: batch {b.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens, {self.dtype}, "
+            f"{self.device}",
+            f"copy bandwidth {self.copy_gb_s:.0f} GB/s; one decode step reads {b.step_bytes / 1e9:.3f} GB "
+            f"-> floor {b.floor_tok_s:.1f} tok/s",
+            f"{'engine':<{self.NAME_WIDTH}}" + "".join(f" {h:>{w}}" for h, w, _ in self.COLUMNS),
         ]
-        eager = next((r for r in self.results if r.name == "HF eager"), None)
-        for r in self.results:
-            pct = 100 * r.decode_tok_s / self.floor_tok_s if r.decode_tok_s else float("nan")
-            ratio = f"{r.decode_tok_s / eager.decode_tok_s:.2f}x" if eager and r.decode_tok_s and eager.decode_tok_s else "-"
-            lines.append(f"{r.name:<28} {r.prefill_tok_s:>14.0f} {r.decode_tok_s:>13.1f} {r.ms_per_step:>9.3f} "
-                         f"{pct:>7.1f}% {ratio:>12}" + (f"  ({r.note})" if r.note else ""))
+        for r in sorted(b.results, key=lambda r: list(ENGINES).index(r.engine)):
+            row = f"{r.name:<{self.NAME_WIDTH}}" + "".join(f" {f(b, r):>{w}}" for _, w, f in self.COLUMNS)
+            lines.append(row + (f"  ({r.note})" if r.note else ""))
+        ours = b.result("llamagraph")
+        for peer, label in (("gptfast", "gpt-fast"), ("hf", "HF eager")):
+            other = b.result(peer)
+            if ours and other:
+                lines.append(f"llamagraph vs {label}: decode {_fmt(b.ratio(ours, peer), '.2f', 'x')}, "
+                             f"prefill {_fmt(b.ratio(ours, peer, 'prefill_tok_s'), '.2f', 'x')}, "
+                             f"TTFT {_fmt(ours.ttft_ms, '.1f')} ms vs {_fmt(other.ttft_ms, '.1f')} ms")
         return "\n".join(lines)
 
+    def table(self) -> str:
+        return "\n\n".join(self.batch_table(b) for b in self.batches) + "\n\n" + LEGEND
+
+    # ---- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        def engine(b: BatchReport, r: Result) -> dict:
+            return {
+                "name": r.name,
+                "decode_tok_s": _num(r.decode_tok_s),
+                "pct_floor": _num(b.pct_floor(r)),
+                "ms_per_step": _num(r.ms_per_step),
+                "prefill_tok_s": _num(r.prefill_tok_s),
+                "ttft_ms": _num(r.ttft_ms),
+                "compile_s": _num(r.compile_s),
+                "warmup_s": _num(r.warmup_s),
+                "vs_gptfast": _num(b.ratio(r, "gptfast")),
+                "vs_hf_eager": _num(b.ratio(r, "hf")),
+                "prefill_vs_gptfast": _num(b.ratio(r, "gptfast", "prefill_tok_s")),
+                "prefill_vs_hf_eager": _num(b.ratio(r, "hf", "prefill_tok_s")),
+                "note": r.note,
+            }
+
+        return {
+            "config": self.config,
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "prompt_len": self.prompt_len,
+            "gen_len": self.gen_len,
+            "copy_gb_s": _num(self.copy_gb_s),
+            "peers": list(self.peers),
+            "versions": self.versions,
+            "batches": [
+                {"batch": b.batch, "step_bytes": b.step_bytes, "floor_tok_s": _num(b.floor_tok_s),
+                 "engines": {r.engine: engine(b, r) for r in b.results}}
+                for b in self.batches
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+
+def _num(x) -> float | None:
+    """A finite figure, or None (JSON null) where there is none."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "-" if _num(x) is None else f"{x:{spec}}{suffix}"
+
+
+# ---- the floor -----------------------------------------------------------------------------------
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
@@ -73,6 +223,18 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
     return 2 * src.nbytes / float(np.median(times[3:]))
+
+
+def host_copy_bandwidth(nbytes: int = 1 << 26, repeats: int = 5) -> float:
+    """The same figure for host memory (a benchmark run on the CPU: tests)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / min(times)
 
 
 def decode_step_bytes(graph: Graph, cfg: ModelConfig, batch: int, context: float) -> int:
@@ -92,83 +254,266 @@ def decode_step_bytes(graph: Graph, cfg: ModelConfig, batch: int, context: float
     return int(total + batch * context * per_token)
 
 
-def _sync_time(fn) -> float:
-    import cupy as cp
+# ---- timing --------------------------------------------------------------------------------------
 
-    cp.cuda.Device().synchronize()
+def _timed(fn, sync) -> float:
+    sync()
     t = time.perf_counter()
     fn()
-    cp.cuda.Device().synchronize()
+    sync()
     return time.perf_counter() - t
 
 
-def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, progress: bool):
+def _best(fn, sync, repeats: int) -> float:
+    return min(_timed(fn, sync) for _ in range(repeats))
+
+
+def _no_sync() -> None:
+    pass
+
+
+def _cupy_sync() -> None:
+    import cupy as cp
+
+    cp.cuda.Device().synchronize()
+
+
+def _torch_sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else _no_sync
+
+
+def _figures(engine: str, batch: int, prompt_len: int, gen_len: int, *, prefill_s: float | None, ttft_s: float,
+             decode_s: float, compile_s: float | None = None, warmup_s: float | None = None, note: str = "") -> Result:
+    steps = gen_len - 1
+    decode_s = max(decode_s, 1e-9)
+    return Result(engine, batch * steps / decode_s, 1e3 * decode_s / steps,
+                  batch * prompt_len / prefill_s if prefill_s else None, 1e3 * ttft_s, compile_s, warmup_s, note)
+
+
+def _failed(engine: str, e: BaseException) -> Result:
+    """A peer failing must not hide the other figures: its row says why."""
+    first = str(e).splitlines()[0][:100] if str(e) else ""
+    return Result(engine, note=f"failed: {type(e).__name__}: {first}")
+
+
+# ---- engines -------------------------------------------------------------------------------------
+
+def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, backend: str = "cuda",
+                     progress: bool = False) -> tuple[Result, Graph]:
+    """llamagraph at ``len(prompts)`` sequences: a plan compiled for that batch."""
     import llamagraph
 
-    batch = len(prompts)
-    plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=len(prompts[0]) + gen_len,
-                              backend="cuda", progress=progress)
-    plan.generate(prompts, 4)  # warm up: module load, first capture
-    plan.reset()
-    prefill = min(_sync_time(lambda: (plan.reset(), plan.run(prompts))) for _ in range(3))
-    total = min(_sync_time(lambda: plan.generate(prompts, gen_len)) for _ in range(2))
-    decode = max(total - prefill, 1e-9)
-    res = Result("llamagraph (CUDA graphs)", batch * len(prompts[0]) / prefill, batch * (gen_len - 1) / decode,
-                 1e3 * decode / (gen_len - 1))
+    batch, prompt_len = len(prompts), len(prompts[0])
+    sync = _cupy_sync if backend == "cuda" else _no_sync
+    t = time.perf_counter()
+    plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=prompt_len + gen_len,
+                              backend=backend, progress=progress)
+    compile_s = time.perf_counter() - t
+    warmup_s = _timed(lambda: plan.generate(prompts, min(4, gen_len)), sync)  # module load, decode graph capture
+    ttft = _best(lambda: plan.generate(prompts, 1), sync, 3)
+    total = _best(lambda: plan.generate(prompts, gen_len), sync, 2)
+    res = _figures("llamagraph", batch, prompt_len, gen_len, prefill_s=ttft, ttft_s=ttft, decode_s=total - ttft,
+                   compile_s=compile_s, warmup_s=warmup_s)
     graph = plan.graph
-    plan = None  # free the GPU memory before the peers run
+    plan = None  # free the device memory before the next engine
     gc.collect()
+    if backend == "cuda":
+        import cupy as cp
+
+        cp.get_default_memory_pool().free_all_blocks()
     return res, graph
 
 
-def bench_hf(config: str, prompts, gen_len: int, dtype: str, compiled: bool) -> Result:
+def bench_gptfast(cfg: ModelConfig, batches: list[int], prompts, gen_len: int, dtype: str, device: str = "cuda",
+                  seed: int = 0, log=None) -> list[Result]:
+    """The gpt-fast-style peer at each batch size: weights drawn once, caches and the compiled
+    decode step per batch. Compiled on CUDA only (on the CPU it runs eagerly: tests)."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
 
-    tdtype = getattr(torch, dtype)
+    from llamagraph.gptfast import GPTFastPeer, Transformer
+
+    try:
+        model = Transformer(cfg, dtype=getattr(torch, dtype), device=device).init_random(seed)
+        peer = GPTFastPeer(model, compile=device == "cuda")
+    except Exception as e:
+        _free_torch(device)
+        return [_failed("gptfast", e) for _ in batches]
+    out = []
+    for b in batches:
+        try:
+            out.append(_gptfast_batch(peer, prompts[:b], gen_len, device))
+        except Exception as e:
+            out.append(_failed("gptfast", e))
+            _free_torch(device)
+        if log:
+            log(f"  batch {b}: {_summary(out[-1])}")
+    peer = model = None
+    _free_torch(device)
+    return out
+
+
+def _gptfast_batch(peer, prompts, gen_len: int, device: str) -> Result:
+    import torch
+
+    sync = _torch_sync(device)
+    ids = torch.tensor(prompts, device=device)
+    batch, prompt_len = ids.shape
+    peer.setup(batch, prompt_len + gen_len)
+
+    def warm_up():  # compile and capture: cudagraph trees run a step, record it, then replay it
+        tok = peer.prefill(ids)
+        for _ in range(3):
+            peer.decode(tok, prompt_len, 1)
+
+    compile_s = _timed(warm_up, sync)
+    prefill_s = _best(lambda: peer.prefill(ids), sync, 3)
+    runs = []
+    for _ in range(2):
+        sync()
+        t0 = time.perf_counter()
+        first = peer.prefill(ids)
+        first.tolist()  # the first token in host memory (a synchronising copy)
+        t1 = time.perf_counter()
+        peer.decode(first, prompt_len, gen_len - 1)
+        sync()
+        runs.append((t1 - t0, time.perf_counter() - t1))
+    return _figures("gptfast", batch, prompt_len, gen_len, prefill_s=prefill_s, ttft_s=min(r[0] for r in runs),
+                    decode_s=min(r[1] for r in runs), compile_s=compile_s if peer.compiled else None,
+                    warmup_s=None if peer.compiled else compile_s)
+
+
+def bench_hf(config: str, batches: list[int], prompts, gen_len: int, dtype: str, which: tuple[str, ...],
+             device: str = "cuda", log=None) -> dict[str, list[Result]]:
+    """HF eager (``hf``) and HF's static-cache compile path (``compile``) at each batch size, on
+    one model built once (eager first: the compile path leaves its compiled forward on it)."""
+    keys = [k for k in ("hf", "compile") if k in which]
+    out: dict[str, list[Result]] = {}
+    try:
+        model = _hf_model(config, dtype, device)
+    except Exception as e:
+        _free_torch(device)
+        return {k: [_failed(k, e) for _ in batches] for k in keys}
+    for key in keys:
+        out[key] = []
+        for b in batches:
+            try:
+                out[key].append(_hf_batch(model, prompts[:b], gen_len, key, device))
+            except Exception as e:
+                out[key].append(_failed(key, e))
+                _free_torch(device)
+            if log:
+                log(f"  {ENGINES[key]}, batch {b}: {_summary(out[key][-1])}")
+    model = None
+    _free_torch(device)
+    return out
+
+
+def _hf_model(config: str, dtype: str, device: str):
+    import torch
+    from transformers import LlamaForCausalLM
+
     hf_cfg = hf_peer_config(config)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(tdtype)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(hf_cfg).eval()
     finally:
         torch.set_default_dtype(prev)
-    ids = torch.tensor(prompts, device="cuda")
-    gen = GenerationConfig(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-    name = "HF eager"
+    # generate() fills unset fields from the model's generation config: no eos may stop a timed run
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _hf_batch(model, prompts, gen_len: int, key: str, device: str) -> Result:
+    import torch
+    from transformers import GenerationConfig
+
+    sync = _torch_sync(device)
+    ids = torch.tensor(prompts, device=device)
+    batch, prompt_len = ids.shape
+    compiled = key == "compile"
+    extra = {}
     if compiled:
         # HF's own path: a static KV cache, and generate() compiles the decode step with
         # torch.compile(mode="reduce-overhead"), which replays it as a CUDA graph.
         from transformers import CompileConfig
 
-        name = "torch.compile + CUDA graphs"
-        gen.cache_implementation = "static"
-        gen.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        extra = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}
 
-    def run(n_new):
-        g = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": n_new, "min_new_tokens": n_new})
+    def generate(n: int) -> None:
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, **extra)
         with torch.inference_mode():
-            model.generate(ids, generation_config=g, attention_mask=torch.ones_like(ids))
-        torch.cuda.synchronize()
+            model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
 
-    for _ in range(2 if compiled else 1):  # compile / warm up both the prefill and decode shapes
-        run(gen_len)
-    t = time.perf_counter()
-    run(1)
-    prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    run(gen_len)
-    total = time.perf_counter() - t
-    decode = max(total - prefill, 1e-9)
-    batch = len(prompts)
-    res = Result(name, batch * len(prompts[0]) / prefill, batch * (gen_len - 1) / decode, 1e3 * decode / (gen_len - 1))
-    model = None
+    # compiled: the first generate compiles and captures the decode step (at this cache length)
+    first_s = _timed(lambda: generate(gen_len if compiled else 2), sync)
+    prefill_s, note = _hf_prefill(model, ids, compiled, prompt_len + gen_len, sync)
+    ttft = _best(lambda: generate(1), sync, 3)
+    total = _best(lambda: generate(gen_len), sync, 2 if compiled else 1)  # eager: host-bound, steady
+    return _figures(key, batch, prompt_len, gen_len, prefill_s=prefill_s, ttft_s=ttft, decode_s=total - ttft,
+                    compile_s=first_s if compiled else None, warmup_s=None if compiled else first_s, note=note)
+
+
+def _hf_prefill(model, ids, static: bool, max_len: int, sync) -> tuple[float | None, str]:
+    """Seconds of one forward over the prompts with the cache generate would use (a fresh one per
+    run, made outside the timing), keeping only the last position's logits as generate does."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+
+    def cache():
+        if not static:
+            return None  # the forward makes a DynamicCache
+        from transformers import StaticCache
+
+        # transformers 4.x takes the batch, device and dtype; 5.x sizes the cache at its first update
+        sig = inspect.signature(StaticCache.__init__).parameters
+        kw = {"config": model.config, "max_cache_len": max_len}
+        for name, value in (("max_batch_size", ids.shape[0]), ("batch_size", ids.shape[0]),
+                            ("device", ids.device), ("dtype", model.dtype)):
+            if name in sig:
+                kw[name] = value
+        return StaticCache(**kw)
+
+    def forward(c) -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=c, use_cache=True, **keep)
+
+    try:
+        times = []
+        for _ in range(3):
+            c = cache()
+            times.append(_timed(lambda: forward(c), sync))
+        return min(times), ""
+    except Exception as e:  # the other figures still stand
+        return None, f"prefill forward failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def _free_torch(device: str) -> None:
+    import torch
+
     gc.collect()
-    torch.cuda.empty_cache()
-    return res
+    if device == "cuda":
+        torch._dynamo.reset()  # drops compiled steps and their CUDA graph memory pools
+        gc.collect()
+        torch.cuda.empty_cache()
 
+
+def _summary(r: Result) -> str:
+    if r.decode_tok_s is None:
+        return r.note
+    return (f"{r.decode_tok_s:.1f} tok/s decode, prefill {_fmt(r.prefill_tok_s, '.0f')} tok/s, "
+            f"TTFT {_fmt(r.ttft_ms, '.1f')} ms" + (f", compile {r.compile_s:.1f} s" if r.compile_s else ""))
+
+
+# ---- HF configs ----------------------------------------------------------------------------------
 
 def hf_peer_config(config: str):
     """The ``transformers.LlamaConfig`` the HF peers are built from, for the config file llamagraph
@@ -213,25 +558,63 @@ def llama_config(cfg: ModelConfig):
     )
 
 
-def bench(config: str, *, batch: int = 1, prompt_len: int = 128, gen_len: int = 128, dtype: str = "float16",
-          peers: tuple[str, ...] = ("hf", "compile"), seed: int = 0, progress: bool = False, log=print) -> BenchReport:
-    import cupy as cp
+# ---- the whole run -------------------------------------------------------------------------------
 
+def model_summary(cfg: ModelConfig) -> dict:
+    return {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size,
+            "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab": cfg.vocab_size, "rope_type": (cfg.rope_scaling or {}).get("rope_type", "default"),
+            "tied_embeddings": cfg.tie_word_embeddings}
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("numpy", "cupy", "torch", "transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen_len: int = 128,
+          dtype: str = "float16", peers: tuple[str, ...] = PEERS, seed: int = 0, progress: bool = False,
+          log=print, device: str = "cuda") -> BenchReport:
+    """Benchmark ``config`` on random weights at each batch size in ``batch``.
+
+    ``device="cpu"`` runs llamagraph's reference backend and the peers uncompiled on the CPU:
+    only for tests of the benchmark itself (its figures mean nothing).
+    """
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    peers = tuple(p for p in PEERS if p in peers)
+    if gen_len < 2:
+        raise ValueError("gen_len must be at least 2: decode is timed over the steps after the first token")
     cfg = load_config(config)
     rng = np.random.default_rng(seed)
-    prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-    bw = copy_bandwidth()
-    ours, graph = bench_llamagraph(cfg, prompts, gen_len, dtype, progress)
-    step_bytes = decode_step_bytes(graph, cfg, batch, prompt_len + gen_len / 2)
-    report = BenchReport(config, batch, prompt_len, gen_len, dtype, cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                         bw / 1e9, step_bytes, batch / (step_bytes / bw), [ours])
-    log(f"  llamagraph: {ours.decode_tok_s:.1f} tok/s decode")
-    for peer in peers:
-        try:
-            r = bench_hf(config, prompts, gen_len, dtype, compiled=(peer == "compile"))
-        except Exception as e:  # a peer failing must not hide our numbers; say why in the table
-            r = Result({"hf": "HF eager", "compile": "torch.compile + CUDA graphs"}[peer], 0.0, 0.0, 0.0,
-                       f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
-        report.results.append(r)
-        log(f"  {r.name}: {r.decode_tok_s:.1f} tok/s decode")
+    prompts = rng.integers(0, cfg.vocab_size, (max(batches), prompt_len)).tolist()  # batch b: the first b
+    if device == "cuda":
+        import cupy as cp
+
+        bw, name = copy_bandwidth(), cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    else:
+        bw, name = host_copy_bandwidth(), "cpu"
+    report = BenchReport(str(config), prompt_len, gen_len, dtype, name, bw / 1e9, model_summary(cfg), list(peers))
+
+    log(f"{ENGINES['llamagraph']}:")
+    for b in batches:
+        ours, graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, "cuda" if device == "cuda" else "reference",
+                                       progress)
+        step_bytes = decode_step_bytes(graph, cfg, b, prompt_len + gen_len / 2)
+        report.batches.append(BatchReport(b, step_bytes, b / (step_bytes / bw), [ours]))
+        log(f"  batch {b}: {_summary(ours)}")
+    by_engine: dict[str, list[Result]] = {}
+    if "gptfast" in peers:
+        log(f"{ENGINES['gptfast']}:")
+        by_engine["gptfast"] = bench_gptfast(cfg, batches, prompts, gen_len, dtype, device, seed, log)
+    if "hf" in peers or "compile" in peers:
+        log("HF transformers:")
+        by_engine.update(bench_hf(config, batches, prompts, gen_len, dtype, peers, device, log))
+    for key in peers:
+        for rep, r in zip(report.batches, by_engine[key]):
+            rep.results.append(r)
+    report.versions = _versions()
     return report

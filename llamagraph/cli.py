@@ -302,35 +302,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="decode speed vs the bandwidth floor and PyTorch peers (GPU)",
-                       description="Time prefill and decode on random weights and print tok/s, ms/step, the "
-                                   "bandwidth floor and the %% of it reached, beside HF transformers eager and "
-                                   "torch.compile + CUDA graphs measured in the same run.")
+    def batch_list(text: str) -> list[int]:
+        sizes = [positive_int(x.strip()) for x in text.split(",")]
+        if len(set(sizes)) != len(sizes):
+            raise argparse.ArgumentTypeError(f"a batch size repeats in {text!r}")
+        return sizes
+
+    p = sub.add_parser("bench", help="decode and prefill speed vs the bandwidth floor and PyTorch peers (GPU)",
+                       description="Time prefill, time to first token and decode on random weights at each batch "
+                                   "size and print tok/s, ms/step, the bandwidth floor and the % of it reached, "
+                                   "beside a gpt-fast-style torch.compile model, HF transformers eager and HF's "
+                                   "static cache + torch.compile path, all measured in the same run.")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--random-weights", action="store_true", required=True,
                    help="required: the benchmark runs on random weights")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=batch_list, default=[1], metavar="B[,B...]",
+                   help="batch sizes, e.g. 1,8,16: one table each (default 1)")
     p.add_argument("--prompt-len", type=positive_int, default=128)
-    p.add_argument("--gen-len", type=positive_int, default=128)
+    p.add_argument("--gen-len", type=positive_int, default=128, help="new tokens per sequence, at least 2")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
-    p.add_argument("--peers", default="hf,compile", help="comma list of hf, compile; 'none' for no peers")
+    p.add_argument("--peers", default="gptfast,hf,compile",
+                   help="comma list of gptfast, hf, compile (default: all three); 'none' for no peers")
+    p.add_argument("--json", metavar="PATH", help="also write every figure as one JSON document")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llamagraph.bench import bench
+    from llamagraph.bench import PEERS, bench
     from llamagraph.ir import load_config
     from llamagraph.runtime.cuda import CudaExecutor
 
-    peers = tuple(x for x in args.peers.split(",") if x and x != "none")
-    bad = [x for x in peers if x not in ("hf", "compile")]
+    peers = tuple(dict.fromkeys(x.strip() for x in args.peers.split(",") if x.strip() and x.strip() != "none"))
+    bad = [x for x in peers if x not in PEERS]
     if bad:
-        raise UsageError(f"argument --peers: unknown peer {bad[0]!r}; choose from hf, compile, none")
+        raise UsageError(f"argument --peers: unknown peer {bad[0]!r}; choose from {', '.join(PEERS)}, none")
+    if args.gen_len < 2:
+        raise UsageError(f"argument --gen-len: must be at least 2 (decode is timed over the steps after the first "
+                         f"token), got {args.gen_len}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UsageError(f"argument --json: {os.path.dirname(os.path.abspath(args.json))} is not a directory")
     load_config(args.config)  # a bad config fails before any GPU work
     CudaExecutor.check_available()
     report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
                    peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
     print(report.table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,6 +1,8 @@
-"""The HF peers of ``llamagraph bench`` run on the model's shape, from a config.json or a Meta
-params.json. The bench itself needs a GPU; the config the peers are built from is checked here on
-CPU against the LlamaConfig transformers reads from the HF config.json of the same model."""
+"""The peers of ``llamagraph bench`` run on the model's shape, from a config.json or a Meta
+params.json: the config the HF peers are built from is checked against the LlamaConfig
+transformers reads from the HF config.json of the same model. The benchmark itself runs on a GPU;
+here it runs end to end on the CPU (llamagraph's reference backend, the peers uncompiled) to check
+that every engine gives every figure at every batch size."""
 
 import json
 import os
@@ -8,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-from models import CONFIG_MATRIX, META_COMPATIBLE, hf_config
+from models import CONFIG_MATRIX, META_COMPATIBLE, TINY, hf_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llamagraph.bench import hf_peer_config, llama_config
+from llamagraph.bench import ENGINES, PEERS, bench, hf_peer_config, llama_config
 from llamagraph.ir import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,3 +80,28 @@ def test_hf_peer_config_of_an_hf_checkpoint_is_read_by_transformers(hf_model, tm
     (both / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 10}))
     assert load_config(str(both)).source == "hf"
     assert _fields(hf_peer_config(str(both))) == _fields(expected)
+
+
+def test_bench_gives_every_figure_of_every_engine_at_every_batch_on_the_cpu(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**TINY, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs would dominate
+    try:
+        rep = bench(str(cfg), batch=[1, 2], prompt_len=6, gen_len=3, dtype="float32", peers=PEERS, device="cpu",
+                    log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(rep.to_json())
+    assert (data["prompt_len"], data["gen_len"], data["dtype"], data["peers"]) == (6, 3, "float32", list(PEERS))
+    assert [b["batch"] for b in data["batches"]] == [1, 2]
+    for b in data["batches"]:
+        assert b["step_bytes"] > 0 and b["floor_tok_s"] > 0
+        assert set(b["engines"]) == set(ENGINES)
+        for key, e in b["engines"].items():
+            assert e["note"] == "", (key, e["note"])
+            for f in ("decode_tok_s", "pct_floor", "ms_per_step", "prefill_tok_s", "ttft_ms", "vs_gptfast", "vs_hf_eager"):
+                assert e[f] > 0, (key, f)
+            assert (e["compile_s"] or 0) + (e["warmup_s"] or 0) > 0, key
+    assert data["batches"][0]["engines"]["llamagraph"]["compile_s"] > 0  # llamagraph.compile's wall time
+    assert rep.table().count("torch.compile (gpt-fast style)") == 2

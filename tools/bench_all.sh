@@ -1,11 +1,57 @@
 #!/usr/bin/env bash
-# Run on the GPU machine: `llamagraph bench` for the given bundled examples (default: all),
-# batch 1, fp16, 128-token prompt, 128 new tokens; tables under $OUT/bench_<name>.txt.
+# The H100 benchmark of issue #7 (docs/bench_h100.txt), run on the lent GPU machine from the repo root:
+#   bash tools/bench_all.sh [PART ...]        PART: examples batch prefill bf16 (default: all four, in that order)
+#   examples  every bundled example, batch 1, prompt 128, 128 new tokens, fp16, all three peers
+#   batch     TinyLlama-1.1B and Llama-3-8B at batch 8 and 16         (peers: $BATCH_PEERS, default gptfast,hf)
+#   prefill   Llama-3-8B, 2048-token prompt, 8 new tokens             (peers: $PREFILL_PEERS, default hf,gptfast)
+#   bf16      Llama-3.2-1B in bf16, batch 1                           (peers: $BF16_PEERS, default none)
+# Every table goes to $OUT/bench_h100.txt under the command that printed it, every run's figures to
+# $OUT/bench_<run>.json, its log to $OUT/bench_<run>.log and its wall time to $OUT/timings.txt.
+# HF's static-cache compile row runs with the batch-1 examples only: each torch.compile of a decode step
+# (one per model, batch size and cache length) costs tens of seconds, and that row is the slower
+# torch.compile peer; add it elsewhere with e.g. BATCH_PEERS=gptfast,hf,compile. If the whole run would
+# pass the 10-minute limit of one device call, run the parts in two calls (`examples`, then `batch prefill bf16`).
 set -uo pipefail
 OUT=${OUT:-./out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-names=${*:-tinyllama-1.1b llama-3.2-1b llama-2-7b llama-3-8b}
-for n in $names; do
-  llamagraph bench "examples/$n.json" --random-weights ${BENCH_ARGS:-} 2> "$OUT/bench_$n.log" | tee "$OUT/bench_$n.txt"
+txt="$OUT/bench_h100.txt"
+parts=${*:-examples batch prefill bf16}
+
+{
+  echo "# llamagraph bench on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%Y-%m-%dT%H:%MZ)," \
+       "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), parts: $parts"
+  python3 -c "import cupy, torch, transformers; print('# cupy', cupy.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  echo
+} >> "$txt"
+
+run() {  # run NAME BENCH-ARGS...: one `llamagraph bench`, its table appended to $txt
+  local name=$1; shift
+  local start=$SECONDS
+  echo "\$ llamagraph bench $* --json bench_$name.json" >> "$txt"
+  python3 -m llamagraph bench "$@" --json "$OUT/bench_$name.json" >> "$txt" 2> "$OUT/bench_$name.log" \
+    || { echo "(failed: exit $?; last lines of bench_$name.log below)"; tail -n 5 "$OUT/bench_$name.log"; } >> "$txt"
+  echo >> "$txt"
+  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
+}
+
+for part in $parts; do
+  case $part in
+    examples)
+      for n in tinyllama-1.1b llama-3.2-1b llama-2-7b llama-3-8b; do
+        run "$n" "examples/$n.json" --random-weights --batch 1 --prompt-len 128 --gen-len 128 --dtype float16 \
+          --peers gptfast,hf,compile
+      done ;;
+    batch)
+      for n in tinyllama-1.1b llama-3-8b; do
+        run "$n-batch" "examples/$n.json" --random-weights --batch 8,16 --peers "${BATCH_PEERS:-gptfast,hf}"
+      done ;;
+    prefill)
+      run llama-3-8b-prefill examples/llama-3-8b.json --random-weights --prompt-len 2048 --gen-len 8 \
+        --peers "${PREFILL_PEERS:-hf,gptfast}" ;;
+    bf16)
+      run llama-3.2-1b-bf16 examples/llama-3.2-1b.json --random-weights --dtype bfloat16 --peers "${BF16_PEERS:-none}" ;;
+    *) echo "unknown part $part (examples, batch, prefill, bf16)" >&2; exit 2 ;;
+  esac
 done
+echo "total: $SECONDS s" | tee -a "$OUT/timings.txt"

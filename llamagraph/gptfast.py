@@ -1,0 +1,296 @@
+"""The ``torch.compile (gpt-fast style)`` peer of ``llamagraph bench``: a compact static-cache Llama
+in PyTorch, written the way gpt-fast writes one, so the benchmark compares against the plain
+PyTorch decode a performance-minded user would actually pick.
+
+- Fused weights: one ``[(H + 2*KV) * D, hidden]`` QKV matrix and one ``[2 * ffn, hidden]``
+  gate/up matrix per layer, so a decode step runs one GEMV for each instead of three and two.
+- A static KV cache per layer, ``[B, KV, max_seq, D]``, written with ``index_copy_`` at the
+  step's positions: every decode step has the same shapes and addresses, so it captures.
+- The decode step (one token per sequence, greedy argmax included) is compiled once per batch
+  size with ``torch.compile(mode="reduce-overhead", fullgraph=True)``: Inductor fuses the
+  element-wise work and the step replays as one CUDA graph. The prompt's prefill runs eagerly
+  (cuBLAS GEMMs and flash attention dominate it; compiling every prompt shape would cost more
+  compile time than it saves).
+- Attention is ``F.scaled_dot_product_attention``. A prefill from position 0 attends causally
+  over the prompt's own keys (``is_causal``: the flash kernel), K/V repeated per query head as
+  HF does. A decode step (or a later chunk) attends over the whole cache with a positional mask;
+  GQA there copies nothing: the G query heads sharing a KV head become G query rows of it.
+- RoPE from llamagraph's own frequency tables (``rope_inv_freq``: default, linear, dynamic NTK,
+  llama3) in the rotate-half layout of HF checkpoints; RMSNorm in fp32 as HF computes it.
+
+It is a benchmark peer, not part of the compiler: only ``llamagraph.bench`` imports it, and
+only while a benchmark runs, so importing llamagraph never imports torch.
+``tests/test_gptfast_peer.py`` checks its logits and greedy tokens against HF transformers.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamagraph.ir import ModelConfig
+from llamagraph.ir.ops import rope_inv_freq
+
+CACHE_ALIGN = 16  # cache rows rounded up: a mask row of 16-aligned length keeps SDPA on its fused kernels
+
+# gpt-fast's Inductor settings for its decode step (coordinate descent tunes the generated reductions)
+INDUCTOR_CONFIG = {"coordinate_descent_tuning": True}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # as HF: normalise in fp32, round to x's dtype, then scale in that dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """cos / sin tables [T, D] for the step's positions, from llamagraph's inverse frequencies."""
+
+    def __init__(self, cfg: ModelConfig, device):
+        super().__init__()
+        scaling = cfg.rope_scaling or {}
+        self.dynamic = scaling.get("rope_type") == "dynamic"
+        inv = torch.from_numpy(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).to(device)
+        self.register_buffer("inv_freq", inv, persistent=False)  # [D/2] fp32
+        if self.dynamic:
+            # dynamic NTK grows the base with the sequence (rope_inv_freq's formula, computed on the
+            # device so the step still captures): length L = the step's last position + 1
+            self.theta, self.factor = cfg.rope_theta, scaling["factor"]
+            self.orig = scaling["original_max_position_embeddings"]
+            exps = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+            self.register_buffer("exps", exps.to(device), persistent=False)
+            self.power = cfg.head_dim / (cfg.head_dim - 2)
+
+    def forward(self, input_pos: Tensor, dtype) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq
+        if self.dynamic:
+            length = torch.clamp(input_pos.max() + 1, min=self.orig).float()
+            base = self.theta * (self.factor * length / self.orig - (self.factor - 1)) ** self.power
+            inv = 1.0 / base ** self.exps
+        freqs = input_pos.float()[:, None] * inv[None, :]  # [T, D/2], fp32 as HF
+        emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half: dims i and i + D/2 share a frequency
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, h, T, D]; cos, sin: [T, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos: [T]; k, v: [B, KV, T, D] written at rows input_pos of every sequence
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = {"dtype": dtype, "device": device}
+        self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                              bias=cfg.attention_bias, **kw)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, **kw)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
+                prefill: bool) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv, self.head_dim
+        G = H // KV
+        q, k, v = self.wqkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # q: [B, H, T, D]
+        k = k.view(B, T, KV, D).transpose(1, 2)  # k, v: [B, KV, T, D]
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, D]
+        if prefill:
+            # the prompt from position 0 sees only its own keys: causal SDPA runs the flash kernel
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1),
+                                               is_causal=True)
+        else:
+            # head h reads KV head h // G: fold the G heads of a group into G*T query rows of it
+            qg = q.reshape(B, KV, G * T, D)  # rows g*T + t; mask: [G*T, S]
+            y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mask).view(B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, **kw)  # gate; up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.attention = Attention(cfg, dtype, device)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.feed_forward = FeedForward(cfg, dtype, device)
+
+    def forward(self, x, cos, sin, input_pos, mask, prefill: bool) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, prefill)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama with HF's math on llamagraph's ``ModelConfig``; call ``setup_caches`` before use."""
+
+    def __init__(self, cfg: ModelConfig, dtype=torch.float16, device="cuda"):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = Rope(cfg, device)
+        self.max_batch = self.max_seq = 0
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """Fresh zeroed caches for ``max_batch`` sequences of up to ``max_seq`` tokens."""
+        max_seq = -(-max_seq // CACHE_ALIGN) * CACHE_ALIGN
+        p = self.tok_embeddings.weight
+        self.max_batch, self.max_seq = max_batch, max_seq
+        for layer in self.layers:
+            layer.attention.kv_cache = None  # free the old cache before the new one is allocated
+            layer.attention.kv_cache = KVCache(max_batch, self.config.num_kv_heads, max_seq, self.config.head_dim,
+                                               p.dtype, p.device)
+        self.register_buffer("cache_rows", torch.arange(max_seq, device=p.device), persistent=False)
+
+    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, last_only: bool = False) -> Tensor:
+        """idx: [B, T] token ids at positions input_pos: [T] (the same for every sequence).
+        ``prefill``: input_pos is 0..T-1 (a new prompt). Returns logits [B, T or 1, V]."""
+        x = self.tok_embeddings(idx)  # [B, T, hidden]
+        cos, sin = self.rope(input_pos, x.dtype)
+        mask = None
+        if not prefill:
+            group = self.config.num_heads // self.config.num_kv_heads
+            # row t sees cache rows 0..input_pos[t]; repeated for the G heads folded into rows
+            mask = (self.cache_rows[None, :] <= input_pos[:, None]).repeat(group, 1)  # [G*T, S]
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask, prefill)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    # ---- weights -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":
+        """HF's initialisation: matrices and embeddings N(0, std), biases 0, norm weights 1."""
+        gen = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=gen)
+        return self
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd: dict[str, Tensor]) -> "Transformer":
+        """Copy an HF ``LlamaForCausalLM`` state dict in, fusing q/k/v and gate/up."""
+        def get(name: str) -> Tensor:
+            return sd[name].to(self.tok_embeddings.weight.dtype)
+
+        self.tok_embeddings.weight.copy_(get("model.embed_tokens.weight"))
+        self.norm.weight.copy_(get("model.norm.weight"))
+        if not self.config.tie_word_embeddings:
+            self.output.weight.copy_(get("lm_head.weight"))
+        for i, layer in enumerate(self.layers):
+            pre = f"model.layers.{i}."
+            att, ffn = layer.attention, layer.feed_forward
+            layer.attention_norm.weight.copy_(get(pre + "input_layernorm.weight"))
+            layer.ffn_norm.weight.copy_(get(pre + "post_attention_layernorm.weight"))
+            for kind in ("weight", "bias") if self.config.attention_bias else ("weight",):
+                getattr(att.wqkv, kind).copy_(torch.cat([get(f"{pre}self_attn.{p}_proj.{kind}") for p in "qkv"]))
+                getattr(att.wo, kind).copy_(get(f"{pre}self_attn.o_proj.{kind}"))
+            for kind in ("weight", "bias") if self.config.mlp_bias else ("weight",):
+                getattr(ffn.w13, kind).copy_(torch.cat([get(f"{pre}mlp.{p}_proj.{kind}") for p in ("gate", "up")]))
+                getattr(ffn.w2, kind).copy_(get(f"{pre}mlp.down_proj.{kind}"))
+        return self
+
+
+def decode_one(model: Transformer, tok: Tensor, input_pos: Tensor) -> Tensor:
+    """One decode step: tok [B, 1] at position input_pos [1] -> the greedy next token [B, 1]."""
+    logits = model(tok, input_pos)  # [B, 1, V]
+    return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+class GPTFastPeer:
+    """The model with its compiled decode step: ``prefill`` a batch of equal-length prompts, then
+    ``decode`` greedily, gpt-fast's generate loop (no host synchronisation between steps)."""
+
+    def __init__(self, model: Transformer, compile: bool = True):
+        self.model = model
+        self.compiled = compile
+        # compiled once; Dynamo recompiles (and re-captures) only when a new batch size's caches change shapes
+        self.step = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False) \
+            if compile else decode_one
+
+    def setup(self, batch: int, max_seq: int) -> None:
+        self.model.setup_caches(batch, max_seq)
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """ids: [B, P] new prompts -> the first generated token [B, 1]."""
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        logits = self.model(ids, pos, prefill=True, last_only=True)  # [B, 1, V]
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def decode(self, tok: Tensor, start: int, n: int) -> Tensor:
+        """Feed tok [B, 1] at position ``start`` and the n - 1 tokens it leads to; return the n
+        tokens generated after it, [B, n]."""
+        out = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
+        positions = torch.arange(start, start + n, device=tok.device)
+        with _inductor_config() if self.compiled else nullcontext():
+            for i in range(n):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                nxt = self.step(self.model, tok, positions[i:i + 1])
+                out[:, i:i + 1] = nxt  # kept outside the graph's memory, which the next replay overwrites
+                tok = out[:, i:i + 1]
+        return out
+
+    def generate(self, ids: Tensor, n_new: int) -> Tensor:
+        """Greedy: ``n_new`` new tokens per prompt, [B, n_new]."""
+        first = self.prefill(ids)
+        if n_new <= 1:
+            return first[:, :n_new]
+        return torch.cat([first, self.decode(first, ids.shape[1], n_new - 1)], dim=1)
+
+
+def _inductor_config():
+    """gpt-fast's Inductor settings, for the compiles its decode step triggers."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(INDUCTOR_CONFIG)
