@@ -84,7 +84,8 @@ def launch_kernel_early(fn, shape: Shape, args, stream) -> None:
             values.append(int(a)), types.append(ctypes.c_int)
         else:  # a cupy array
             values.append(int(a.data.ptr)), types.append(ctypes.c_void_p)
-    (err,) = driver.cuLaunchKernelEx(cfg, driver.CUfunction(int(fn.ptr)), (tuple(values), tuple(types)), 0)
+    handle = fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr  # a cupy RawKernel holds its Function
+    (err,) = driver.cuLaunchKernelEx(cfg, driver.CUfunction(int(handle)), (tuple(values), tuple(types)), 0)
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuLaunchKernelEx failed: {err}")
 
