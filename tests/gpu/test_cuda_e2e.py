@@ -203,7 +203,10 @@ def test_compute_sanitizer_memcheck_clean(hf_model, tmp_path):
     )
     env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
     res = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "7", sys.executable, str(script)],
+        # --report-api-errors no: cuda-bindings probes driver entry points (cuGetProcAddress) that
+        # this driver lacks; those host API results are not memory errors
+        ["compute-sanitizer", "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "7",
+         sys.executable, str(script)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
