@@ -249,12 +249,14 @@ class GPTFastPeer:
     """The model with its compiled decode step: ``prefill`` a batch of equal-length prompts, then
     ``decode`` greedily, gpt-fast's generate loop (no host synchronisation between steps)."""
 
-    def __init__(self, model: Transformer, compile: bool = True):
+    def __init__(self, model: Transformer, compile: bool = True, backend: str = "inductor"):
+        """``backend`` other than inductor (e.g. "aot_eager") traces the step without Inductor or
+        CUDA graphs: tests use it to count compiles on the CPU."""
         self.model = model
         self.compiled = compile
         # compiled once; Dynamo recompiles (and re-captures) only when a new batch size's caches change shapes
-        self.step = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False) \
-            if compile else decode_one
+        how = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+        self.step = torch.compile(decode_one, fullgraph=True, dynamic=False, **how) if compile else decode_one
 
     def setup(self, batch: int, max_seq: int) -> None:
         self.model.setup_caches(batch, max_seq)
@@ -270,16 +272,19 @@ class GPTFastPeer:
     def decode(self, tok: Tensor, start: int, n: int) -> Tensor:
         """Feed tok [B, 1] at position ``start`` and the n - 1 tokens it leads to; return the n
         tokens generated after it, [B, n]."""
-        out = torch.empty(tok.shape[0], n, dtype=torch.long, device=tok.device)
-        positions = torch.arange(start, start + n, device=tok.device)
+        pos = torch.tensor([start], device=tok.device)
+        tokens = []
         with _inductor_config() if self.compiled else nullcontext():
-            for i in range(n):
+            for _ in range(n):
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                nxt = self.step(self.model, tok, positions[i:i + 1])
-                out[:, i:i + 1] = nxt  # kept outside the graph's memory, which the next replay overwrites
-                tok = out[:, i:i + 1]
-        return out
+                nxt = self.step(self.model, tok, pos)
+                pos += 1
+                # a copy: the next replay overwrites the graph's output. Every call sees the same
+                # input layout (tok [B, 1] contiguous, pos [1]), so Dynamo never recompiles mid-run
+                tok = nxt.clone()
+                tokens.append(tok)
+        return torch.cat(tokens, dim=1)
 
     def generate(self, ids: Tensor, n_new: int) -> Tensor:
         """Greedy: ``n_new`` new tokens per prompt, [B, n_new]."""

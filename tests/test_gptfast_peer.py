@@ -95,3 +95,23 @@ def test_fused_weights_and_static_cache_shapes(hf_model):
         peer.model(torch.tensor([[1], [2], [3]]), torch.tensor([5]))
     written = layer.attention.kv_cache.k.abs().sum(dim=(1, 3)) > 0  # [B, S]
     assert written[:, 5].all() and written.sum() == 3
+
+
+def test_the_decode_step_compiles_once_per_batch_size_and_never_mid_run(hf_model):
+    """A recompile inside a timed run would be timed: every decode call must present the same
+    input layout. Traced with aot_eager (Dynamo without Inductor) to count the graphs on the CPU."""
+    from torch._dynamo.utils import counters
+
+    hf_dir = hf_model("gqa")
+    torch._dynamo.reset()
+    counters.clear()
+    model = Transformer(load_config(hf_dir), dtype=torch.float32, device="cpu")
+    peer = GPTFastPeer(model.load_hf_state_dict(hf_state_dict(hf_dir)), compile=True, backend="aot_eager")
+    for batch in (1, 2, 1):
+        prompts = [PROMPT, PROMPT[::-1]][:batch]
+        peer.setup(batch, len(PROMPT) + N_NEW)
+        for _ in range(2):
+            assert peer.generate(torch.tensor(prompts), N_NEW).tolist() == [hf_greedy(hf_dir, p, N_NEW) for p in prompts]
+    # one graph for batch 1 (reused with its fresh caches the second time) and one for batch 2
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
