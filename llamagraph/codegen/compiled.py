@@ -137,9 +137,10 @@ class CompiledPlan:
         """Write ``plan.json`` and ``kernels.cu`` into an existing ``folder``; return the file names."""
         with open(os.path.join(folder, SOURCE_FILE), "w", encoding="utf-8") as f:
             f.write(self.source)
+        # json.dumps then one write: json.dump writes every indented token separately (2-3x slower)
+        text = json.dumps(self.to_dict(), indent=1)
         with open(os.path.join(folder, PLAN_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+            f.write(text + "\n")
         return [PLAN_FILE, SOURCE_FILE]
 
     @classmethod
