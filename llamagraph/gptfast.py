@@ -130,7 +130,7 @@ class Attention(nn.Module):
         else:
             # head h reads KV head h // G: fold the G heads of a group into G*T query rows of it
             qg = q.reshape(B, KV, G * T, D)  # rows g*T + t; mask: [G*T, S]
-            y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mask).view(B, H, T, D)
+            y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mask).reshape(B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 

@@ -12,7 +12,6 @@ description (weights) or a cache layout (the KV cache). Sizes come from the layo
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -174,7 +173,12 @@ class Graph:
         return name
 
     def copy(self) -> "Graph":
-        return copy.deepcopy(self)
+        """A copy sharing nothing mutable. Built field by field: deepcopy's bookkeeping made
+        copying most of the pass pipeline's time (every rewrite copies the graph)."""
+        values = {k: Value(v.name, v.shape, v.dtype, v.kind, _copy_data(v.attrs), v.layer, v.role, v.quant, v.shard,
+                           v.layout) for k, v in self.values.items()}
+        nodes = [Node(n.op, list(n.inputs), list(n.outputs), _copy_data(n.attrs), n.name, n.layer) for n in self.nodes]
+        return Graph(values, nodes, list(self.outputs), dict(self.dims), _copy_data(self.meta))
 
     # ---- queries ---------------------------------------------------------------------------
     def producers(self) -> dict[str, int]:
@@ -282,3 +286,15 @@ class Graph:
             for n in self.nodes
         )
         return tuple(decls), rows, tuple(self.outputs)
+
+
+def _copy_data(x):
+    """A copy of JSON-like data (dicts, lists, tuples of them); anything else is immutable here
+    (numbers, strings, frozen dataclasses) and shared."""
+    if isinstance(x, dict):
+        return {k: _copy_data(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_copy_data(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_copy_data(v) for v in x)
+    return x

@@ -59,13 +59,15 @@ class Rule:
     replace: Callable[[Match, Graph], dict[str, Node | None]]
 
 
-def match(graph: Graph, pat: Pat, index: int) -> Match | None:
-    """The match of ``pat`` rooted at node ``index``, or None."""
+def match(graph: Graph, pat: Pat, index: int, producers: dict[str, int] | None = None,
+          users: dict[str, list[int]] | None = None) -> Match | None:
+    """The match of ``pat`` rooted at node ``index``, or None. ``producers`` / ``users``: the
+    graph's, when the caller has them (each is a pass over the whole graph)."""
     m = Match(graph)
-    producers = graph.producers()
+    producers = graph.producers() if producers is None else producers
     if not _match(graph, producers, pat, index, m):
         return None
-    users = graph.users()
+    users = graph.users() if users is None else users
     inside = set(m.nodes.values())
     outputs = set(graph.outputs)
     for value, exclusive in m.feeds:
@@ -104,11 +106,12 @@ def rewrite(graph: Graph, rules: list[Rule]) -> Graph:
     out = graph.copy()
     replaced: dict[int, Node | None] = {}
     consumed: set[int] = set()
+    producers, users = graph.producers(), graph.users()  # the scan reads ``graph`` and never changes it
     for i in range(len(graph.nodes)):
         if i in consumed:
             continue
         for rule in rules:
-            m = match(graph, rule.pattern, i)
+            m = match(graph, rule.pattern, i, producers, users)
             if m is None or consumed & set(m.nodes.values()):
                 continue
             for capture, node in rule.replace(m, out).items():

@@ -55,7 +55,7 @@ def load_module(source: str, arch: str):
     key = hashlib.sha256(f"{arch}\n{source}".encode()).hexdigest()[:24]
     path = os.path.join(cache_dir(), "kernels", f"{key}.cubin")
     if not os.path.exists(path):
-        cubin = compile_source(source, arch).cubin
+        cubin = compile_source(source, arch, jobs=1).cubin  # one program: the module the runtime loads
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
