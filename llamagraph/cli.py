@@ -5,7 +5,8 @@
     llamagraph dump CONFIG [--after PASS] [--dtype D] [--max-batch N] [--max-seq N] [--json]
     llamagraph run MODEL|PLAN_DIR [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
-    llamagraph bench CONFIG --random-weights [--batch B] [--prompt-len P] [--gen-len G] [--peers hf,compile]
+    llamagraph bench CONFIG --random-weights [--batch B[,B...]] [--prompt-len P] [--gen-len G]
+                     [--peers gptfast,hf,compile] [--json PATH]
     llamagraph profile CONFIG --random-weights [--batch B] [--context N] [--dtype D] [-o OUT.html] [--json OUT.json]
     llamagraph chat MODEL|PLAN_DIR [--weights PATH] [--system TEXT] [--max-new-tokens N]
                           [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]   (turns on stdin)

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from llamagraph.ir import Graph, GraphError, verify
+from llamagraph.ir.layout import row_order
 from llamagraph.passes.dce import dce
 from llamagraph.passes.fuse_gate_up_silu import fuse_gate_up_silu
 from llamagraph.passes.fuse_gemm_bias import fuse_gemm_bias
+from llamagraph.passes.fuse_linear_residual import fuse_linear_residual
+from llamagraph.passes.fuse_norm_prologue import fuse_norm_prologue
 from llamagraph.passes.fuse_residual_rmsnorm import fuse_residual_rmsnorm
 from llamagraph.passes.fuse_rope_kv_append import fuse_rope_kv_append
 from llamagraph.passes.fuse_silu_mul import fuse_silu_mul
@@ -90,6 +93,120 @@ def test_fuse_residual_rmsnorm_leaves_lone_norm():
       weight @wn: f32[8]
       %n: f32[T,8] = rmsnorm(%x, @wn) {eps=1e-05}
       return %n
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_linear_residual
+# ---------------------------------------------------------------------------------------------
+
+def test_fuse_linear_residual_takes_the_bias_and_the_add():
+    check(fuse_linear_residual, RESIDUAL_NORM + "  return %s, %n", HEAD + """
+      weight @wo: f32[8,8]
+      weight @bo: f32[8] {role="bias"}
+      weight @wn: f32[8] {role="norm"}
+      %s: f32[T,8] = linear_residual(%x, @wo, %r, @bo) {dtype="float32"} loc(layer=0, name="y")
+      %n: f32[T,8] = rmsnorm(%s, @wn) {eps=1e-05} loc(layer=0)
+      return %s, %n
+    """)
+
+
+def test_fuse_linear_residual_either_operand_order_and_no_bias():
+    check(fuse_linear_residual, HEAD + """
+      weight @wd: f32[8,16]
+      input %h: f32[T,16]
+      %y: f32[T,8] = down_proj(%h, @wd)
+      %s: f32[T,8] = residual(%r, %y)
+      return %s
+    """, HEAD + """
+      weight @wd: f32[8,16]
+      input %h: f32[T,16]
+      %s: f32[T,8] = linear_residual(%h, @wd, %r) {dtype="float32"} loc(name="y")
+      return %s
+    """)
+
+
+def test_fuse_linear_residual_leaves_a_projection_read_elsewhere():
+    unchanged(fuse_linear_residual, HEAD + """
+      weight @wo: f32[8,8]
+      %y: f32[T,8] = o_proj(%x, @wo)
+      %s: f32[T,8] = residual(%y, %r)
+      %z: f32[T,8] = mul(%y, %s)
+      return %z
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_norm_prologue
+# ---------------------------------------------------------------------------------------------
+
+def test_fuse_norm_prologue_gate_up_and_lm_head():
+    check(fuse_norm_prologue, HEAD + """
+      weight @wn: f32[8] {role="norm"}
+      weight @wgu: f32[32,8]
+      weight @wl: f32[50,8]
+      %h: f32[T,8] = rmsnorm(%x, @wn) {eps=1e-05}
+      %a: f32[T,16] = gate_up_silu(%h, @wgu)
+      %h2: f32[T,8] = rmsnorm(%r, @wn) {eps=1e-06}
+      %l: f32[T,50] = lm_head(%h2, @wl) {out_dtype="float32"}
+      return %a, %l
+    """, HEAD + """
+      weight @wn: f32[8] {role="norm"}
+      weight @wgu: f32[32,8]
+      weight @wl: f32[50,8]
+      %a: f32[T,16] = rms_gate_up_silu(%x, @wn, @wgu) {dtype="float32", eps=1e-05}
+      %l: f32[T,50] = rms_lm_head(%r, @wn, @wl) {dtype="float32", eps=1e-06, out_dtype="float32"}
+      return %a, %l
+    """)
+
+
+QKV_ROPE = """
+graph (T=4, B=2)
+  input %x: f16[T,32]
+  input %positions: i32[T]
+  input %seq_ids: i32[T]
+  input %seq_lens: i32[2]
+  weight @wn: f16[32] {role="norm", parts=[["n",[32]]]}
+  weight @wq: f16[64,32] {parts=[["q",[32,32]],["k",[16,32]],["v",[16,32]]]}
+  cache %kc: f16[2,8,1,16] {layout={"kind":"dense"}}
+  cache %vc: f16[2,8,1,16] {layout={"kind":"dense"}}
+  %h: f16[T,32] = rmsnorm(%x, @wn) {eps=1e-05}
+  %qkv: f16[T,64] = qkv_gemm(%h, @wq)
+  %q: f16[T,2,16], %kc2: f16[2,8,1,16] {layout={"kind":"dense"}, alias="kc"}, %vc2: f16[2,8,1,16] {layout={"kind":"dense"}, alias="vc"} = rope_kv_append(%qkv, %positions, %seq_ids, %seq_lens, %kc, %vc) {head_dim=16, layout="rotate_half", num_heads=2, num_kv_heads=1, scaling=null, theta=10000.0} loc(name="rope")
+  return %q
+"""
+
+
+def test_fuse_norm_prologue_qkv_rope_pairs_the_weight_rows():
+    after = check(fuse_norm_prologue, QKV_ROPE, """
+    graph (T=4, B=2)
+      input %x: f16[T,32]
+      input %positions: i32[T]
+      input %seq_ids: i32[T]
+      input %seq_lens: i32[2]
+      weight @wn: f16[32] {role="norm", parts=[["n",[32]]]}
+      weight @wq: f16[64,32] {parts=[["q",[32,32]],["k",[16,32]],["v",[16,32]]]}
+      weight @wq.rope_pairs: f16[64,32] {parts=[["q",[32,32]],["k",[16,32]],["v",[16,32]]], row_order=["rope_pairs",4,16,"rotate_half"]}
+      cache %kc: f16[2,8,1,16] {layout={"kind":"dense"}}
+      cache %vc: f16[2,8,1,16] {layout={"kind":"dense"}}
+      %q: f16[T,2,16], %kc2: f16[2,8,1,16] {layout={"kind":"dense"}, alias="kc"}, %vc2: f16[2,8,1,16] {layout={"kind":"dense"}, alias="vc"} = rms_qkv_rope_kv_append(%x, @wn, @wq.rope_pairs, %positions, %seq_ids, %seq_lens, %kc, %vc) {dtype="float16", eps=1e-05, head_dim=16, layout="rotate_half", num_heads=2, num_kv_heads=1, scaling=null, theta=10000.0} loc(name="rope")
+      return %q
+    """)
+    # rows 0-7 of each head: the first elements of pairs 0-7; rows 8-15: their second elements
+    assert list(row_order(after.values["wq.rope_pairs"].attrs)[:16]) == list(range(8)) + list(range(8, 16))
+    assert list(row_order(after.values["wq.rope_pairs"].attrs)[16:24]) == list(range(16, 24))
+
+
+def test_fuse_norm_prologue_keeps_fp32_qkv_and_a_shared_norm():
+    # fp32 GEMVs have no paired-row tile: the QKV path stays
+    unchanged(fuse_norm_prologue, QKV_ROPE.replace("f16", "f32"))
+    unchanged(fuse_norm_prologue, HEAD + """
+      weight @wn: f32[8] {role="norm"}
+      weight @wgu: f32[32,8]
+      %h: f32[T,8] = rmsnorm(%x, @wn) {eps=1e-05}
+      %a: f32[T,16] = gate_up_silu(%h, @wgu)
+      %z: f32[T,8] = mul(%h, %x)
+      return %a, %z
     """)
 
 

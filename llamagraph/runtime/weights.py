@@ -2,7 +2,8 @@
 
 Every weight value of a graph lists the checkpoint tensors it is made of
 (``attrs["parts"] = [[hf_name, shape], ...]``, concatenated along axis 0), so loading is:
-find each part, check its shape, convert it to the value's storage dtype, concatenate.
+find each part, check its shape, convert it to the value's storage dtype, concatenate, and put
+the rows in the value's ``row_order`` if it has one (``llamagraph.ir.layout.assemble``).
 Storage is float32 -> np.float32, float16 -> np.float16, bfloat16 -> np.uint16 raw bits.
 
 Checkpoints: HF safetensors (one file, or shards named by ``model.safetensors.index.json``)
