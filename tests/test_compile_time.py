@@ -87,6 +87,21 @@ def test_compile_command_imports_no_heavy_package(tmp_path):
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
 
 
+def test_loading_a_plan_imports_no_networkx(tmp_path):
+    """networkx only names a cycle when a schedule is out of order (verify) and lays out pictures:
+    reading a compiled plan (verified on load) never imports it."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 96}))
+    from llamagraph.compiler import compile_plan
+
+    compile_plan(str(cfg), dtype="float16", max_seq=64).save(str(tmp_path / "plan"))
+    loaded = _modules_after(f"from llamagraph.codegen.compiled import CompiledPlan\n"
+                            f"from llamagraph.ir import verify\n"
+                            f"verify(CompiledPlan.load({str(tmp_path / 'plan')!r}).graph)")
+    assert "llamagraph.codegen.compiled" in loaded and "networkx" not in loaded
+
+
 # ---------------------------------------------------------------------------------------------
 # splitting a module into groups of kernels
 # ---------------------------------------------------------------------------------------------

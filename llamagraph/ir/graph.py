@@ -16,8 +16,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-import networkx as nx
-
 from .dtypes import DTYPES, nbytes
 
 # Value kinds. Only "activation" values live in the planned arena; the others are
@@ -206,25 +204,35 @@ class Graph:
             raise KeyError(f"graph has {len(found)} values with role {role!r}, expected one")
         return found[0]
 
-    def dataflow(self) -> nx.DiGraph:
-        """Nodes are node indices; an edge i -> j means j must run after i.
+    def dependencies(self) -> list[tuple[int, int, str, str]]:
+        """(i, j, value, kind) for every ordering constraint: node j must run after node i.
 
         "flow" edges carry a value i writes and j reads. "anti" edges order a cache update
         after every reader of the cache it overwrites in place (a write-after-read hazard).
         """
-        g = nx.DiGraph()
-        g.add_nodes_from(range(len(self.nodes)))
+        edges = []
         prod = self.producers()
         readers = self.users()
         for j, n in enumerate(self.nodes):
             for v in n.inputs:
                 if v in prod:
-                    g.add_edge(prod[v], j, value=v, kind="flow")
+                    edges.append((prod[v], j, v, "flow"))
             for o in n.outputs:
                 base = self.values[o].attrs.get("alias") if o in self.values else None
                 for i in readers.get(base, []) if base else []:
                     if i != j:
-                        g.add_edge(i, j, value=base, kind="anti")
+                        edges.append((i, j, base, "anti"))
+        return edges
+
+    def dataflow(self):
+        """``dependencies()`` as a networkx DiGraph over node indices (edge data: value, kind).
+        networkx is imported here, not with the module: loading a plan never needs it."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        g.add_nodes_from(range(len(self.nodes)))
+        for i, j, value, kind in self.dependencies():
+            g.add_edge(i, j, value=value, kind=kind)
         return g
 
     # ---- text and JSON ----------------------------------------------------------------------
