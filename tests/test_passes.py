@@ -197,6 +197,18 @@ def test_fuse_norm_prologue_qkv_rope_pairs_the_weight_rows():
     assert list(row_order(after.values["wq.rope_pairs"].attrs)[16:24]) == list(range(16, 24))
 
 
+def test_rope_pair_order_puts_both_halves_of_8_pairs_in_each_16_rows():
+    from llamagraph.ir.layout import rope_pair_order
+
+    # rotate_half pairs (p, p + 16) of a 32-wide head: tile 0 holds pairs 0-7, tile 1 pairs 8-15
+    half = [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
+    assert list(rope_pair_order(2, 32, "rotate_half")) == half + [32 + r for r in half]
+    # interleaved pairs (2p, 2p + 1)
+    assert list(rope_pair_order(1, 16, "interleaved")) == [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        rope_pair_order(1, 24, "rotate_half")
+
+
 def test_fuse_norm_prologue_keeps_fp32_qkv_and_a_shared_norm():
     # fp32 GEMVs have no paired-row tile: the QKV path stays
     unchanged(fuse_norm_prologue, QKV_ROPE.replace("f16", "f32"))

@@ -26,6 +26,20 @@ def test_meta_checkpoint_gives_hf_logits(meta_model, name):
     check_against_hf(meta_dir, backend="reference", dtype="float32", tol=1e-4, hf_dir=hf_dir)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_meta_checkpoint_in_16_bit_close_to_hf(meta_model, dtype):
+    """16-bit plans fuse RoPE into the QKV GEMV, whose weight rows the loader puts in rope pair
+    order: for a Meta checkpoint the pairs are interleaved (2i, 2i+1)."""
+    meta_dir, hf_dir = meta_model("meta_llama3")
+    plan = llamagraph.compile(meta_dir, dtype=dtype, max_batch=2, max_seq=32)
+    assert plan.graph.op_counts().get("rms_qkv_rope_kv_append")
+    assert any(v.attrs.get("row_order", [None] * 4)[3] == "interleaved" for v in plan.graph.values.values())
+    ref = models.hf_reference_logits(hf_dir, PROMPTS, [[], []])
+    got = plan.run(PROMPTS)
+    for b in range(2):
+        assert rel_err(got[b], ref[b][0]) < (3e-2 if dtype == "float16" else 6e-2)
+
+
 def test_sharded_checkpoint(hf_model):
     check_against_hf(hf_model("gqa", max_shard_size="40KB"), backend="reference", dtype="float32", tol=1e-4)
 
