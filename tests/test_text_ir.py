@@ -116,6 +116,32 @@ def test_the_verifier_checks_layouts(edit, message):
         verify(g)
 
 
+PAIRED = """
+graph (T=4, B=1)
+  input %x: f16[T,32]
+  weight @w: f16[64,32] {parts=[["q",[64,32]]], row_order=["rope_pairs",4,16,"rotate_half"]}
+  %y: f16[T,64] = qkv_gemm(%x, @w)
+  return %y
+"""
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("", ""), None),
+    (('["rope_pairs",4,16,"rotate_half"]', '["rope_pairs",2,16,"rotate_half"]'), r"permutes 32 rows, value has f16\[64,32\]"),
+    (('["rope_pairs",4,16,"rotate_half"]', '["shuffle",4,16]'), "unknown row_order"),
+    (('"rotate_half"]', '"diagonal"]'), "bad row_order .* unknown rope layout 'diagonal'"),
+    (('["rope_pairs",4,16,"rotate_half"]', '["rope_pairs",2,32,"rotate_half",7]'), "bad row_order"),
+    (('["rope_pairs",4,16,"rotate_half"]', '["rope_pairs",8,8,"rotate_half"]'), "multiple of 16"),
+])
+def test_the_verifier_checks_row_orders(edit, message):
+    g = Graph.from_text(textwrap.dedent(PAIRED).replace(*edit))
+    if message is None:
+        verify(g)
+        return
+    with pytest.raises(GraphError, match=message):
+        verify(g)
+
+
 def test_values_carry_their_own_dtypes():
     g = build_unfused(load_config(EXAMPLES[0]), dtype="bfloat16", max_batch=1, max_seq=64)
     dtypes = {v.name: v.dtype for v in g.values.values()}

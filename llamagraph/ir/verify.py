@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .dtypes import DTYPES, FLOAT_DTYPES, QUANT_DTYPES
 from .errors import GraphError
+from .layout import ROW_ORDERS, row_order
 from .graph import ACTIVATION, CACHE_LAYOUTS, INPUT, KV_CACHE, QUANT_SCHEMES, ROLES, WEIGHT, Graph, Value
 from .ops import OPS
 
@@ -122,6 +123,24 @@ def _layout_problem(graph: Graph, v: Value) -> str | None:
         return f"packed int4 needs an even last dim, got {v.type_str()}"
     if v.quant is not None:
         return _quant_problem(graph, v)
+    if "row_order" in v.attrs:
+        return _row_order_problem(v)
+    return None
+
+
+def _row_order_problem(v: Value) -> str | None:
+    """A row order must name a known permutation of exactly this weight's rows."""
+    spec = v.attrs["row_order"]
+    if v.kind != WEIGHT:
+        return "only weights have a row order"
+    if not isinstance(spec, list) or not spec or spec[0] not in ROW_ORDERS:
+        return f"unknown row_order {spec!r}; row orders are {', '.join(ROW_ORDERS)}"
+    try:
+        order = row_order(v.attrs)
+    except (TypeError, ValueError) as e:
+        return f"bad row_order {spec!r}: {e}"
+    if not v.shape or len(order) != v.shape[0]:
+        return f"row_order {spec!r} permutes {len(order)} rows, value has {v.type_str()}"
     return None
 
 
