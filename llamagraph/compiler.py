@@ -15,6 +15,7 @@ from llamagraph.codegen.lowering import lower_graph
 from llamagraph.codegen.render import module_source
 from llamagraph.ir import ConfigError, Graph, ModelConfig, build_graph, load_config
 from llamagraph.ir.dtypes import FLOAT_DTYPES
+from llamagraph.ir.quant import DEFAULT_GROUP_SIZE, SCHEMES as QUANT_SCHEMES
 from llamagraph.passes import PASS_NAMES, run_pipeline
 
 BUILD = "build"  # the stage name of the unfused graph, before any pass
@@ -32,8 +33,20 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def quantize_spec(quantize: str | None, group_size: int | None) -> dict | None:
+    """The checked quantization request (``graph.meta["quantize"]``), or None for none."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, str) or quantize not in QUANT_SCHEMES:
+        raise ConfigError(f"quantize {quantize!r} is not one of {', '.join(QUANT_SCHEMES)} (or None)")
+    if quantize == "int8":
+        return {"scheme": "int8"}
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else positive_int("group_size", group_size)
+    return {"scheme": "int4", "group_size": group_size}
+
+
 def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None) -> Graph:
+                  max_tokens: int | None = None, quantize: str | None = None, group_size: int | None = None) -> Graph:
     """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
     if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
@@ -46,22 +59,27 @@ def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
         if max_tokens > max_batch * max_seq:
             raise ConfigError(f"max_tokens {max_tokens} exceeds max_batch * max_seq = {max_batch * max_seq}, "
                               "the most tokens the KV caches can take in one step")
-    return build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    spec = quantize_spec(quantize, group_size)
+    graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    if spec:
+        graph.meta["quantize"] = spec  # read by the quantize_weights pass
+    return graph
 
 
 def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                   max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None,
-                  keep_values: bool = False) -> Graph:
+                  keep_values: bool = False, quantize: str | None = None, group_size: int | None = None) -> Graph:
     """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run).
 
     keep_values: give every activation its own arena buffer (no reuse), so any intermediate
     can be fetched after a step; costs memory, meant for debugging (``llamagraph.bisect``).
     """
-    graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                          quantize=quantize, group_size=group_size)
     if keep_values:
         graph.meta["keep_values"] = True  # read by plan_memory
     if passes is not None:
-        passes = check_passes(passes) + ["dce", "plan_memory"]
+        passes = check_passes(passes) + ["dce", "quantize_weights", "plan_memory"]
     return run_pipeline(graph, passes, dump_dir)
 
 
@@ -98,12 +116,14 @@ def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
 
 def compile_plan(model, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                  max_tokens: int | None = None, passes: list[str] | None = None,
-                 dump_dir: str | None = None, keep_values: bool = False) -> CompiledPlan:
+                 dump_dir: str | None = None, keep_values: bool = False, quantize: str | None = None,
+                 group_size: int | None = None) -> CompiledPlan:
     """Config (path, checkpoint directory, dict or ModelConfig) -> a checked ``CompiledPlan``."""
     if not isinstance(model, (str, os.PathLike, dict, ModelConfig)):
         raise ConfigError(f"model must be a config path, a checkpoint directory or a config dict, got {model!r}")
     cfg = load_config(model)
     graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                          passes=passes, dump_dir=dump_dir, keep_values=keep_values)
+                          passes=passes, dump_dir=dump_dir, keep_values=keep_values, quantize=quantize,
+                          group_size=group_size)
     source = os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
     return lower(graph, source)

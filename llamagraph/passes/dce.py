@@ -19,5 +19,9 @@ def dce(graph: Graph) -> Graph:
     for node in out.nodes:
         touched.update(node.inputs)
         touched.update(node.outputs)
+    for name in list(touched):  # a quantized weight's scales and zeros are read through its layout
+        q = out.values[name].quant if name in out.values else None
+        if q is not None:
+            touched.update(r for r in (q.scales, q.zeros) if r)
     out.values = {k: v for k, v in out.values.items() if k in touched or v.kind == INPUT}
     return out

@@ -19,6 +19,7 @@ from .fuse_residual_rmsnorm import fuse_residual_rmsnorm
 from .fuse_rope_kv_append import fuse_rope_kv_append
 from .fuse_silu_mul import fuse_silu_mul
 from .plan_memory import plan_memory
+from .quantize_weights import quantize_weights
 
 Pass = Callable[[Graph], Graph]
 
@@ -33,7 +34,10 @@ Pass = Callable[[Graph], Graph]
 # - fuse_gemm_bias before fuse_gate_up_silu: the biased gate/up pattern reads biased GEMMs.
 # - fuse_norm_prologue after fuse_gate_up_silu and fuse_rope_kv_append: it matches the norms
 #   under gate_up_silu and under qkv_gemm -> rope_kv_append.
-# - dce after the fusions (they leave the separate gate/up weights unread), plan_memory last.
+# - dce after the fusions (they leave the separate gate/up weights unread).
+# - quantize_weights after the fusions and dce: it quantizes the fused weights whole, and only
+#   weights still read; it does nothing unless the compiler asked for quantization.
+# - plan_memory last.
 PIPELINE: list[Pass] = [
     fuse_linear_residual,
     fuse_residual_rmsnorm,
@@ -43,6 +47,7 @@ PIPELINE: list[Pass] = [
     fuse_rope_kv_append,
     fuse_norm_prologue,
     dce,
+    quantize_weights,
     plan_memory,
 ]
 FUSION_PASSES = [p.__name__ for p in PIPELINE if p.__name__.startswith("fuse_")]

@@ -1,0 +1,58 @@
+"""Quantize the linear weights: a pass over value layouts, not over ops.
+
+    # @l0.qkv.w: f16[N, K]  ->  @l0.qkv.w: i4[N, K] {quant: int4, group 128}
+    #                           @l0.qkv.w.scales: f16[N, K/128], @l0.qkv.w.zeros: f16[N, K/128]
+
+It reads ``graph.meta["quantize"]`` (``{"scheme": "int8" | "int4", "group_size": G}``, set by the
+compiler; absent: the pass changes nothing). Every weight with the "matrix" role is quantized:
+each decoder layer's fused QKV, O, fused gate/up and down, and the LM head unless it is tied to
+the embedding (then it is the "embedding_table" value, which stays in the activation dtype).
+
+Ops and nodes are untouched: a node reads the same value, whose layout now says how its bytes
+are to be read (``Value.quant``). The scales and zeros are weight values of their own, named
+``<weight>.scales`` / ``<weight>.zeros``, with ``quant_of`` naming the weight they belong to:
+the loader fills them when it quantizes (or repacks) that weight. Their rows follow the weight's
+row order (``row_order``): quantizing rows commutes with permuting them.
+
+It runs after the fusions (so the fused weights are quantized whole) and DCE (which keeps values
+a node reads; scales and zeros are read through the weight's layout).
+"""
+
+from __future__ import annotations
+
+from llamagraph.ir import WEIGHT, Graph, Quant
+from llamagraph.ir.errors import ConfigError
+
+
+def quantized_weights(graph: Graph) -> list[str]:
+    """The weights the pass quantizes: every 2-D weight with the "matrix" role."""
+    return [v.name for v in graph.values.values() if v.kind == WEIGHT and v.role == "matrix" and len(v.shape) == 2]
+
+
+def quantize_weights(graph: Graph) -> Graph:
+    spec = graph.meta.get("quantize")
+    out = graph.copy()
+    if not spec:
+        return out
+    scheme, group_size = spec["scheme"], spec.get("group_size")
+    for name in quantized_weights(out):
+        v = out.values[name]
+        if v.quant is not None:
+            continue
+        N, K = v.shape
+        act = v.dtype
+        common = dict(layer=v.layer, quant_of=name)  # rows in the weight's row order, as assembled
+        if scheme == "int8":
+            scales = out.add_value(name + ".scales", (N,), act, WEIGHT, role="scales", **common)
+            v.quant = Quant("int8", scales)
+            v.dtype = "int8"
+        else:
+            if K % group_size:
+                raise ConfigError(f"int4 group_size {group_size} does not divide K={K} of weight '{name}' "
+                                  f"[{N}, {K}]; choose a group size that divides {K}")
+            G = K // group_size
+            scales = out.add_value(name + ".scales", (N, G), act, WEIGHT, role="scales", **common)
+            zeros = out.add_value(name + ".zeros", (N, G), act, WEIGHT, role="zeros", **common)
+            v.quant = Quant("int4", scales, group_size, zeros)
+            v.dtype = "int4"
+    return out
