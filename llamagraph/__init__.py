@@ -7,7 +7,7 @@
     print(llamagraph.bisect("model_dir", [1, 15043], backend="cuda").table())  # where it departs from HF
 """
 
-from .api import Plan, bind, compile, load
+from .api import Plan, bind, compile, load, logits_error
 from .bisect import BisectResult, bisect  # the function shadows the submodule's name here
 from .codegen.compiled import CompiledPlan
 from .compiler import compile_graph, compile_plan
@@ -15,6 +15,7 @@ from .ir.errors import BackendError, ConfigError, InputError, LlamagraphError, P
 from .runtime.weights import random_weights
 
 __all__ = [
+    "logits_error",
     "BackendError", "ConfigError", "InputError", "LlamagraphError", "PlanError", "WeightError",
     "BisectResult", "CompiledPlan", "Plan", "bind", "bisect", "compile", "compile_graph", "compile_plan", "load",
     "random_weights",

@@ -47,6 +47,8 @@ def compile(
     seed: int = 0,
     progress: bool = False,
     keep_values: bool = False,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> "Plan":
     """Compile a model into an executable plan.
 
@@ -62,10 +64,14 @@ def compile(
     keep_values: every activation gets its own buffer (no reuse), so ``plan.executor.step(...,
       fetch=[name, ...])`` can read any intermediate after a step (more memory; for debugging,
       as ``llamagraph.bisect`` does).
+    quantize: "int8" or "int4" to quantize every linear weight (weight-only; see
+      ``llamagraph.ir.quant`` for the exact schemes); group_size: int4 columns per scale and zero
+      (default 128; -1 for one group per row). A GPTQ / AWQ checkpoint is int4 on its own.
     """
     _check_binding(weights, backend, seed)
     compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                            passes=passes, dump_dir=dump_dir, keep_values=keep_values)
+                            passes=passes, dump_dir=dump_dir, keep_values=keep_values, quantize=quantize,
+                            group_size=group_size)
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
 
 
@@ -137,6 +143,22 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
         # (checked for NaN / inf on the device after upload, where it is cheap)
         return iter_weights(graph, os.fspath(weights), source=cfg.source, check_finite=False)
     return load_weights(graph, os.fspath(weights), source=cfg.source)
+
+
+def logits_error(plan: "Plan", reference: "Plan", tokens: list[list[int]]) -> dict:
+    """How far ``plan``'s logits are from ``reference``'s on the same prompts (each plan is reset
+    first and after): the largest absolute difference, that over the reference's largest |logit|
+    ("rel"), and the share of sequences whose top-1 token agrees. Made for a quantized plan
+    against the unquantized plan of the same weights."""
+    out = []
+    for p in (plan, reference):
+        p.reset()
+        out.append(p.run(tokens))
+        p.reset()
+    got, want = out
+    diff = float(np.abs(got - want).max())
+    return {"max_abs": diff, "rel": diff / max(float(np.abs(want).max()), 1e-30),
+            "top1_agree": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
 
 
 class Plan:

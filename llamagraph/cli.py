@@ -85,11 +85,35 @@ def add_model_options(p: argparse.ArgumentParser, *, max_tokens: bool = True) ->
     if max_tokens:
         p.add_argument("--max-tokens", type=positive_int, metavar="N",
                        help="most tokens in one step (default: max_batch * max_seq, at most 4096)")
+    add_quant_options(p)
+
+
+def group_size_arg(text: str) -> int:
+    if text.strip() == "-1":
+        return -1
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (or -1: one group per row), got {text!r}") from None
+
+
+def add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only quantization of every linear weight (int8: one scale per row; int4: "
+                        "a scale and zero per group of --group-size columns); a GPTQ/AWQ checkpoint is int4 already")
+    p.add_argument("--group-size", type=group_size_arg, metavar="G",
+                   help="int4 columns per scale and zero (default: 128; -1: one group per row)")
+
+
+def quant_kwargs(args: argparse.Namespace) -> dict:
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError("argument --group-size: only with --quantize int4")
+    return {"quantize": args.quantize, "group_size": args.group_size}
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     return {"dtype": args.dtype, "max_batch": args.max_batch, "max_seq": args.max_seq,
-            "max_tokens": getattr(args, "max_tokens", None)}
+            "max_tokens": getattr(args, "max_tokens", None), **quant_kwargs(args)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +231,8 @@ def add_run(sub) -> None:
     add_generation_options(p, max_new_tokens=64, max_seq_help="KV-cache length per sequence")
     p.add_argument("--logprobs", action="store_true",
                    help="after the output, print each generated token's logprob (log-softmax before temperature)")
+    p.add_argument("--quant-error", action="store_true",
+                   help="with --quantize: also run the unquantized plan on the prompt and print the logits error")
     p.set_defaults(func=cmd_run)
 
 
@@ -222,6 +248,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, max_new_tokens: int, m
     p.add_argument("--max-seq", type=positive_int, metavar="N",
                    help=f"{max_seq_help} (not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
+    add_quant_options(p)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -246,14 +273,20 @@ class PlanSource:
                              "pass --weights DIR")
         return _tokenizer_dirs(self.model, self.args.weights)
 
-    def plan(self, weights, progress: bool = False):
+    def plan(self, weights, progress: bool = False, unquantized: bool = False):
         import llamagraph
 
         a = self.args
+        if unquantized:  # the same model and weights without quantization (for --quant-error)
+            return llamagraph.compile(a.model, weights, dtype=a.dtype, max_seq=a.max_seq, backend=a.backend,
+                                      seed=a.seed, progress=progress)
         if self.compiled is not None:
+            if a.quantize or a.group_size is not None:
+                raise UsageError(f"argument --quantize: {a.model} is a compiled plan with its own weight layout; "
+                                 "compile it with --quantize instead")
             return llamagraph.bind(self.compiled, weights, backend=a.backend, seed=a.seed, progress=progress)
         return llamagraph.compile(a.model, weights, dtype=a.dtype, max_seq=a.max_seq, backend=a.backend, seed=a.seed,
-                                  progress=progress)
+                                  progress=progress, **quant_kwargs(a))
 
 
 def _is_plan_dir(path: str) -> bool:
@@ -273,6 +306,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.random_weights and args.weights:
         raise UsageError("--weights and --random-weights exclude each other")
+    if args.quant_error and not args.quantize:
+        raise UsageError("--quant-error needs --quantize (it compares the quantized plan with the unquantized one)")
     sampling = sampling_kwargs(args)
     source = PlanSource(args)
     if args.random_weights:
@@ -280,6 +315,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         import numpy as np
 
         prompt = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.prompt_len).tolist()
+        if args.quant_error:
+            _print_quant_error(plan, source.plan("random", unquantized=True), prompt, args.quantize)
         print(f"prompt ids: {prompt}")
         sys.stdout.write("generated ids:")
         result = plan.generate([prompt], args.max_new_tokens, logprobs=args.logprobs,
@@ -293,9 +330,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     tokenizer = find_tokenizer(*source.tokenizer_dirs())
     plan = source.plan(args.weights, progress=sys.stderr.isatty())
     cfg = plan.config
+    if args.quant_error:
+        ids = ([cfg.bos_token_id] if cfg.bos_token_id is not None else []) + tokenizer.encode(args.prompt)
+        _print_quant_error(plan, source.plan(args.weights, unquantized=True), ids, args.quantize)
     stream_text(plan, tokenizer, args.prompt, args.max_new_tokens, bos=cfg.bos_token_id,
                 stop_tokens=cfg.eos_token_ids, logprobs=args.logprobs, **sampling)
     return 0
+
+
+def _print_quant_error(plan, unquantized, prompt: list[int], scheme: str) -> None:
+    import llamagraph
+
+    e = llamagraph.logits_error(plan, unquantized, [prompt])
+    print(f"info: {scheme} logits against the unquantized plan, last prompt token: max |diff| {e['max_abs']:.4g}, "
+          f"relative to max |logit| {e['rel']:.3%}, top-1 {'agrees' if e['top1_agree'] == 1 else 'differs'}",
+          file=sys.stderr)
+    del unquantized
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +372,7 @@ def add_bench(sub) -> None:
     p.add_argument("--prompt-len", type=positive_int, default=128)
     p.add_argument("--gen-len", type=positive_int, default=128, help="new tokens per sequence, at least 2")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
+    add_quant_options(p)
     p.add_argument("--peers", default="gptfast,hf,compile",
                    help="comma list of gptfast, hf, compile (default: all three); 'none' for no peers")
     p.add_argument("--json", metavar="PATH", help="also write every figure as one JSON document")
@@ -344,8 +395,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"argument --json: {os.path.dirname(os.path.abspath(args.json))} is not a directory")
     load_config(args.config)  # a bad config fails before any GPU work
     CudaExecutor.check_available()
+    quant = quant_kwargs(args)
     report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
-                   peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+                   peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
+                   **({k: v for k, v in quant.items() if v is not None}))
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -474,6 +527,7 @@ def add_profile(sub) -> None:
     p.add_argument("--context", type=positive_int, default=128,
                    help="cached tokens per sequence the profiled step attends over (default 128)")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
+    add_quant_options(p)
     p.add_argument("-o", "--output", metavar="OUT.html", default="profile.html", help="the picture (default profile.html)")
     p.add_argument("--json", metavar="OUT.json", help="also write every figure as JSON")
     p.set_defaults(func=cmd_profile)
@@ -489,7 +543,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     load_config(args.config)  # a bad config fails before any GPU work
     CudaExecutor.check_available()
     result = profile(args.config, batch=args.batch, context=args.context, dtype=args.dtype,
-                     progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+                     progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr), **quant_kwargs(args))
     print(result.table())
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(result.html())

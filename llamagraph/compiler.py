@@ -41,8 +41,25 @@ def quantize_spec(quantize: str | None, group_size: int | None) -> dict | None:
         raise ConfigError(f"quantize {quantize!r} is not one of {', '.join(QUANT_SCHEMES)} (or None)")
     if quantize == "int8":
         return {"scheme": "int8"}
-    group_size = DEFAULT_GROUP_SIZE if group_size is None else positive_int("group_size", group_size)
-    return {"scheme": "int4", "group_size": group_size}
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    elif group_size != -1:  # -1: one group per row (G = K of each weight), as GPTQ writes it
+        group_size = positive_int("group_size", group_size)
+    return {"scheme": "int4", "group_size": int(group_size)}
+
+
+def checkpoint_quantization(cfg: ModelConfig, quantize: str | None, group_size: int | None) -> tuple:
+    """(quantize, group_size) for ``cfg``: a GPTQ / AWQ checkpoint is int4 with its own group size."""
+    q = getattr(cfg, "quantization", None)
+    if not q:
+        return quantize, group_size
+    if quantize not in (None, "int4"):
+        raise ConfigError(f"quantize {quantize!r}: this checkpoint is {q['method']} int4 (config.json "
+                          "quantization_config); it loads as int4 only")
+    if group_size is not None and group_size != q["group_size"]:
+        raise ConfigError(f"group_size {group_size}: this checkpoint's quantization_config.group_size is "
+                          f"{q['group_size']}")
+    return "int4", q["group_size"]
 
 
 def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
@@ -74,6 +91,7 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     keep_values: give every activation its own arena buffer (no reuse), so any intermediate
     can be fetched after a step; costs memory, meant for debugging (``llamagraph.bisect``).
     """
+    quantize, group_size = checkpoint_quantization(cfg, quantize, group_size)
     graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                           quantize=quantize, group_size=group_size)
     if keep_values:

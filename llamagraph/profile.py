@@ -166,7 +166,7 @@ def _time_graph(cp, graph, stream, reps: int) -> float:
 
 
 def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "float16", seed: int = 0,
-            progress: bool = False, log=None) -> ProfileResult:
+            progress: bool = False, log=None, quantize: str | None = None, group_size: int | None = None) -> ProfileResult:
     """Profile one decode step of ``config`` on random weights on the GPU.
 
     Prefills ``context - 1`` random tokens per sequence and runs one decode step (the graph is
@@ -183,7 +183,7 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
     bw = copy_bandwidth()
     say(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=context, backend="cuda",
-                              seed=seed, progress=progress)
+                              seed=seed, progress=progress, quantize=quantize, group_size=group_size)
     ex = plan.executor
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context - 1)).tolist()
     plan.generate(prompts, 2)  # prefill, then one decode step (captured): its inputs stay on the device

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from llamagraph import viz
 from llamagraph.codegen.compiled import CompiledPlan, write_whole
-from llamagraph.compiler import build_unfused, lower
-from llamagraph.ir import Graph, ModelConfig, load_config
+from llamagraph.compiler import build_unfused, checkpoint_quantization, lower
+from llamagraph.ir import WEIGHT, Graph, ModelConfig, load_config
+from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.memory import buffers
 from llamagraph.passes import run_pipeline
 
@@ -53,9 +54,12 @@ class Section:
 
 
 def compile_model(config: str, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None, dump_dir: str | None = None) -> Compiled:
+                  max_tokens: int | None = None, dump_dir: str | None = None, quantize: str | None = None,
+                  group_size: int | None = None) -> Compiled:
     cfg = load_config(config)
-    unfused = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
+    quantize, group_size = checkpoint_quantization(cfg, quantize, group_size)
+    unfused = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
+                            quantize=quantize, group_size=group_size)
     plan = lower(run_pipeline(unfused, None, dump_dir), os.path.abspath(os.fspath(config)))
     return Compiled(os.fspath(config), cfg, unfused, plan)
 
@@ -125,6 +129,31 @@ def memory_lines(graph: Graph, workspace_bytes: int = 0) -> list[str]:
     rows.append(("total", sum(n for _, n, _ in rows[:1] + rows[2:]), "device memory the plan holds"))
     w = max(len(f"{n}") for _, n, _ in rows)
     return [f"{name:<12} {n:>{w}} bytes  {_mib(n):>11}" + (f"  {note}" if note else "") for name, n, note in rows]
+
+
+def quantization_lines(graph: Graph) -> list[str]:
+    """What the quantize_weights pass did: the scheme, how many weights, and weight bytes before and after."""
+    spec = graph.meta.get("quantize")
+    weights = [v for v in graph.values.values() if v.kind == WEIGHT]
+    quantized = [v for v in weights if v.quant is not None]
+    if not spec or not quantized:
+        return []
+    act = itemsize(graph.meta["dtype"])
+    after = sum(v.nbytes(graph.dims) for v in weights)
+    before = sum(act * v.numel(graph.dims) if v.quant is not None else v.nbytes(graph.dims)
+                 for v in weights if "quant_of" not in v.attrs)
+    q = quantized[0].quant
+    if q.scheme == "int8":
+        scheme = "int8, symmetric, one scale per output row"
+    else:
+        sizes = sorted({v.quant.group_size for v in quantized})
+        scheme = f"int4, asymmetric, groups of {'/'.join(map(str, sizes))} columns (a scale and a zero each)"
+    kept = "lm_head tied to the embedding (kept)" if not any(v.name.startswith("lm_head") for v in quantized) \
+        else "lm_head quantized"
+    return [f"{scheme}; {len(quantized)} weights, {kept}; embedding kept in {graph.meta['dtype']}",
+            f"weights {before} -> {after} bytes ({_mib(before)} -> {_mib(after)}, {after / before:.3f}x; "
+            "scales and zeros included)",
+            f"logits error against the unquantized plan: `llamagraph run MODEL --quantize {q.scheme} --quant-error`"]
 
 
 def memory_doc(graph: Graph) -> dict:
@@ -237,6 +266,8 @@ def _write_artifacts(c: Compiled, folder: str, outdir: str, arch: str) -> list[S
         Section("kernels", kernel_lines(c.plan)),
         Section("memory", memory_lines(g, c.plan.sizes()["workspaces"])),
     ]
+    if quantization_lines(g):
+        sections.append(Section("quantization", quantization_lines(g)))
     cuda = write_cuda_artifacts(c.plan, folder, arch)
     sections.append(cuda)
     files = cuda.files[:2] + files + cuda.files[2:]

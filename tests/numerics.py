@@ -16,14 +16,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_against_hf(model_dir: str, *, backend: str, dtype: str, tol: float, weights=None,
-                     hf_dir: str | None = None, max_tokens: int | None = None) -> float:
+                     hf_dir: str | None = None, max_tokens: int | None = None, **compile_kwargs) -> float:
     """Prefill both prompts as one packed batch, then 8 decode steps; every step's logits of
     every sequence must be within ``tol`` relative error of HF's (with HF's own KV cache).
     Returns the worst relative error seen."""
     import torch
 
     plan = llamagraph.compile(model_dir, weights, dtype=dtype, max_batch=2, max_seq=32, max_tokens=max_tokens,
-                              backend=backend)
+                              backend=backend, **compile_kwargs)
     ref = models.hf_reference_logits(hf_dir or model_dir, PROMPTS, DECODE, dtype=getattr(torch, dtype))
     worst = 0.0
     got = plan.run(PROMPTS)

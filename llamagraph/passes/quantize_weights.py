@@ -4,7 +4,7 @@
     #                           @l0.qkv.w.scales: f16[N, K/128], @l0.qkv.w.zeros: f16[N, K/128]
 
 It reads ``graph.meta["quantize"]`` (``{"scheme": "int8" | "int4", "group_size": G}``, set by the
-compiler; absent: the pass changes nothing). Every weight with the "matrix" role is quantized:
+compiler; G = -1 is one group per row; absent: the pass changes nothing). Every weight with the "matrix" role is quantized:
 each decoder layer's fused QKV, O, fused gate/up and down, and the LM head unless it is tied to
 the embedding (then it is the "embedding_table" value, which stays in the activation dtype).
 
@@ -34,7 +34,7 @@ def quantize_weights(graph: Graph) -> Graph:
     out = graph.copy()
     if not spec:
         return out
-    scheme, group_size = spec["scheme"], spec.get("group_size")
+    scheme = spec["scheme"]
     for name in quantized_weights(out):
         v = out.values[name]
         if v.quant is not None:
@@ -47,6 +47,7 @@ def quantize_weights(graph: Graph) -> Graph:
             v.quant = Quant("int8", scales)
             v.dtype = "int8"
         else:
+            group_size = K if spec["group_size"] == -1 else spec["group_size"]  # -1: one group per row
             if K % group_size:
                 raise ConfigError(f"int4 group_size {group_size} does not divide K={K} of weight '{name}' "
                                   f"[{N}, {K}]; choose a group size that divides {K}")

@@ -29,7 +29,7 @@ from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
 
 from .calls import LIBRARY, early_launch_supported, launch_kernel, launch_kernel_early
-from .weights import check_fits, nonfinite_counts, nonfinite_error
+from .weights import check_fits, nonfinite_counts, nonfinite_error, quantize_value
 
 ALIGN = 256
 SYNC_EACH = os.environ.get("LLAMAGRAPH_SYNC_EACH") == "1"
@@ -161,7 +161,8 @@ class CudaExecutor:
         cp, g = self.cp, self.graph
         sizes = self.plan.sizes()
         if isinstance(weights, RandomOnDevice):  # float32 draws of the largest value, then its rounding
-            sizes["random draws"] = max((8 * v.nbytes(g.dims) // max(DTYPES[v.dtype].bits // 8, 1)
+            # (quantizing holds the draws, their quotient and the codes: about three float32 copies)
+            sizes["random draws"] = max(((12 if v.quant is not None else 8) * v.numel(g.dims)
                                          for v in g.values.values() if v.kind == WEIGHT), default=0)
         free, _ = cp.cuda.runtime.memGetInfo()
         free += cp.get_default_memory_pool().free_bytes()  # cached by cupy, reusable
@@ -176,10 +177,15 @@ class CudaExecutor:
         if isinstance(weights, RandomOnDevice):
             gen = cp.random.default_rng(weights.seed)
             for v in values:
+                if "quant_of" in v.attrs:
+                    continue  # scales / zeros: made with their weight's codes
                 x = gen.standard_normal(v.concrete_shape(g.dims), dtype=np.float32)
                 x = 1.0 + 0.1 * x if v.role == "norm" else weights.scale * x
-                out[v.name] = to_storage(x, v.dtype, xp=cp)
-                bar(v.nbytes(g.dims), v.name)
+                items = quantize_value(g, v.name, x, xp=cp) if v.quant is not None else [(v.name, to_storage(x, v.dtype, xp=cp))]
+                del x
+                for name, arr in items:
+                    out[name] = arr
+                    bar(g.values[name].nbytes(g.dims), name)
             return out
         # a dict of arrays (checked on the host when it was resolved), or an iterator of (name,
         # array) streamed from a checkpoint, checked here on the device, where it is cheap

@@ -14,6 +14,7 @@ import numpy as np
 from llamagraph.codegen.compiled import CompiledPlan
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, OPS, Graph
 from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
+from llamagraph.ir.quant import dequantize
 
 
 class ReferenceExecutor:
@@ -24,6 +25,11 @@ class ReferenceExecutor:
         self.arena = np.zeros(graph.meta["memory"]["arena_bytes"], np.uint8)
         # Weights are read in fp32 every step; convert once (they are already rounded to storage).
         self.weights = {k: to_float32(w, graph.values[k].dtype) for k, w in weights.items()}
+        for name, w in list(self.weights.items()):  # a quantized weight is read as w' (llamagraph.ir.quant)
+            q = graph.values[name].quant
+            if q is not None:
+                zeros = self.weights[q.zeros] if q.zeros else None
+                self.weights[name] = dequantize(w, self.weights[q.scales], zeros, q.scheme, q.group_size)
         self.persistent: dict[str, np.ndarray] = {}
         for v in graph.values.values():
             if v.kind in (INPUT, KV_CACHE) and "alias" not in v.attrs:

@@ -11,6 +11,12 @@ and Meta ``consolidated.00.pth``. Part names are always HF names; ``source="meta
 Meta's names. Meta q/k rows stay in Meta's interleaved order: graphs built from params.json apply
 interleaved rope, so no permutation happens here.
 
+A quantized weight value (``Value.quant``, set by the ``quantize_weights`` pass) is assembled in
+float32 from its float parts and quantized here by the exact scheme (``llamagraph.ir.quant``):
+its codes and its scales / zeros (weight values of their own, ``attrs["quant_of"]``) come out
+together. A GPTQ / AWQ checkpoint's int4 tensors are repacked instead
+(``llamagraph.runtime.quant_checkpoints``).
+
 Every problem a user can cause is a one-line ``WeightError`` naming the file and tensor.
 """
 
@@ -31,6 +37,7 @@ from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
 from llamagraph.ir.errors import BackendError, WeightError
 from llamagraph.ir.graph import WEIGHT, Graph
 from llamagraph.ir.layout import assemble, stacked_row
+from llamagraph.ir.quant import quantize
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
@@ -317,6 +324,24 @@ def _weight_values(graph: Graph):
     return [v for v in graph.values.values() if v.kind == WEIGHT]
 
 
+def _source_values(graph: Graph):
+    """The weight values made from checkpoint parts: all but quantization scales and zeros, which
+    come out of quantizing (or repacking) the weight they belong to."""
+    return [v for v in _weight_values(graph) if "quant_of" not in v.attrs]
+
+
+def quantize_value(graph: Graph, name: str, w, xp=np) -> list[tuple[str, np.ndarray]]:
+    """[(name, codes), (scales, ...), (zeros, ...)] for quantized weight ``name`` from its float
+    array ``w`` [N, K] (already in the value's row order)."""
+    q = graph.values[name].quant
+    act = graph.values[q.scales].dtype
+    codes, scales, zeros = quantize(w, q.scheme, q.group_size, act, xp)
+    out = [(name, codes), (q.scales, scales)]
+    if q.zeros:
+        out.append((q.zeros, zeros))
+    return out
+
+
 def _storage_nbytes(graph: Graph) -> int:
     return sum(v.nbytes(graph.dims) for v in _weight_values(graph))
 
@@ -370,14 +395,31 @@ def iter_weights(
         raise ValueError(f"source must be 'hf' or 'meta', got {source!r}")
     ckpt = open_checkpoint(path, source)
     total, done = _storage_nbytes(graph), 0
-    for v in _weight_values(graph):
-        parts = [_read_part(ckpt, n, tuple(s), v.dtype, source, v.name, check_finite) for n, s in v.attrs["parts"]]
-        arr = assemble(v.attrs, parts)
-        assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
-        done += arr.nbytes
-        if progress is not None:
-            progress(done, total, v.name)
-        yield v.name, arr
+    qcfg = graph.meta.get("config", {}).get("quantization")  # a GPTQ / AWQ checkpoint's int4 tensors
+    for v in _source_values(graph):
+        if v.quant is not None and qcfg and _holds_int4(ckpt, v, source):
+            from llamagraph.runtime.quant_checkpoints import load_quantized_value
+
+            codes, scales, zeros = load_quantized_value(ckpt, graph, v.name, qcfg)
+            items = [(v.name, codes), (v.quant.scales, scales)] + ([(v.quant.zeros, zeros)] if v.quant.zeros else [])
+        else:
+            dtype = "float32" if v.quant is not None else v.dtype  # quantized from the checkpoint's numbers
+            parts = [_read_part(ckpt, n, tuple(s), dtype, source, v.name, check_finite) for n, s in v.attrs["parts"]]
+            arr = assemble(v.attrs, parts)
+            assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
+            items = [(v.name, arr)] if v.quant is None else quantize_value(graph, v.name, arr)
+        for name, arr in items:
+            done += arr.nbytes
+            if progress is not None:
+                progress(done, total, name)
+            yield name, arr
+
+
+def _holds_int4(ckpt, v, source: str) -> bool:
+    """Whether the checkpoint holds ``v``'s parts as GPTQ / AWQ int4 tensors (``<prefix>.qweight``)
+    rather than float ``<prefix>.weight`` (such checkpoints keep the LM head in float)."""
+    first = v.attrs["parts"][0][0]
+    return source == "hf" and first.endswith(".weight") and ckpt.locate(first[: -len("weight")] + "qweight") is not None
 
 
 def load_weights(
@@ -396,9 +438,12 @@ def check_weights_dict(graph: Graph, weights: dict) -> dict[str, np.ndarray]:
     storage form: every weight value present, with the value's shape, numeric and finite. Float
     arrays are rounded to the value's dtype; a bfloat16 value also takes a uint16 array of raw bits."""
     out = {}
-    for v in _weight_values(graph):
+    for v in _source_values(graph):
         if v.name not in weights:
             raise WeightError(f"weights dict has no array for graph weight {v.name!r}")
+        if v.quant is not None:
+            out.update(_quantized_from_dict(graph, v, weights))
+            continue
         try:
             arr = np.asarray(weights[v.name])
         except Exception as e:  # a GPU array, a ragged list, ...
@@ -426,6 +471,39 @@ def check_weights_dict(graph: Graph, weights: dict) -> dict[str, np.ndarray]:
                 raise WeightError(f"weights dict: {v.name!r} has values beyond the {v.dtype} range (max |x| = "
                                   f"{float(np.abs(arr).max()):.4g}); use bfloat16 or float32")
         out[v.name] = stored
+    return out
+
+
+def _quantized_from_dict(graph: Graph, v, weights: dict) -> dict[str, np.ndarray]:
+    """A quantized weight from a weights dict: a float [N, K] array is quantized by the plan's scheme;
+    an array already in code form (int8 [N, K], or packed uint8 [N, K/2] for int4) is taken as
+    it is, with its scales (and zeros) from the dict."""
+    arr = np.asarray(weights[v.name])
+    shape = v.concrete_shape(graph.dims)
+    if arr.dtype.kind == "f":
+        if arr.shape != shape:
+            raise WeightError(f"weights dict: {v.name!r} has shape {list(arr.shape)} but the graph expects {list(shape)}")
+        w = arr.astype(np.float32)
+        if not np.isfinite(w).all():
+            raise WeightError(f"weights dict: {v.name!r} holds NaN or inf")
+        return dict(quantize_value(graph, v.name, w))
+    storage = np.dtype(DTYPES[v.dtype].storage)
+    packed = (shape[0], shape[1] // 2) if v.dtype == "int4" else shape
+    if arr.dtype != storage or arr.shape != packed:
+        raise WeightError(f"weights dict: {v.name!r} is {v.dtype} {list(shape)}: give a float array {list(shape)} "
+                          f"or its codes as numpy {storage} {list(packed)}, got {arr.dtype} {list(arr.shape)}")
+    out = {v.name: arr}
+    for ref in (v.quant.scales, v.quant.zeros):
+        if ref is None:
+            continue
+        rv = graph.values[ref]
+        if ref not in weights:
+            raise WeightError(f"weights dict: {v.name!r} is given as codes, so it needs {ref!r} too")
+        got = np.asarray(weights[ref])
+        if got.shape != rv.concrete_shape(graph.dims):
+            raise WeightError(f"weights dict: {ref!r} has shape {list(got.shape)} but the graph expects "
+                              f"{list(rv.concrete_shape(graph.dims))}")
+        out[ref] = np.array(to_storage(got.astype(np.float32), rv.dtype)) if got.dtype.kind == "f" else got
     return out
 
 
@@ -494,7 +572,7 @@ def check_reference_memory(graph: Graph, weights_in_hand: bool = False) -> None:
 
 def weight_parts(graph: Graph) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """(value_name, part_name, part_shape) for every part of every weight value, in graph order."""
-    for v in _weight_values(graph):
+    for v in _source_values(graph):
         for name, shape in v.attrs["parts"]:
             yield v.name, name, tuple(shape)
 
@@ -519,15 +597,18 @@ def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: floa
 
 def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str, np.ndarray]:
     """Deterministic random weights in ``load_weights``' format: matrices and biases N(0, scale),
-    norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part."""
+    norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part, and a
+    quantized graph the quantization of those numbers."""
 
-    def one(v) -> np.ndarray:
+    def one(v) -> list[tuple[str, np.ndarray]]:
         parts = [random_part(n, s, seed, scale, v.role) for n, s in v.attrs["parts"]]
         arr = assemble(v.attrs, parts)
-        return float32_to_storage(arr, v.dtype)
+        if v.quant is not None:  # the same draws as the unquantized plan's, then quantized
+            return quantize_value(graph, v.name, arr)
+        return [(v.name, float32_to_storage(arr, v.dtype))]
 
     # numpy's generators release the GIL while filling, and every part has its own generator,
     # so threads speed up large models without changing a single number.
-    values = _weight_values(graph)
+    values = _source_values(graph)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip((v.name for v in values), pool.map(one, values)))
+        return {name: arr for items in pool.map(one, values) for name, arr in items}
