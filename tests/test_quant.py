@@ -276,3 +276,22 @@ def test_run_refuses_quantize_for_a_compiled_plan(tmp_path, capsys):
     code, _, err = _cli("run", tmp_path / "p", "--random-weights", "--backend", "reference", "--quantize", "int4",
                         capsys=capsys)
     assert code != 0 and "compile it with --quantize instead" in err
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 128)])
+def test_quantized_8b_keeps_the_fused_decode_step(scheme, group):
+    """The fusions of the speed issue keep working on quantized weights: the same kernels per
+    decode step as the fp16 plan, each GEMV reading its weight's codes and scales."""
+    from llamagraph.compiler import compile_plan
+
+    base = compile_plan(EXAMPLE_8B, dtype="float16", max_batch=1, max_seq=128)
+    plan = compile_plan(EXAMPLE_8B, dtype="float16", max_batch=1, max_seq=128, quantize=scheme, group_size=group)
+    assert plan.kernel_launches("decode") == base.kernel_launches("decode") == 5 * 32 + 4
+    assert plan.graph.op_counts() == base.graph.op_counts()
+    g = plan.graph
+    for launch in plan.phases["decode"]:
+        refs = {a.ref for a in launch.args if a.kind == "value"}
+        for name in refs:
+            q = g.values[name].quant
+            if q is not None:  # a quantized weight's launch reads its scales (and zeros) too
+                assert q.scales in refs and (q.zeros is None or q.zeros in refs)
