@@ -3,6 +3,11 @@
 ``ModelConfig`` is the one normalised form the builder reads. Both readers reject, with a
 one-line message naming the key and value, anything that would change the math and that we do
 not implement (an unknown rope type, a non-SiLU activation, inconsistent head counts).
+
+An HF config's ``quantization_config`` (a GPTQ or AWQ int4 checkpoint) becomes
+``ModelConfig.quantization``: ``{"method": "gptq" | "awq", "bits": 4, "group_size": G (-1: one
+group per row), "sym": bool, "format": "gptq" | "gemm", "lm_head": bool, "modules_to_not_convert":
+[...] | None}``. Only the layouts ``llamagraph.runtime.quant_checkpoints`` repacks are accepted.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     source: str = "hf"  # "hf" or "meta": which tensor names the checkpoint uses
     path: str = "<dict>"  # where the config came from, for error messages
+    quantization: dict | None = None  # a GPTQ / AWQ checkpoint's int4 layout (module docstring); None: float
 
     @property
     def rope_type(self) -> str:
@@ -264,7 +270,115 @@ def _from_hf(data: dict, path: str) -> ModelConfig:
         eos_token_ids=_token_ids(r, "eos_token_id"),
         source="hf",
         path=path,
+        quantization=quantization_config(data.get("quantization_config"), path),
     )
+
+
+# ---- quantized checkpoints ----------------------------------------------------------------------
+
+QUANT_METHODS = ("gptq", "awq")
+
+
+def quantization_config(qc: Any, path: str) -> dict | None:
+    """An HF ``quantization_config`` block normalised to ``ModelConfig.quantization``, or None.
+
+    Accepted: GPTQ (bits 4, sym or not, desc_act false, checkpoint format "gptq", i.e. v1 with
+    zeros stored minus one) and AWQ (bits 4, zero_point, version "gemm"). Anything else changes
+    how the tensors are to be read, so it fails here with the key and value, before any loading.
+    Keys are read under every name HF and the quantizers write them (``checkpoint_format`` /
+    ``format``, ``version`` / ``format``, ``w_bit`` / ``bits``, ``q_group_size`` / ``group_size``)."""
+    if qc is None:
+        return None
+    where = "quantization_config"
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{path}: key '{where}' must be an object, got {qc!r}")
+    r = _QuantReader(qc, path, where)
+    method = r.choice("quant_method", None)
+    if method is None:
+        raise r.err("quant_method", "is missing; supported methods are " + ", ".join(QUANT_METHODS))
+    if method not in QUANT_METHODS:
+        raise r.err("quant_method", f"is {qc['quant_method']!r}; supported quantized checkpoints are "
+                    + ", ".join(QUANT_METHODS) + " (int4)")
+    bits_key = r.first("bits", "w_bit")
+    bits = r.int(bits_key, 4)
+    if bits != 4:
+        raise r.err(bits_key, f"is {bits}; only 4-bit {method.upper()} checkpoints are supported")
+    group_key = r.first("group_size", "q_group_size")
+    group = r.int(group_key, ...)
+    if group != -1 and group <= 0:
+        raise r.err(group_key, f"is {group}; expected a positive group size or -1 (one group per row)")
+    if method == "gptq":
+        return _gptq(r, group)
+    return _awq(r, group)
+
+
+def _gptq(r: "_QuantReader", group: int) -> dict:
+    if r.bool("desc_act", False):
+        raise r.err("desc_act", "is true; act-order GPTQ checkpoints (g_idx permuting the input columns) are not "
+                    "supported; use one quantized with desc_act false")
+    fmt_key = r.first("checkpoint_format", "format")  # HF: checkpoint_format (legacy) wins over format
+    fmt = r.choice(fmt_key, "gptq")
+    if fmt != "gptq":
+        raise r.err(fmt_key, f"is {r.data[fmt_key]!r}; only the 'gptq' (v1) checkpoint format is supported")
+    if r.bool("is_marlin_format", False):
+        raise r.err("is_marlin_format", "is true; Marlin-packed GPTQ checkpoints are not supported")
+    dynamic = r.data.get("dynamic")
+    if dynamic:  # GPTQModel: per-module overrides of bits / group size
+        raise r.err("dynamic", f"is {dynamic!r}; per-module quantization overrides are not supported")
+    return {"method": "gptq", "bits": 4, "group_size": group, "sym": r.bool("sym", True), "format": "gptq",
+            "lm_head": r.bool("lm_head", False), "modules_to_not_convert": r.names("modules_to_not_convert")}
+
+
+def _awq(r: "_QuantReader", group: int) -> dict:
+    if not r.bool("zero_point", True):
+        raise r.err("zero_point", "is false; AWQ GEMM checkpoints without zero points are not supported")
+    fmt_key = "version" if r.data.get("version") is not None else "format"  # HF: version (legacy) wins
+    fmt = r.choice(fmt_key, "gemm")
+    if fmt != "gemm":
+        raise r.err(fmt_key, f"is {r.data[fmt_key]!r}; only the AWQ 'gemm' layout is supported")
+    backend = r.choice("backend", None)
+    if backend == "llm-awq":  # HF reads it as the llm-awq layout
+        raise r.err("backend", f"is {r.data['backend']!r}; the llm-awq layout is not supported, only AutoAWQ 'gemm'")
+    return {"method": "awq", "bits": 4, "group_size": group, "sym": False, "format": "gemm",
+            "lm_head": False, "modules_to_not_convert": r.names("modules_to_not_convert")}
+
+
+class _QuantReader:
+    """Typed access to the keys of a ``quantization_config`` block, errors naming them in full."""
+
+    def __init__(self, data: dict, path: str, where: str):
+        self.data, self.path, self.where = data, path, where
+        self._reader = _Reader(data, path)
+        self._reader.err = self.err  # the scalar readers report 'quantization_config.<key>'
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key '{self.where}.{key}' {msg}")
+
+    def first(self, *keys: str) -> str:
+        """The first of ``keys`` the block sets (the first one when it sets none)."""
+        return next((k for k in keys if self.data.get(k) is not None), keys[0])
+
+    def int(self, key: str, default: Any) -> int:
+        return self._reader.int(key, default, positive=False)
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._reader.bool(key, default)
+
+    def choice(self, key: str, default: str | None) -> str | None:
+        v = self.data.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise self.err(key, f"must be a string, got {v!r}")
+        return v.lower()
+
+    def names(self, key: str) -> list[str] | None:
+        v = self.data.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+            raise self.err(key, f"must be a list of module names, got {v!r}")
+        return list(v)
 
 
 def _rope_scaling(rope: dict, path: str, key: str, max_pos: int) -> dict | None:
