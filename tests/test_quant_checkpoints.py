@@ -106,14 +106,16 @@ def pack_awq(q, z, s, G) -> dict[str, np.ndarray]:
 
 
 def write_quantized(base_dir: str, out_dir: str, method: str, group: int, sym: bool = False,
-                    float_modules: tuple[str, ...] = (), shards: int = 1, **config_over) -> dict[str, np.ndarray]:
+                    float_modules: tuple[str, ...] = (), shards: int = 1, lm_head: bool = False,
+                    **config_over) -> dict[str, np.ndarray]:
     """A GPTQ / AWQ copy of an HF checkpoint (every linear of the decoder layers quantized, the
-    embedding, norms and lm_head left in float as the quantizers do); returns each quantized
-    linear's w' by its float name (``<prefix>.weight``)."""
+    embedding, norms and lm_head left in float as the quantizers do, unless ``lm_head``: GPTQModel's
+    lm_head=true); returns each quantized linear's w' by its float name (``<prefix>.weight``)."""
     sd = {k: v.float().numpy() for k, v in models.hf_state_dict(base_dir).items()}
     tensors, truth = {}, {}
     for name, w in sd.items():
-        if not name.endswith(LINEAR_SUFFIXES) or any(m in name for m in float_modules):
+        quantized = name.endswith(LINEAR_SUFFIXES) or (lm_head and name == "lm_head.weight")
+        if not quantized or any(m in name for m in float_modules):
             tensors[name] = w
             continue
         G = w.shape[1] if group == -1 else group
@@ -124,7 +126,7 @@ def write_quantized(base_dir: str, out_dir: str, method: str, group: int, sym: b
     with open(os.path.join(base_dir, "config.json")) as f:
         config = json.load(f)
     qc = dict(GPTQ_CONFIG, sym=sym) if method == "gptq" else dict(AWQ_CONFIG)
-    config["quantization_config"] = {**qc, "group_size": group, **config_over}
+    config["quantization_config"] = {**qc, "group_size": group, **({"lm_head": True} if lm_head else {}), **config_over}
     _save(out_dir, config, tensors, shards)
     return truth
 
@@ -375,6 +377,38 @@ def test_float_lm_head_embedding_and_norms_load_as_floats(base, tmp_path):
     sd = models.hf_state_dict(base())
     np.testing.assert_array_equal(loaded["embed.w"], sd["model.embed_tokens.weight"].numpy())
     np.testing.assert_array_equal(loaded["l1.attn_norm.w"], sd["model.layers.1.input_layernorm.weight"].numpy())
+
+
+def test_bfloat16_plan_rounds_the_fp16_scales_to_bf16(base, tmp_path):
+    """bf16 plans store scales in bf16: the checkpoint's fp16 scales rounded to nearest (the codes
+    and the whole-number zeros are unchanged)."""
+    import torch
+
+    ckpt = str(tmp_path / "q")
+    write_quantized(base(), ckpt, "gptq", 32, sym=False)
+    cfg = load_config(ckpt)
+    f32 = load_weights(compile_graph(cfg, dtype="float32"), ckpt)
+    bf16 = load_weights(compile_graph(cfg, dtype="bfloat16"), ckpt)
+    for name in ("l0.o.w", "l1.down.w"):
+        np.testing.assert_array_equal(bf16[name], f32[name])
+        np.testing.assert_array_equal(to_float32(bf16[name + ".zeros"], "bfloat16"), f32[name + ".zeros"])
+        want = torch.from_numpy(f32[name + ".scales"]).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(to_float32(bf16[name + ".scales"], "bfloat16"), want)
+
+
+def test_quantized_lm_head_loads_from_its_int4_tensors(base, tmp_path):
+    """GPTQModel's lm_head=true writes lm_head.qweight / qzeros / scales: the plan's int4 lm_head
+    takes those numbers, not a requantization of a float tensor (there is none)."""
+    ckpt = str(tmp_path / "q")
+    truth = write_quantized(base(), ckpt, "gptq", 64, sym=True, lm_head=True)
+    assert "lm_head.weight" in truth
+    cfg = load_config(ckpt)
+    assert cfg.quantization["lm_head"] is True
+    graph = compile_graph(cfg, dtype="float32")
+    head = graph.values["lm_head.w"]
+    loaded = load_weights(graph, ckpt)
+    got = dequantize(loaded["lm_head.w"], loaded[head.quant.scales], loaded[head.quant.zeros], "int4", 64)
+    np.testing.assert_array_equal(got, truth["lm_head.weight"])
 
 
 def test_a_part_left_in_float_is_quantized_by_our_scheme(base, tmp_path):
