@@ -17,6 +17,23 @@ PyTorch decode a performance-minded user would actually pick.
   GQA there copies nothing: the G query heads sharing a KV head become G query rows of it.
 - RoPE from llamagraph's own frequency tables (``rope_inv_freq``: default, linear, dynamic NTK,
   llama3) in the rotate-half layout of HF checkpoints; RMSNorm in fp32 as HF computes it.
+- Weight-only quantization (``quantize_model``), as gpt-fast's ``quantize.py`` does it: after the
+  model is built, every linear layer (the LM head too, unless tied) is swapped for
+
+  - ``Int8Linear``: int8 weight [N, K] and one scale per row; ``F.linear(x, w.to(x.dtype)) * s``,
+    which Inductor fuses into one GEMV reading the int8 bytes (gpt-fast's WeightOnlyInt8Linear);
+  - ``Int4Linear``: ``torch.ops.aten._weight_int4pack_mm`` (the tinygemm kernel) on CUDA, or
+    ``_weight_int4pack_mm_for_cpu`` on the CPU, on the codes packed by
+    ``_convert_weight_to_int4pack`` (``..._for_cpu``) with a scale and zero per group of G.
+
+  The codes and scales are llamagraph's schemes (``llamagraph.ir.quant``: int8 symmetric per row,
+  int4 asymmetric per group, scales rounded to the activation dtype first), computed here in torch
+  on the device. torch's int4 kernels dequantize ``(q - 8) * scale + zero`` where ours is
+  ``(q - z) * s``: the same codes q, scale s, and zero ``(8 - z) * s`` (``int4_scales_and_zeros``).
+  ``check_int4`` probes the kernels on small weights of the model's K before a benchmark builds
+  the int4 peer: torch versions differ in what they accept (bfloat16 activations only on CUDA,
+  group sizes 32..256, packed-byte layout), and the probe also checks the results against the
+  dequantized weights.
 
 It is a benchmark peer, not part of the compiler: only ``llamagraph.bench`` imports it, and
 only while a benchmark runs, so importing llamagraph never imports torch.
@@ -237,6 +254,191 @@ class Transformer(nn.Module):
                 getattr(ffn.w13, kind).copy_(torch.cat([get(f"{pre}mlp.{p}_proj.{kind}") for p in ("gate", "up")]))
                 getattr(ffn.w2, kind).copy_(get(f"{pre}mlp.down_proj.{kind}"))
         return self
+
+
+# ---- weight-only quantization ------------------------------------------------------------------
+# llamagraph.ir.quant's schemes, computed in torch where the peer's weights live (a host round trip
+# of an 8B model's floats would cost more than the benchmark). All arithmetic in fp32.
+
+QUANT_ROWS = 16384  # rows quantized at once: bounds the fp32 temporaries of a large LM head
+
+
+def _stored_scale(s: Tensor, dtype) -> Tensor:
+    """fp32 scales -> the numbers stored in ``dtype`` (a zero range, or a scale the dtype rounds
+    to zero, gets 1), back in fp32: the codes are computed with exactly the stored scale."""
+    s = torch.where(s == 0, torch.ones_like(s), s).to(dtype).float()
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def quantize_int8(w: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """w: [N, K] -> (q int8 [N, K], s fp32 [N]): s = max|w| / 127 rounded to ``dtype``,
+    q = clamp(rint(w / s), -127, 127); w' = q * s."""
+    w = w.float()
+    s = _stored_scale(w.abs().amax(dim=1) / 127.0, dtype)
+    q = torch.clamp(torch.round(w / s[:, None]), -127, 127).to(torch.int8)  # torch.round: half to even
+    return q, s
+
+
+def quantize_int4(w: Tensor, group_size: int, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """w: [N, K] -> (q int32 [N, K] codes 0..15, s fp32 [N, K/G], z fp32 [N, K/G]) per group of G
+    columns: s = (max - min) / 15 rounded to ``dtype``, z = clamp(rint(-min / s), 0, 15),
+    q = clamp(rint(w / s) + z, 0, 15); w' = (q - z) * s."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)  # g: [N, groups, G]
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    s = _stored_scale((hi - lo) / 15.0, dtype)
+    z = torch.clamp(torch.round(-lo / s), 0, 15)
+    q = torch.clamp(torch.round(g / s[:, :, None]) + z[:, :, None], 0, 15).to(torch.int32)
+    return q.reshape(N, K), s, z
+
+
+def int4_scales_and_zeros(s: Tensor, z: Tensor, dtype) -> Tensor:
+    """Our (s, z) [N, K/G] -> torch's qScaleAndZeros [K/G, N, 2] in ``dtype``.
+
+    torch's int4 kernels compute w = (q - 8) * scale + zero; ours is w' = (q - z) * s
+                                   = (q - 8) * s + (8 - z) * s,
+    so scale = s and zero = (8 - z) * s for the same codes q. s is stored exactly (it was rounded to
+    ``dtype`` before the codes were made); (8 - z) * s is rounded once to ``dtype``: exact to a
+    rounding in fp32, within s / 64 of ours in bfloat16 (8 bits of mantissa)."""
+    return torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def inner_k_tiles(K: int) -> int:
+    """tinygemm's k-tiles packed per 16-byte load: the largest of 8, 4, 2 whose 16-column tiles divide K."""
+    return next((t for t in (8, 4, 2) if K % (16 * t) == 0), 2)
+
+
+def pack_int4_for_torch(q: Tensor) -> Tensor:
+    """codes [N, K] (0..15) -> the packed weight torch's int4 kernel reads on q's device.
+
+    CUDA: ``_convert_weight_to_int4pack`` takes uint8 [N, K/2] with column 2j in the *high* nibble
+    (llamagraph's packing puts it in the low one); the CPU's ``..._for_cpu`` takes the int32 codes."""
+    K = q.shape[1]
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), inner_k_tiles(K))
+    q8 = q.to(torch.uint8)
+    pairs = ((q8[:, 0::2] << 4) | q8[:, 1::2]).contiguous()  # [N, K/2]
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(K))
+
+
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    """x: [M, K] @ the packed weight^T -> [M, N]."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+
+
+class Int8Linear(nn.Module):
+    """gpt-fast's WeightOnlyInt8Linear: int8 weight [N, K], a scale per output row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight
+        q, s = _rows_quantized(w, lambda rows: quantize_int8(rows, w.dtype))
+        self.register_buffer("weight", q)  # [N, K] int8
+        self.register_buffer("scales", s.to(w.dtype))  # [N], exact in the activation dtype
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """int4 codes packed for torch's kernel, a scale and zero per group of G input columns."""
+
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__()
+        w = linear.weight
+        N, K = w.shape
+        self.out_features, self.in_features = N, K
+        self.group_size = K if group_size == -1 else group_size  # -1: one group per row
+        q, s, z = _rows_quantized(w, lambda rows: quantize_int4(rows, self.group_size, w.dtype))
+        self.register_buffer("packed", pack_int4_for_torch(q))
+        self.register_buffer("scales_and_zeros", int4_scales_and_zeros(s, z, w.dtype))  # [K/G, N, 2]
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the kernels take a contiguous 2-D activation: [B, T, K] -> [B*T, K]
+        y = int4_mm(x.reshape(-1, self.in_features).contiguous(), self.packed, self.group_size,
+                    self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def _rows_quantized(w: Tensor, fn) -> tuple[Tensor, ...]:
+    """``fn`` over blocks of ``QUANT_ROWS`` rows of w, its outputs concatenated along the rows."""
+    parts = [fn(w[i:i + QUANT_ROWS]) for i in range(0, w.shape[0], QUANT_ROWS)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def linear_layers(model: "Transformer") -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every linear layer quantization swaps: each layer's QKV, O, gate/up
+    and down, and the LM head unless it is the embedding table (tied), which stays in its dtype."""
+    out = []
+    for layer in model.layers:
+        out += [(layer.attention, "wqkv"), (layer.attention, "wo"), (layer.feed_forward, "w13"),
+                (layer.feed_forward, "w2")]
+    if not model.config.tie_word_embeddings:
+        out.append((model, "output"))
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model: "Transformer", scheme: str, group_size: int | None = None) -> "Transformer":
+    """Swap every linear layer for its int8 or int4 version, in place (gpt-fast's quantize.py).
+    int4 ``group_size``: columns per scale and zero (default 128; -1: one group per row)."""
+    if scheme not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization scheme {scheme!r}; schemes are int8, int4")
+    G = 128 if group_size is None else group_size
+    for parent, name in linear_layers(model):
+        old = getattr(parent, name)
+        setattr(parent, name, Int8Linear(old) if scheme == "int8" else Int4Linear(old, G))
+        del old  # the float weight goes as soon as its replacement exists
+    return model
+
+
+class Int4Unsupported(Exception):
+    """torch's int4 kernels do not run this case on this machine; the message is one line."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).split("  (Could this error message be improved?")[0]  # TORCH_CHECK's boilerplate
+    line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return line[:140]
+
+
+@torch.no_grad()
+def check_int4(device, dtype, ks: list[int], group_size: int | None, seed: int = 0) -> None:
+    """Probe torch's int4 kernels on ``device`` with ``dtype`` activations, on a 16-row weight of
+    each input width K in ``ks`` (the K of every weight the peer quantizes): they must run and
+    agree with x @ w'^T for w' = (q - z) * s. Raises ``Int4Unsupported`` saying why not."""
+    dev = torch.device(device)
+    names = (("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu") if dev.type == "cpu"
+             else ("_convert_weight_to_int4pack", "_weight_int4pack_mm"))
+    missing = [n for n in names if not hasattr(torch.ops.aten, n)]
+    if missing:
+        raise Int4Unsupported(f"torch {torch.__version__} has no torch.ops.aten.{missing[0]}")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for K in sorted(set(ks)):
+        G = 128 if group_size is None else K if group_size == -1 else group_size
+        if K % G:
+            raise Int4Unsupported(f"group size {G} does not divide K={K}")
+        lin = nn.Linear(K, 16, bias=False, dtype=dtype, device=dev)
+        lin.weight.copy_(torch.randn(16, K, generator=gen, device=dev).to(dtype))
+        x = torch.randn(3, K, generator=gen, device=dev).to(dtype)
+        try:
+            got = Int4Linear(lin, G)(x).float()
+        except (RuntimeError, NotImplementedError) as e:
+            raise Int4Unsupported(f"{names[1]} ({str(dtype).removeprefix('torch.')}, K={K}, G={G}): "
+                                  f"{_first_line(e)}") from None
+        q, s, z = quantize_int4(lin.weight, G, dtype)
+        w = ((q.float().reshape(16, K // G, G) - z[:, :, None]) * s[:, :, None]).reshape(16, K)
+        want = x.float() @ w.t()
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        if not err < (1e-4 if dtype == torch.float32 else 3e-2):
+            raise Int4Unsupported(f"{names[1]} (K={K}, G={G}) differs from the dequantized weights "
+                                  f"(max error {err:.2g} of max |y|): a packing convention this code does not know")
 
 
 def decode_one(model: Transformer, tok: Tensor, input_pos: Tensor) -> Tensor:

@@ -1,12 +1,17 @@
 """The ``torch.compile (gpt-fast style)`` peer of ``llamagraph bench`` is a real Llama: loaded with
 the weights of random HF checkpoints, its prefill logits and greedy decode steps match HF
-transformers' (fp32, on the CPU, uncompiled: the compiled step runs the same module code)."""
+transformers' (fp32, on the CPU, uncompiled: the compiled step runs the same module code); its
+int8 and int4 weight-only versions match HF run with the dequantized weights."""
 
+import numpy as np
 import pytest
+import quant_oracle
 import torch
-from models import hf_greedy, hf_reference_logits, hf_state_dict, load_hf_model
+from models import TINY, hf_greedy, hf_reference_logits, hf_state_dict, load_hf_model
 
-from llamagraph.gptfast import CACHE_ALIGN, GPTFastPeer, Rope, Transformer
+from llamagraph.gptfast import (CACHE_ALIGN, GPTFastPeer, Int4Linear, Int4Unsupported, Int8Linear, Rope, Transformer,
+                                check_int4, int4_scales_and_zeros, linear_layers, quantize_int4, quantize_int8,
+                                quantize_model)
 from llamagraph.ir import load_config
 from llamagraph.ir.ops import rope_inv_freq
 
@@ -115,3 +120,109 @@ def test_the_decode_step_compiles_once_per_batch_size_and_never_mid_run(hf_model
     # one graph for batch 1 (reused with its fresh caches the second time) and one for batch 2
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+# ---- the quantized peers ---------------------------------------------------------------------------
+# HF transformers run with the weights dequantized by tests/quant_oracle.py (the schemes written out
+# again from their statement) is the oracle: the int8 peer (int8 codes, a scale per row, the
+# int8 -> float GEMM as gpt-fast writes it) and the int4 peer (torch's int4 kernels, with the scale
+# and zero converted to torch's convention) must compute the same model.
+
+# the CPU's int4 kernels (torch >= 2.6); the tests skip only where they are missing, never on a
+# probe's verdict, so a wrong conversion fails here instead of turning into a skip
+CPU_INT4 = all(hasattr(torch.ops.aten, n) for n in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
+needs_cpu_int4 = pytest.mark.skipif(not CPU_INT4, reason=f"torch {torch.__version__} has no CPU int4 kernel")
+
+
+@pytest.mark.parametrize("name", ["gqa", "bias", "tied"])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_quantized_peer_matches_hf_with_dequantized_weights(name, scheme, group, hf_model, tmp_path):
+    if scheme == "int4" and not CPU_INT4:
+        pytest.skip(f"torch {torch.__version__} has no CPU int4 kernel")
+    hf_dir = hf_model(name)
+    oracle = quant_oracle.write_dequantized(hf_dir, str(tmp_path / "dequantized"), scheme, group or 128)
+    greedy = hf_greedy(oracle, PROMPT, N_NEW)
+    (ref,) = hf_reference_logits(oracle, [PROMPT], [greedy[:-1]])
+    peer = _peer(hf_dir, 1, len(PROMPT) + N_NEW)
+    quantize_model(peer.model, scheme, group)
+    kind = Int8Linear if scheme == "int8" else Int4Linear
+    swapped = [getattr(p, a) for p, a in linear_layers(peer.model)]
+    assert swapped and all(isinstance(m, kind) for m in swapped)
+    assert isinstance(peer.model.output, kind) != (name == "tied")  # a tied LM head is the embedding: float
+    P = len(PROMPT)
+    with torch.no_grad():
+        rows = [peer.model(torch.tensor([PROMPT]), torch.arange(P), prefill=True, last_only=True)[0, -1]]
+        for i, tok in enumerate(greedy[:-1]):
+            rows.append(peer.model(torch.tensor([[tok]]), torch.tensor([P + i]))[0, -1])
+    got = torch.stack(rows)
+    torch.testing.assert_close(got, torch.from_numpy(ref), atol=ATOL, rtol=RTOL)
+    # the comparison means something: the float model's logits are further away than the tolerance
+    (float_ref,) = hf_reference_logits(hf_dir, [PROMPT], [greedy[:-1]])
+    assert (got - torch.from_numpy(float_ref)).abs().max() > 100 * ATOL
+    peer.setup(1, P + N_NEW)
+    assert peer.generate(torch.tensor([PROMPT]), N_NEW)[0].tolist() == greedy
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_peer_quantizers_are_llamagraphs_schemes(dtype):
+    """Codes and scales (rounded to the activation dtype before the codes are made) equal
+    llamagraph.ir.quant's, so the peer reads what a quantized plan reads."""
+    from llamagraph.ir import quant
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.05
+    w[3] = 0.0  # a zero row: scale 1
+    w[5, :64] = 0.25  # a constant group (int4): zero range
+    tdtype = getattr(torch, dtype)
+    w = w.to(tdtype)  # the peer's weights are stored in its dtype; ir.quant reads the same numbers
+    q, s = quantize_int8(w, tdtype)
+    q_ref, s_ref = quant.quantize_int8(w.float().numpy(), dtype)
+    assert q.dtype == torch.int8 and np.array_equal(q.numpy(), q_ref) and np.array_equal(s.numpy(), s_ref)
+    for group in (32, 64, 256):
+        q, s, z = quantize_int4(w, group, tdtype)
+        q_ref, s_ref, z_ref = quant.quantize_int4(w.float().numpy(), group, dtype)
+        assert np.array_equal(q.numpy(), q_ref) and np.array_equal(s.numpy(), s_ref)
+        assert np.array_equal(z.numpy(), z_ref)
+
+
+def test_int4_scales_and_zeros_give_our_dequantized_weights_through_torchs_formula():
+    """torch dequantizes (q - 8) * scale + zero from qScaleAndZeros [K/G, N, 2]; with our s and z
+    that must be (q - z) * s (quant_oracle's w') for every weight, in fp32."""
+    torch.manual_seed(1)
+    N, K, G = 24, 128, 32
+    w = torch.randn(N, K)
+    q, s, z = quantize_int4(w, G, torch.float32)
+    sz = int4_scales_and_zeros(s, z, torch.float32)
+    assert sz.shape == (K // G, N, 2)
+    scale = sz[:, :, 0].t().repeat_interleave(G, dim=1)  # [N, K]
+    zero = sz[:, :, 1].t().repeat_interleave(G, dim=1)
+    torch_w = (q.float() - 8) * scale + zero
+    torch.testing.assert_close(torch_w, quant_oracle.dequantized_int4(w, G), atol=1e-6, rtol=0)
+
+
+@needs_cpu_int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int4_probe_passes_where_the_cpu_kernel_runs(dtype):
+    check_int4("cpu", dtype, [TINY["hidden_size"], TINY["intermediate_size"]], 32)  # raises if not
+
+
+@needs_cpu_int4
+def test_int4_probe_says_why_a_group_size_does_not_run():
+    """The reason is one line naming the case (the benchmark's 'not supported: ...' row)."""
+    # one group per row: G = K = 192 for the down projection, which torch's int4 kernels do not take
+    with pytest.raises(Int4Unsupported, match=r"K=192, G=192"):
+        check_int4("cpu", torch.float32, [64, 192], -1)
+    with pytest.raises(Int4Unsupported, match=r"group size 128 does not divide K=64"):
+        check_int4("cpu", torch.float32, [64, 192], 128)
+
+
+@needs_cpu_int4
+def test_int4_probe_catches_a_wrong_packing(monkeypatch):
+    """The probe checks results, not only that the kernel runs: codes packed in another order
+    (here the columns of each pair swapped) are refused."""
+    import llamagraph.gptfast as gf
+
+    real = gf.pack_int4_for_torch
+    monkeypatch.setattr(gf, "pack_int4_for_torch", lambda q: real(q.reshape(q.shape[0], -1, 2).flip(-1).reshape(q.shape)))
+    with pytest.raises(Int4Unsupported, match="differs from the dequantized weights"):
+        check_int4("cpu", torch.float32, [64], 32)
