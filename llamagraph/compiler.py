@@ -79,6 +79,9 @@ def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     spec = quantize_spec(quantize, group_size)
     graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
     if spec:
+        q = getattr(cfg, "quantization", None)
+        if q:  # a GPTQ / AWQ checkpoint keeps its LM head in float unless it says otherwise
+            spec["lm_head"] = bool(q.get("lm_head"))
         graph.meta["quantize"] = spec  # read by the quantize_weights pass
     return graph
 

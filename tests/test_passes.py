@@ -511,7 +511,7 @@ def test_pipeline_order_gate_up_silu_last_of_the_mlp_fusions(first, then):
 
 
 def test_pipeline_order_dce_after_fusions_and_planner_last():
-    assert PASS_NAMES[-2:] == ["dce", "plan_memory"]
+    assert PASS_NAMES[-3:] == ["dce", "quantize_weights", "plan_memory"]
     fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
     right = _run(_biased_model(), fusions + ["dce"])
     early = _run(_biased_model(), ["dce"] + fusions)

@@ -78,10 +78,15 @@ def test_quantization_error_is_bounded_by_half_a_step(scheme, group):
 
 # ---- the pass -------------------------------------------------------------------------------------
 
-def _tiny(overrides=None):
+def _hf_dict(overrides=None) -> dict:
+    """A tiny model's HF config.json contents."""
     import models
 
-    return load_config(models.hf_config(overrides or "gqa").to_dict())
+    return models.hf_config(overrides or "gqa").to_dict()
+
+
+def _tiny(overrides=None):
+    return load_config(_hf_dict(overrides))
 
 
 def test_pass_quantizes_every_linear_weight_and_the_untied_lm_head():
@@ -208,17 +213,17 @@ def test_weights_dict_takes_floats_or_codes(hf_model):
     g = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
     floats = llamagraph.random_weights(compile_graph(cfg, dtype="float32"), seed=1)
     prompt = [[5, 6, 7]]
-    a = llamagraph.compile(cfg.to_dict(), floats, dtype="float16", quantize="int4", group_size=32).run(prompt)
+    a = llamagraph.compile(cfg, floats, dtype="float16", quantize="int4", group_size=32).run(prompt)
     coded = llamagraph.random_weights(g, seed=1)
-    b = llamagraph.compile(cfg.to_dict(), coded, dtype="float16", quantize="int4", group_size=32).run(prompt)
+    b = llamagraph.compile(cfg, coded, dtype="float16", quantize="int4", group_size=32).run(prompt)
     np.testing.assert_array_equal(a, b)
     bad = dict(coded)
     del bad["l0.o.w.zeros"]
     with pytest.raises(llamagraph.WeightError, match=r"'l0.o.w' is given as codes, so it needs 'l0.o.w.zeros'"):
-        llamagraph.compile(cfg.to_dict(), bad, dtype="float16", quantize="int4", group_size=32)
+        llamagraph.compile(cfg, bad, dtype="float16", quantize="int4", group_size=32)
     bad = dict(coded, **{"l0.o.w": coded["l0.o.w"][:, :-1]})
     with pytest.raises(llamagraph.WeightError, match=r"'l0.o.w' is int4 \[64, 64\]"):
-        llamagraph.compile(cfg.to_dict(), bad, dtype="float16", quantize="int4", group_size=32)
+        llamagraph.compile(cfg, bad, dtype="float16", quantize="int4", group_size=32)
 
 
 def test_scales_widen_exactly(hf_model):
@@ -242,7 +247,7 @@ def _cli(*args, capsys):
 
 def test_compile_report_shows_the_weight_bytes_before_and_after(tmp_path, capsys):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(_tiny().to_dict()))
+    cfg.write_text(json.dumps(_hf_dict()))
     code, out, _ = _cli("compile", cfg, "--quantize", "int4", "--group-size", "32", "-o", tmp_path / "p", capsys=capsys)
     assert code == 0
     fp16 = compile_graph(_tiny(), dtype="float16").meta["memory"]["weight_bytes"]
@@ -255,14 +260,14 @@ def test_compile_report_shows_the_weight_bytes_before_and_after(tmp_path, capsys
 
 def test_group_size_needs_int4(tmp_path, capsys):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(_tiny().to_dict()))
+    cfg.write_text(json.dumps(_hf_dict()))
     code, _, err = _cli("compile", cfg, "--quantize", "int8", "--group-size", "32", capsys=capsys)
     assert code != 0 and "--group-size: only with --quantize int4" in err and "Traceback" not in err
 
 
 def test_run_prints_the_logits_error_against_the_unquantized_plan(tmp_path, capsys):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(_tiny().to_dict()))
+    cfg.write_text(json.dumps(_hf_dict()))
     code, out, err = _cli("run", cfg, "--random-weights", "--backend", "reference", "--quantize", "int8",
                           "--quant-error", "--max-new-tokens", "3", capsys=capsys)
     assert code == 0, err
@@ -271,7 +276,7 @@ def test_run_prints_the_logits_error_against_the_unquantized_plan(tmp_path, caps
 
 def test_run_refuses_quantize_for_a_compiled_plan(tmp_path, capsys):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(_tiny().to_dict()))
+    cfg.write_text(json.dumps(_hf_dict()))
     assert _cli("compile", cfg, "-o", tmp_path / "p", capsys=capsys)[0] == 0
     code, _, err = _cli("run", tmp_path / "p", "--random-weights", "--backend", "reference", "--quantize", "int4",
                         capsys=capsys)

@@ -13,7 +13,8 @@ A row or group whose range is zero gets s = 1. ``rint`` rounds half to even.
 Scales and zeros are stored in the plan's activation dtype (``act_dtype``). The scale is rounded
 to that dtype *before* the codes are computed, so the stored scale is exactly the one the codes
 were made with and w' = q * s (or (q - z) * s) holds with the stored numbers; in fp32 plans this
-is the unrounded scale. All arithmetic is float32.
+is the unrounded scale. All arithmetic is float32. Zeros are stored as floats: a GPTQ checkpoint's
+zeros, repacked into this layout, run 1..16 (``llamagraph.runtime.quant_checkpoints``).
 
 Packed int4 storage: [N, K / 2] uint8, two codes to a byte along K, the even column in the low
 nibble (``llamagraph.ir.dtypes``: "low nibble first").

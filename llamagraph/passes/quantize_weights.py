@@ -4,7 +4,8 @@
     #                           @l0.qkv.w.scales: f16[N, K/128], @l0.qkv.w.zeros: f16[N, K/128]
 
 It reads ``graph.meta["quantize"]`` (``{"scheme": "int8" | "int4", "group_size": G}``, set by the
-compiler; G = -1 is one group per row; absent: the pass changes nothing). Every weight with the "matrix" role is quantized:
+compiler; G = -1 is one group per row; ``"lm_head": false`` keeps the LM head as it is, as
+GPTQ / AWQ checkpoints do; absent: the pass changes nothing). Every weight with the "matrix" role is quantized:
 each decoder layer's fused QKV, O, fused gate/up and down, and the LM head unless it is tied to
 the embedding (then it is the "embedding_table" value, which stays in the activation dtype).
 
@@ -37,7 +38,7 @@ def quantize_weights(graph: Graph) -> Graph:
     scheme = spec["scheme"]
     for name in quantized_weights(out):
         v = out.values[name]
-        if v.quant is not None:
+        if v.quant is not None or (v.layer is None and not spec.get("lm_head", True)):
             continue
         N, K = v.shape
         act = v.dtype

@@ -416,10 +416,12 @@ def iter_weights(
 
 
 def _holds_int4(ckpt, v, source: str) -> bool:
-    """Whether the checkpoint holds ``v``'s parts as GPTQ / AWQ int4 tensors (``<prefix>.qweight``)
-    rather than float ``<prefix>.weight`` (such checkpoints keep the LM head in float)."""
-    first = v.attrs["parts"][0][0]
-    return source == "hf" and first.endswith(".weight") and ckpt.locate(first[: -len("weight")] + "qweight") is not None
+    """Whether the checkpoint holds any of ``v``'s parts as GPTQ / AWQ int4 tensors
+    (``<prefix>.qweight``) rather than float ``<prefix>.weight``; a value mixing both is
+    repacked part by part (``load_quantized_value`` quantizes the float parts)."""
+    from llamagraph.runtime.quant_checkpoints import holds_int4
+
+    return source == "hf" and any(holds_int4(ckpt, name) for name, _ in v.attrs["parts"])
 
 
 def load_weights(
