@@ -15,6 +15,18 @@ every batch size asked for (the prompts of batch ``b`` are the first ``b`` of on
 - ``HF static cache + torch.compile`` (peer ``compile``): the same model through generate's own
   compile path (``cache_implementation="static"`` + ``compile_config``).
 
+With ``quantize="int8" | "int4"`` (weight-only, ``llamagraph.ir.quant``), the llamagraph row is the
+quantized plan (``llamagraph int4 (CUDA graphs)``), and the unquantized plan of the same shape and
+batch (``llamagraph_unquantized``) is measured in the same run beside it: the table prints the
+quantized plan's decode speed over it (``vs float16``). The gpt-fast-style peer is quantized the
+same way from its own random float weights (``llamagraph.gptfast.quantize_model``): int8 as
+gpt-fast's WeightOnlyInt8Linear under the same torch.compile, int4 through
+``torch.ops.aten._weight_int4pack_mm`` where the installed torch runs it for this shape and
+group size (``check_int4``; on CUDA it takes bfloat16 activations only, so a float16 benchmark
+runs that peer in bfloat16 and says so; otherwise the row says "not supported: <why>"). The HF
+rows stay unquantized. Each row's % floor is against the bytes its own weights take: the quantized
+floor (codes + scales + zeros) for the quantized rows, the unquantized floor for the others.
+
 HF peers are built from an HF ``config.json`` as transformers reads it, or, for a Meta
 ``params.json``, from the equivalent ``LlamaConfig`` of llamagraph's parsed config
 (``hf_peer_config``); the gpt-fast peer is built from llamagraph's parsed config directly.
@@ -49,7 +61,8 @@ import numpy as np
 from llamagraph.ir import KV_CACHE, WEIGHT, Graph, ModelConfig, load_config
 
 ENGINES = {  # key -> the row's name, in table order
-    "llamagraph": "llamagraph (CUDA graphs)",
+    "llamagraph": "llamagraph (CUDA graphs)",  # the plan as asked (quantized with quantize=...)
+    "llamagraph_unquantized": "llamagraph unquantized (CUDA graphs)",  # beside a quantized plan only
     "gptfast": "torch.compile (gpt-fast style)",
     "hf": "HF eager",
     "compile": "HF static cache + torch.compile",
@@ -62,6 +75,12 @@ LEGEND = (
     "compile s: llamagraph.compile wall time (passes, codegen, NVRTC, random weights drawn on the device); for "
     "the torch.compile rows, their warm-up, in which the decode step is compiled and its CUDA graph captured. "
     "warm-up s: other untimed first runs."
+)
+QUANT_LEGEND = (
+    "Quantized: % floor of a quantized row is against the bytes its weights take (int codes + scales (+ zeros)), "
+    "of an unquantized row against the unquantized plan's; 'vs <dtype>': decode speed over the unquantized "
+    "llamagraph plan of the same shape in this run. gpt-fast int4: torch.ops.aten._weight_int4pack_mm with "
+    "scale s and zero (8 - z) * s (torch dequantizes (q - 8) * scale + zero; ours (q - z) * s)."
 )
 
 
@@ -77,24 +96,43 @@ class Result:
     compile_s: float | None = None
     warmup_s: float | None = None
     note: str = ""
+    scheme: str | None = None  # "int8" / "int4": this row's weights are quantized (its floor is the quantized one)
+    label: str = ""  # the row's name where it is not ENGINES[engine] (e.g. "llamagraph int4 (CUDA graphs)")
 
     @property
     def name(self) -> str:
-        return ENGINES[self.engine]
+        return self.label or ENGINES[self.engine]
+
+
+def engine_label(engine: str, scheme: str | None, dtype: str) -> str:
+    """A row's name: ENGINES' name, with the weight format where the benchmark quantizes."""
+    if engine == "llamagraph_unquantized":
+        return f"llamagraph {dtype} (CUDA graphs)"
+    if scheme is None:
+        return ENGINES[engine]
+    return {"llamagraph": f"llamagraph {scheme} (CUDA graphs)",
+            "gptfast": f"torch.compile (gpt-fast {scheme})"}.get(engine, ENGINES[engine])
 
 
 @dataclass
 class BatchReport:
     batch: int
-    step_bytes: int  # bytes one decode step must read (weights + KV cache at the mean context)
+    step_bytes: int  # bytes one decode step of the plan must read (weights as stored + KV cache at the mean context)
     floor_tok_s: float
     results: list[Result] = field(default_factory=list)
+    # quantizing: the same for the unquantized plan of the same shape (the floor of the unquantized rows)
+    base_step_bytes: int | None = None
+    base_floor_tok_s: float | None = None
 
     def result(self, engine: str) -> Result | None:
         return next((r for r in self.results if r.engine == engine), None)
 
+    def floor_of(self, r: Result) -> float:
+        """The floor a row is measured against: the quantized one for quantized weights."""
+        return self.floor_tok_s if r.scheme or self.base_floor_tok_s is None else self.base_floor_tok_s
+
     def pct_floor(self, r: Result) -> float | None:
-        return None if not r.decode_tok_s else 100 * r.decode_tok_s / self.floor_tok_s
+        return None if not r.decode_tok_s else 100 * r.decode_tok_s / self.floor_of(r)
 
     def ratio(self, r: Result, engine: str, figure: str = "decode_tok_s") -> float | None:
         """r's ``figure`` over the same figure of ``engine``'s row (None where either is missing)."""
@@ -115,6 +153,8 @@ class BenchReport:
     peers: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     batches: list[BatchReport] = field(default_factory=list)
+    quantize: str | None = None  # "int8" / "int4": the llamagraph plan's (and the gpt-fast peer's) weights
+    group_size: int | None = None  # int4: columns per scale and zero (-1: one group per row)
 
     # ---- text ------------------------------------------------------------------------------------
     COLUMNS = (  # header, width, figure -> text
@@ -128,30 +168,55 @@ class BenchReport:
         ("vs gpt-fast", 11, lambda b, r: _fmt(b.ratio(r, "gptfast"), ".2f", "x")),
         ("vs HF eager", 11, lambda b, r: _fmt(b.ratio(r, "hf"), ".2f", "x")),
     )
-    NAME_WIDTH = 32
+    NAME_WIDTH = 33
+
+    def columns(self) -> tuple:
+        """COLUMNS, and when quantizing, each row's decode speed over the unquantized llamagraph plan."""
+        if not self.quantize:
+            return self.COLUMNS
+        return self.COLUMNS + ((f"vs {self.dtype}", 11,
+                                lambda b, r: _fmt(b.ratio(r, "llamagraph_unquantized"), ".2f", "x")),)
+
+    def weights_text(self) -> str:
+        """How the weights are stored: "int4 weights, G 128" (empty when unquantized)."""
+        if self.quantize == "int4":
+            return f", int4 weights, {'a group per row' if self.group_size == -1 else f'G {self.group_size}'}"
+        return f", {self.quantize} weights" if self.quantize else ""
 
     def batch_table(self, b: BatchReport) -> str:
+        cols = self.columns()
+        floor = (f"copy bandwidth {self.copy_gb_s:.0f} GB/s; one decode step reads {b.step_bytes / 1e9:.3f} GB "
+                 f"-> floor {b.floor_tok_s:.1f} tok/s")
+        if b.base_step_bytes is not None:  # quantized: the bytes read are codes + scales + zeros
+            floor += (f" ({self.quantize}: codes + scales{' + zeros' if self.quantize == 'int4' else ''}); "
+                      f"{self.dtype}: {b.base_step_bytes / 1e9:.3f} GB -> floor {b.base_floor_tok_s:.1f} tok/s")
         lines = [
-            f"{self.config}: batch {b.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens, {self.dtype}, "
-            f"{self.device}",
-            f"copy bandwidth {self.copy_gb_s:.0f} GB/s; one decode step reads {b.step_bytes / 1e9:.3f} GB "
-            f"-> floor {b.floor_tok_s:.1f} tok/s",
-            f"{'engine':<{self.NAME_WIDTH}}" + "".join(f" {h:>{w}}" for h, w, _ in self.COLUMNS),
+            f"{self.config}: batch {b.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens, {self.dtype}"
+            f"{self.weights_text()}, {self.device}",
+            floor,
+            f"{'engine':<{self.NAME_WIDTH}}" + "".join(f" {h:>{w}}" for h, w, _ in cols),
         ]
         for r in sorted(b.results, key=lambda r: list(ENGINES).index(r.engine)):
-            row = f"{r.name:<{self.NAME_WIDTH}}" + "".join(f" {f(b, r):>{w}}" for _, w, f in self.COLUMNS)
+            row = f"{r.name:<{self.NAME_WIDTH}}" + "".join(f" {f(b, r):>{w}}" for _, w, f in cols)
             lines.append(row + (f"  ({r.note})" if r.note else ""))
         ours = b.result("llamagraph")
-        for peer, label in (("gptfast", "gpt-fast"), ("hf", "HF eager")):
+        q = f" {self.quantize}" if self.quantize else ""
+        base = b.result("llamagraph_unquantized")
+        if ours and base:
+            lines.append(f"llamagraph{q} vs llamagraph {self.dtype}: decode {_fmt(b.ratio(ours, base.engine), '.2f', 'x')} "
+                         f"(floor {_fmt(b.base_step_bytes / b.step_bytes if b.base_step_bytes else None, '.2f', 'x')}: "
+                         "bytes read per step)")
+        for peer, label in (("gptfast", f"gpt-fast{q}"), ("hf", "HF eager")):
             other = b.result(peer)
             if ours and other:
-                lines.append(f"llamagraph vs {label}: decode {_fmt(b.ratio(ours, peer), '.2f', 'x')}, "
+                lines.append(f"llamagraph{q} vs {label}: decode {_fmt(b.ratio(ours, peer), '.2f', 'x')}, "
                              f"prefill {_fmt(b.ratio(ours, peer, 'prefill_tok_s'), '.2f', 'x')}, "
                              f"TTFT {_fmt(ours.ttft_ms, '.1f')} ms vs {_fmt(other.ttft_ms, '.1f')} ms")
         return "\n".join(lines)
 
     def table(self) -> str:
-        return "\n\n".join(self.batch_table(b) for b in self.batches) + "\n\n" + LEGEND
+        legend = LEGEND + ("\n" + QUANT_LEGEND if self.quantize else "")
+        return "\n\n".join(self.batch_table(b) for b in self.batches) + "\n\n" + legend
 
     # ---- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -169,6 +234,8 @@ class BenchReport:
                 "vs_hf_eager": _num(b.ratio(r, "hf")),
                 "prefill_vs_gptfast": _num(b.ratio(r, "gptfast", "prefill_tok_s")),
                 "prefill_vs_hf_eager": _num(b.ratio(r, "hf", "prefill_tok_s")),
+                "vs_unquantized": _num(b.ratio(r, "llamagraph_unquantized")),
+                "scheme": r.scheme,
                 "note": r.note,
             }
 
@@ -176,6 +243,8 @@ class BenchReport:
             "config": self.config,
             "model": self.model,
             "dtype": self.dtype,
+            "quantize": self.quantize,
+            "group_size": self.group_size,
             "device": self.device,
             "prompt_len": self.prompt_len,
             "gen_len": self.gen_len,
@@ -184,6 +253,7 @@ class BenchReport:
             "versions": self.versions,
             "batches": [
                 {"batch": b.batch, "step_bytes": b.step_bytes, "floor_tok_s": _num(b.floor_tok_s),
+                 "base_step_bytes": b.base_step_bytes, "base_floor_tok_s": _num(b.base_floor_tok_s),
                  "engines": {r.engine: engine(b, r) for r in b.results}}
                 for b in self.batches
             ],
@@ -238,16 +308,22 @@ def host_copy_bandwidth(nbytes: int = 1 << 26, repeats: int = 5) -> float:
 
 
 def decode_step_bytes(graph: Graph, cfg: ModelConfig, batch: int, context: float) -> int:
-    """Bytes one decode step must read: every weight once (the embedding table only for the
-    rows it gathers, unless tied to the LM head) plus ``context`` cached tokens per sequence."""
+    """Bytes one decode step must read: every weight once as the plan stores it (the embedding
+    table only for the rows it gathers, unless tied to the LM head) plus ``context`` cached tokens
+    per sequence.
+
+    A quantized weight is read as stored: its codes (int8 [N, K], or int4 packed two to a byte,
+    [N, K/2]) and its scales (and int4 zeros), which are weight values of their own (roles
+    "scales" / "zeros", ``attrs["quant_of"]``); the float weight it came from is never read."""
     total = 0
     embed_read_whole = cfg.tie_word_embeddings
     for v in graph.values.values():
-        if v.kind == WEIGHT:
-            if v.role == "embedding_table" and not embed_read_whole:
-                total += batch * v.nbytes(graph.dims) // v.shape[0]
-            else:
-                total += v.nbytes(graph.dims)
+        if v.kind != WEIGHT:
+            continue
+        if v.role == "embedding_table" and not embed_read_whole:
+            total += batch * v.nbytes(graph.dims) // v.shape[0]
+        else:  # codes at their own width (Value.nbytes packs int4), scales and zeros in their dtype
+            total += v.nbytes(graph.dims)
     # every layer's K and V cache: [max_batch, max_seq, KV, D]; a token's row is nbytes / (max_batch * max_seq)
     caches = [v for v in graph.values.values() if v.kind == KV_CACHE and "alias" not in v.attrs]
     per_token = sum(v.nbytes(graph.dims) // (v.shape[0] * v.shape[1]) for v in caches)
@@ -301,21 +377,24 @@ def _failed(engine: str, e: BaseException) -> Result:
 # ---- engines -------------------------------------------------------------------------------------
 
 def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, backend: str = "cuda",
-                     progress: bool = False) -> tuple[Result, Graph]:
-    """llamagraph at ``len(prompts)`` sequences: a plan compiled for that batch."""
+                     progress: bool = False, quantize: str | None = None, group_size: int | None = None,
+                     engine: str = "llamagraph") -> tuple[Result, Graph]:
+    """llamagraph at ``len(prompts)`` sequences: a plan compiled for that batch (``quantize``d
+    weight-only when asked); the row is ``engine``'s."""
     import llamagraph
 
     batch, prompt_len = len(prompts), len(prompts[0])
     sync = _cupy_sync if backend == "cuda" else _no_sync
     t = time.perf_counter()
     plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=prompt_len + gen_len,
-                              backend=backend, progress=progress)
+                              backend=backend, progress=progress, quantize=quantize, group_size=group_size)
     compile_s = time.perf_counter() - t
     warmup_s = _timed(lambda: plan.generate(prompts, min(4, gen_len)), sync)  # module load, decode graph capture
     ttft = _best(lambda: plan.generate(prompts, 1), sync, 3)
     total = _best(lambda: plan.generate(prompts, gen_len), sync, 2)
-    res = _figures("llamagraph", batch, prompt_len, gen_len, prefill_s=ttft, ttft_s=ttft, decode_s=total - ttft,
+    res = _figures(engine, batch, prompt_len, gen_len, prefill_s=ttft, ttft_s=ttft, decode_s=total - ttft,
                    compile_s=compile_s, warmup_s=warmup_s)
+    res.scheme, res.label = quantize, engine_label(engine, quantize, dtype)
     graph = plan.graph
     plan = None  # free the device memory before the next engine
     gc.collect()
@@ -327,25 +406,40 @@ def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, backen
 
 
 def bench_gptfast(cfg: ModelConfig, batches: list[int], prompts, gen_len: int, dtype: str, device: str = "cuda",
-                  seed: int = 0, log=None) -> list[Result]:
-    """The gpt-fast-style peer at each batch size: weights drawn once, caches and the compiled
-    decode step per batch. Compiled on CUDA only (on the CPU it runs eagerly: tests)."""
+                  seed: int = 0, log=None, quantize: str | None = None, group_size: int | None = None) -> list[Result]:
+    """The gpt-fast-style peer at each batch size: weights drawn once (and quantized weight-only
+    with ``quantize``), caches and the compiled decode step per batch. Compiled on CUDA only (on
+    the CPU it runs eagerly: tests)."""
     import torch
 
-    from llamagraph.gptfast import GPTFastPeer, Transformer
+    from llamagraph.gptfast import GPTFastPeer, Int4Unsupported, Transformer, quantize_model
+
+    def row(r: Result) -> Result:
+        r.scheme, r.label = quantize, engine_label("gptfast", quantize, dtype)
+        return r
 
     try:
-        model = Transformer(cfg, dtype=getattr(torch, dtype), device=device).init_random(seed)
+        run_dtype, note = dtype, ""
+        if quantize == "int4":
+            run_dtype, note = int4_peer_dtype(cfg, dtype, device, group_size)
+        model = Transformer(cfg, dtype=getattr(torch, run_dtype), device=device).init_random(seed)
+        if quantize:
+            quantize_model(model, quantize, group_size)
         peer = GPTFastPeer(model, compile=device == "cuda")
-    except Exception as e:
+    except Int4Unsupported as e:
+        model = peer = None
         _free_torch(device)
-        return [_failed("gptfast", e) for _ in batches]
+        return [row(Result("gptfast", note=f"not supported: {e}")) for _ in batches]
+    except Exception as e:
+        model = peer = None
+        _free_torch(device)
+        return [row(_failed("gptfast", e)) for _ in batches]
     out = []
     for b in batches:
         try:
-            out.append(_gptfast_batch(peer, prompts[:b], gen_len, device))
+            out.append(row(_gptfast_batch(peer, prompts[:b], gen_len, device, note)))
         except Exception as e:
-            out.append(_failed("gptfast", e))
+            out.append(row(_failed("gptfast", e)))
             _free_torch(device)
         if log:
             log(f"  batch {b}: {_summary(out[-1])}")
@@ -354,7 +448,31 @@ def bench_gptfast(cfg: ModelConfig, batches: list[int], prompts, gen_len: int, d
     return out
 
 
-def _gptfast_batch(peer, prompts, gen_len: int, device: str) -> Result:
+def int4_peer_dtype(cfg: ModelConfig, dtype: str, device: str, group_size: int | None) -> tuple[str, str]:
+    """The activation dtype the int4 peer runs in, and a note when it is not ``dtype``: torch's
+    int4 kernel is probed at ``dtype`` on the K of every weight the peer quantizes; where only
+    bfloat16 runs (CUDA's tinygemm takes bfloat16 activations only), the peer runs in bfloat16
+    (the same bytes per weight). Raises ``Int4Unsupported`` with the reason at ``dtype`` where
+    neither runs."""
+    import torch
+
+    from llamagraph.gptfast import Int4Unsupported, check_int4
+
+    ks = [cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size]  # QKV/gate-up/LM head, O, down
+    try:
+        check_int4(device, getattr(torch, dtype), ks, group_size)
+        return dtype, ""
+    except Int4Unsupported as e:
+        if dtype == "bfloat16":
+            raise
+        try:
+            check_int4(device, torch.bfloat16, ks, group_size)
+        except Int4Unsupported:
+            raise e from None
+        return "bfloat16", f"runs in bfloat16: at {dtype}, {e}"
+
+
+def _gptfast_batch(peer, prompts, gen_len: int, device: str, note: str = "") -> Result:
     import torch
 
     sync = _torch_sync(device)
@@ -381,7 +499,7 @@ def _gptfast_batch(peer, prompts, gen_len: int, device: str) -> Result:
         runs.append((t1 - t0, time.perf_counter() - t1))
     return _figures("gptfast", batch, prompt_len, gen_len, prefill_s=prefill_s, ttft_s=min(r[0] for r in runs),
                     decode_s=min(r[1] for r in runs), compile_s=compile_s if peer.compiled else None,
-                    warmup_s=None if peer.compiled else compile_s)
+                    warmup_s=None if peer.compiled else compile_s, note=note)
 
 
 def bench_hf(config: str, batches: list[int], prompts, gen_len: int, dtype: str, which: tuple[str, ...],
@@ -578,8 +696,12 @@ def _versions() -> dict:
 
 def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen_len: int = 128,
           dtype: str = "float16", peers: tuple[str, ...] = PEERS, seed: int = 0, progress: bool = False,
-          log=print, device: str = "cuda") -> BenchReport:
+          log=print, device: str = "cuda", quantize: str | None = None, group_size: int | None = None) -> BenchReport:
     """Benchmark ``config`` on random weights at each batch size in ``batch``.
+
+    ``quantize`` ("int8" / "int4", with int4's ``group_size``): the llamagraph plan and the
+    gpt-fast-style peer quantize their weights; the unquantized llamagraph plan of each batch is
+    measured beside the quantized one (module docstring).
 
     ``device="cpu"`` runs llamagraph's reference backend and the peers uncompiled on the CPU:
     only for tests of the benchmark itself (its figures mean nothing).
@@ -597,19 +719,38 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
         bw, name = copy_bandwidth(), cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     else:
         bw, name = host_copy_bandwidth(), "cpu"
-    report = BenchReport(str(config), prompt_len, gen_len, dtype, name, bw / 1e9, model_summary(cfg), list(peers))
+    if quantize == "int4" and group_size is None:
+        from llamagraph.ir.quant import DEFAULT_GROUP_SIZE
 
-    log(f"{ENGINES['llamagraph']}:")
+        group_size = DEFAULT_GROUP_SIZE  # the compiler's default, named in the table
+    report = BenchReport(str(config), prompt_len, gen_len, dtype, name, bw / 1e9, model_summary(cfg), list(peers),
+                         quantize=quantize, group_size=group_size if quantize == "int4" else None)
+    backend = "cuda" if device == "cuda" else "reference"
+    context = prompt_len + gen_len / 2  # the mean number of cached tokens a decode step reads
+
+    def floor(step_bytes: int, b: int) -> float:
+        return b / (step_bytes / bw)
+
     for b in batches:
-        ours, graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, "cuda" if device == "cuda" else "reference",
-                                       progress)
-        step_bytes = decode_step_bytes(graph, cfg, b, prompt_len + gen_len / 2)
-        report.batches.append(BatchReport(b, step_bytes, b / (step_bytes / bw), [ours]))
-        log(f"  batch {b}: {_summary(ours)}")
+        log(f"{engine_label('llamagraph', quantize, dtype)}, batch {b}:")
+        ours, graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress, quantize, group_size)
+        step_bytes = decode_step_bytes(graph, cfg, b, context)
+        rep = BatchReport(b, step_bytes, floor(step_bytes, b), [ours])
+        log(f"  {_summary(ours)}")
+        if quantize:  # the unquantized plan of the same shape, in the same run
+            log(f"{engine_label('llamagraph_unquantized', None, dtype)}, batch {b}:")
+            base, base_graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress,
+                                                engine="llamagraph_unquantized")
+            rep.base_step_bytes = decode_step_bytes(base_graph, cfg, b, context)
+            rep.base_floor_tok_s = floor(rep.base_step_bytes, b)
+            rep.results.append(base)
+            log(f"  {_summary(base)}")
+        report.batches.append(rep)
     by_engine: dict[str, list[Result]] = {}
     if "gptfast" in peers:
-        log(f"{ENGINES['gptfast']}:")
-        by_engine["gptfast"] = bench_gptfast(cfg, batches, prompts, gen_len, dtype, device, seed, log)
+        log(f"{engine_label('gptfast', quantize, dtype)}:")
+        by_engine["gptfast"] = bench_gptfast(cfg, batches, prompts, gen_len, dtype, device, seed, log, quantize,
+                                             group_size)
     if "hf" in peers or "compile" in peers:
         log("HF transformers:")
         by_engine.update(bench_hf(config, batches, prompts, gen_len, dtype, peers, device, log))

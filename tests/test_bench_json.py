@@ -14,7 +14,8 @@ from llamagraph.cli import build_parser, main
 
 TINYLLAMA = "examples/tinyllama-1.1b.json"
 FIELDS = {"name", "decode_tok_s", "pct_floor", "ms_per_step", "prefill_tok_s", "ttft_ms", "compile_s", "warmup_s",
-          "vs_gptfast", "vs_hf_eager", "prefill_vs_gptfast", "prefill_vs_hf_eager", "note"}
+          "vs_gptfast", "vs_hf_eager", "prefill_vs_gptfast", "prefill_vs_hf_eager", "vs_unquantized", "scheme",
+          "note"}
 
 # (engine, decode tok/s, prefill tok/s, TTFT ms, compile s, warm-up s) per batch; floor 200 and 1600 tok/s
 FIGURES = {
@@ -110,12 +111,14 @@ def test_json_has_every_figure_per_batch_and_engine(tmp_path):
         "config": "examples/llama-3-8b.json", "dtype": "float16", "device": "NVIDIA H100 80GB HBM3",
         "prompt_len": 128, "gen_len": 128, "copy_gb_s": 3000.0, "peers": ["gptfast", "hf", "compile"]}
     assert data["model"] == {"layers": 32} and data["versions"] == {"torch": "2.11"}
+    assert data["quantize"] is None and data["group_size"] is None
     assert [b["batch"] for b in data["batches"]] == [1, 8]
     for b in data["batches"]:
         rows = FIGURES[b["batch"]]
         dec = {eng: d for eng, d, *_ in rows}
         pre = {eng: p for eng, _, p, *_ in rows}
         assert b["step_bytes"] == 16_000_000_000 and b["floor_tok_s"] == FLOOR[b["batch"]]
+        assert b["base_step_bytes"] is None and b["base_floor_tok_s"] is None
         for eng, d, p, ttft, comp, warm in rows:
             e = b["engines"][eng]
             assert set(e) == FIELDS and e["name"] == ENGINES[eng]
@@ -126,6 +129,7 @@ def test_json_has_every_figure_per_batch_and_engine(tmp_path):
             assert e["vs_gptfast"] == pytest.approx(d / dec["gptfast"])
             assert e["vs_hf_eager"] == pytest.approx(d / dec["hf"])
             assert e["prefill_vs_hf_eager"] == pytest.approx(p / pre["hf"])
+            assert e["vs_unquantized"] is None and e["scheme"] is None  # nothing is quantized
     failed = data["batches"][1]["engines"]["compile"]
     assert all(failed[k] is None for k in FIELDS - {"name", "note"}) and failed["note"].startswith("failed:")
 

@@ -97,7 +97,7 @@ def test_bench_gives_every_figure_of_every_engine_at_every_batch_on_the_cpu(tmp_
     assert [b["batch"] for b in data["batches"]] == [1, 2]
     for b in data["batches"]:
         assert b["step_bytes"] > 0 and b["floor_tok_s"] > 0
-        assert set(b["engines"]) == set(ENGINES)
+        assert set(b["engines"]) == set(ENGINES) - {"llamagraph_unquantized"}  # only beside a quantized plan
         for key, e in b["engines"].items():
             assert e["note"] == "", (key, e["note"])
             for f in ("decode_tok_s", "pct_floor", "ms_per_step", "prefill_tok_s", "ttft_ms", "vs_gptfast", "vs_hf_eager"):
