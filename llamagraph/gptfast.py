@@ -403,7 +403,7 @@ class Int4Unsupported(Exception):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).split("  (Could this error message be improved?")[0]  # TORCH_CHECK's boilerplate
+    text = str(e).split("(Could this error message be improved?")[0]  # TORCH_CHECK's boilerplate
     line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return line[:140]
 

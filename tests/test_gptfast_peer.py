@@ -226,3 +226,12 @@ def test_int4_probe_catches_a_wrong_packing(monkeypatch):
     monkeypatch.setattr(gf, "pack_int4_for_torch", lambda q: real(q.reshape(q.shape[0], -1, 2).flip(-1).reshape(q.shape)))
     with pytest.raises(Int4Unsupported, match="differs from the dequantized weights"):
         check_int4("cpu", torch.float32, [64], 32)
+
+
+def test_a_torch_check_message_becomes_one_line_without_its_boilerplate():
+    from llamagraph.gptfast import _first_line
+
+    e = RuntimeError("Expected A.dtype() == at::kBFloat16 to be true, but got false.  (Could this error message be "
+                     "improved?  If so, please report an enhancement request to PyTorch.)\nmore")
+    assert _first_line(e) == "Expected A.dtype() == at::kBFloat16 to be true, but got false."
+    assert _first_line(RuntimeError("")) == "RuntimeError"
