@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llamagraph.ir import KV_CACHE, WEIGHT, Graph, ModelConfig, load_config
+from llamagraph.ir.errors import LlamagraphError
 
 ENGINES = {  # key -> the row's name, in table order
     "llamagraph": "llamagraph (CUDA graphs)",  # the plan as asked (quantized with quantize=...)
@@ -739,8 +740,15 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
         log(f"  {_summary(ours)}")
         if quantize:  # the unquantized plan of the same shape, in the same run
             log(f"{engine_label('llamagraph_unquantized', None, dtype)}, batch {b}:")
-            base, base_graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress,
-                                                engine="llamagraph_unquantized")
+            try:
+                base, base_graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress,
+                                                    engine="llamagraph_unquantized")
+            except LlamagraphError as e:  # e.g. a 70B fp16 plan does not fit the GPU its int4 plan runs on
+                base = _failed("llamagraph_unquantized", e)
+                base.label = engine_label("llamagraph_unquantized", None, dtype)
+                from llamagraph.compiler import compile_graph
+
+                base_graph = compile_graph(cfg, dtype=dtype, max_batch=b, max_seq=prompt_len + gen_len)
             rep.base_step_bytes = decode_step_bytes(base_graph, cfg, b, context)
             rep.base_floor_tok_s = floor(rep.base_step_bytes, b)
             rep.results.append(base)

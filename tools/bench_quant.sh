@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The H100 benchmark of issue #8 (weight-only int8 / int4; docs/bench_quant_h100.txt), run on the lent GPU
+# machine from the repo root:
+#   bash tools/bench_quant.sh [PART ...]     PART: llama2 llama3 70b (default: all three, in that order)
+#   llama2   Llama-2-7B, batch 1, int8 and int4 (G 128), each beside the fp16 plan and the quantized gpt-fast peer
+#   llama3   Llama-3-8B, batch 1, int4 (G 128), the same
+#   70b      Llama-3-70B shape in int4 on one GPU (no peers: its fp16 plan does not fit)
+# Every table goes to $OUT/bench_quant_h100.txt under the command that printed it, every run's figures to
+# $OUT/bench_<run>.json, its log to $OUT/bench_<run>.log. Prompt 128, 128 new tokens, fp16 activations.
+set -uo pipefail
+OUT=${OUT:-./out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
+txt="$OUT/bench_quant_h100.txt"
+parts=${*:-llama2 llama3 70b}
+{
+  echo "# llamagraph bench --quantize on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%Y-%m-%dT%H:%MZ)," \
+       "commit $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), parts: $parts"
+  python3 -c "import cupy, torch; print('# cupy', cupy.__version__, 'torch', torch.__version__)"
+  echo
+} >> "$txt"
+
+run() {  # run NAME BENCH-ARGS...
+  local name=$1; shift
+  local start=$SECONDS
+  echo "\$ llamagraph bench $* --json bench_$name.json" >> "$txt"
+  python3 -m llamagraph bench "$@" --json "$OUT/bench_$name.json" >> "$txt" 2> "$OUT/bench_$name.log" \
+    || { echo "(failed: exit $?; last lines of bench_$name.log below)"; tail -n 5 "$OUT/bench_$name.log"; } >> "$txt"
+  echo >> "$txt"
+  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
+}
+
+for part in $parts; do
+  case $part in
+    llama2)
+      run llama-2-7b-int8 examples/llama-2-7b.json --random-weights --quantize int8 --peers "${PEERS:-gptfast}"
+      run llama-2-7b-int4 examples/llama-2-7b.json --random-weights --quantize int4 --group-size 128 --peers "${PEERS:-gptfast}" ;;
+    llama3)
+      run llama-3-8b-int4 examples/llama-3-8b.json --random-weights --quantize int4 --group-size 128 --peers "${PEERS:-gptfast}" ;;
+    70b)
+      run llama-3-70b-int4 examples/llama-3-70b.json --random-weights --quantize int4 --group-size 128 --peers none \
+        --gen-len 64 ;;
+    *) echo "unknown part $part" >&2 ;;
+  esac
+done
