@@ -10,7 +10,7 @@ import pytest
 
 import llamagraph
 from llamagraph.codegen import lowering, nvrtc
-from llamagraph.codegen.launch import Scaled
+from llamagraph.codegen.launch import Scaled, workspace
 from llamagraph.compiler import compile_plan
 from llamagraph.ir import OPS, load_config
 from llamagraph.ir.ops import OpDef
@@ -149,13 +149,30 @@ def test_lowerings_read_value_dtypes_not_a_global_one():
     assert lowering.lower_graph(g).kernels == lowering.lower_graph(plan.graph).kernels
 
 
-def test_quantized_weight_has_no_kernel_yet():
+def test_a_quantized_weight_lowers_to_the_gemv_that_reads_its_codes():
+    """A weight's layout picks the kernel: the int8 O projection decodes through the int8 GEMV (its
+    scales right after W in the args) and prefill through dequantize + cuBLAS on the scratch; a
+    layout no kernel reads is a one-line error naming the weight, its group size and K."""
     from llamagraph.ir import Quant
 
     plan = llamagraph.compile_plan(EXAMPLES[0], dtype="float16", max_batch=1, max_seq=64)
     g = plan.graph
     w = g.values["l0.o.w"]
-    g.add_value("l0.o.scales", (w.shape[0],), "float16", "weight", layer=0, role="scales")
-    w.dtype, w.quant = "int8", Quant("int8", "l0.o.scales")
-    with pytest.raises(llamagraph.PlanError, match=r"linear_residual 'l0\.o': %l0\.o\.w is quantized \(int8\)"):
+    N, K = w.shape
+    g.add_value("l0.o.w.scales", (N,), "float16", "weight", layer=0, role="scales", quant_of="l0.o.w")
+    w.dtype, w.quant = "int8", Quant("int8", "l0.o.w.scales")
+    low = lowering.lower_graph(g)
+    node = next(i for i, n in enumerate(g.nodes) if n.name == "l0.o")
+    (dec,) = [x for x in low.phases["decode"] if x.node == node]
+    assert dec.fn.startswith("gemv_f16_i8_") and [a.ref for a in dec.args[1:4]] == ["l0.o.w", "l0.o.w.scales", None]
+    pre = [x for x in low.phases["prefill"] if x.node == node]
+    deq = next(x for x in pre if x.fn.startswith("dequant_i8_f16_"))
+    gemm = next(x for x in pre if x.kind == "library")
+    assert pre.index(deq) < pre.index(gemm) and gemm.args[1] == deq.args[-1] == workspace(lowering.DEQUANT_SCRATCH)
+    assert next(ws for ws in low.workspaces if ws.name == lowering.DEQUANT_SCRATCH).nbytes >= N * K * 2
+
+    g.add_value("l0.o.w.zeros", (N, 2), "float16", "weight", layer=0, role="zeros", quant_of="l0.o.w")
+    w.dtype, w.quant = "int4", Quant("int4", "l0.o.w.scales", K // 2 + 16, "l0.o.w.zeros")
+    with pytest.raises(llamagraph.PlanError, match=rf"^linear_residual 'l0\.o': %l0\.o\.w is int4 group_size "
+                                                    rf"{K // 2 + 16}, K={K}: .*group_size % 32 == 0[^\n]*$"):
         lowering.lower_graph(g)

@@ -22,6 +22,7 @@ from .launch import Shape, extent
 from .render import Kernel, number_tag, render
 
 GEMV_EPILOGUES = ("none", "silu_mul", "residual", "rope")
+QUANT_SCHEMES = ("int8", "int4")
 GEMV_PROLOGUES = ("none", "rmsnorm")
 EW_OPERANDS = ("none", "row", "full", "halves")
 MAX_ROW_TILE = 16
@@ -158,11 +159,59 @@ class GemvTuning:
         return f"w{self.warps}u{self.unroll}"
 
 
+@dataclass(frozen=True)
+class GemvQuant:
+    """How the GEMV reads a weight-only quantized W (``llamagraph.ir.quant``).
+
+    "int8": W int8 [N, K], one scale per row: w' = q * s.
+    "int4": W uint8 [N, K/2] (two codes per byte along K, the even column in the low nibble),
+            scale and zero per group of ``group_size`` columns of a row: w' = (q - z) * s.
+    Each lane reads 16 bytes of codes at a time, ``chunk_k`` columns, and a chunk never straddles
+    a group: int4 needs group_size % 32 == 0, and K must be a multiple of the chunk.
+    """
+
+    scheme: str
+    group_size: int | None = None
+
+    @property
+    def chunk_k(self) -> int:
+        return 16 if self.scheme == "int8" else 32
+
+    def row_bytes(self, K: int) -> int:
+        return K if self.scheme == "int8" else K // 2
+
+    @property
+    def folded(self) -> bool:
+        """int4 with whole 128-column steps per group: the 16-bit GEMV applies the group's zero and
+        scale once per step instead of per element (see templates/gemv.cu.j2)."""
+        return self.scheme == "int4" and self.group_size % 128 == 0
+
+    def tag(self) -> str:
+        return "i8" if self.scheme == "int8" else f"i4g{self.group_size}"
+
+    def check(self, K: int) -> None:
+        """ValueError (one line) when this GEMV cannot read the layout."""
+        if self.scheme not in QUANT_SCHEMES:
+            raise ValueError(f"gemv quantization scheme must be one of {QUANT_SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "int4":
+            G = self.group_size
+            if not isinstance(G, int) or G <= 0 or G % 32 or K % G:
+                raise ValueError(f"int4 group_size {G}, K={K}: the int4 GEMV reads 32 columns of one group at a "
+                                 f"time and needs group_size % 32 == 0 dividing K")
+        elif self.group_size is not None:
+            raise ValueError(f"int8 has one scale per row, got group_size {self.group_size}")
+        if K % self.chunk_k:
+            raise ValueError(f"{self.scheme} group_size {self.group_size}, K={K}: the {self.scheme} GEMV reads 16 "
+                             f"bytes ({self.chunk_k} columns) at a time and needs K % {self.chunk_k} == 0")
+
+
 def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str = "none",
-                        prologue: str = "none") -> GemvTuning:
+                        prologue: str = "none", quant: GemvQuant | None = None) -> GemvTuning:
     """Enough bytes in flight per SM to cover HBM latency, within a register budget that keeps
     two 256-thread blocks resident per SM (checked by tests through ptxas -v)."""
     nt = _cdiv(row_tile, 8)
+    if quant is not None:
+        return _quant_tuning(dtype, K, row_tile, epilogue, quant)
     if dtype == "float32":
         unroll = 4 if row_tile <= 4 else 2 if row_tile <= 8 else 1
         per_lane = _cdiv(K // 4, 32)  # float4 chunks of a W row per lane
@@ -174,6 +223,37 @@ def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str
         unroll = min(unroll, 4)
     per_warp = _cdiv(_cdiv(K // 8, 4), 8)  # 32-k steps of the block's W rows per warp
     return GemvTuning(warps=8, unroll=max(1, min(unroll, per_warp)))
+
+
+def _quant_tuning(dtype: str, K: int, row_tile: int, epilogue: str, quant: GemvQuant) -> GemvTuning:
+    """Quantized W: U steps of 16-byte code chunks per warp and W row in flight.
+
+    16-bit: 4 x 2 rows x 16 B = 128 B per lane (MT = 1), ~64 KB per SM with two blocks; the
+    block's x slab in shared memory grows with U and the row tile, so 16-row tiles take half.
+    fp32 (CUDA cores, not a speed path): two chunks per lane."""
+    if dtype == "float32":
+        per_lane = _cdiv(K // quant.chunk_k, 32)
+        return GemvTuning(warps=8, unroll=max(1, min(2 if row_tile == 1 else 1, per_lane)))
+    mt = 2 if epilogue == "silu_mul" else 1
+    unroll = 4 if mt == 1 else 2
+    if quant.scheme == "int4" and row_tile > 8:
+        unroll = min(unroll, 2)
+    # 4 warps split K: a thread dequantizes twice the codes it would with 8, so the block's fixed work
+    # (pointers, the x slab's barriers, the reduction) weighs half as much; 4 blocks fit an SM
+    warps = 4
+    steps = _cdiv(K // quant.chunk_k, 4)
+    per_warp = _cdiv(steps, warps)
+    return GemvTuning(warps=warps, unroll=max(1, min(unroll, per_warp)))
+
+
+def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None) -> int:
+    """Dynamic shared memory of a quantized 16-bit GEMV: its x slab, row_tile rows of the k range
+    one batch of steps covers (16-byte units, each row padded by 4 units against bank conflicts);
+    must agree with the template's SLAB_U / RS."""
+    if quant is None or dtype == "float32":
+        return 0
+    step_units = 4 * quant.chunk_k // 8  # 8-value x units per step of 4 lanes
+    return row_tile * (tuning.warps * tuning.unroll * step_units + 4) * 16
 
 
 @dataclass(frozen=True)
@@ -211,7 +291,11 @@ class RopeEpilogue:
         return p
 
 
-def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="none", rope=None):
+def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="none", rope=None, quant=None):
+    if quant is not None:
+        if not isinstance(quant, GemvQuant):
+            raise ValueError(f"gemv quant must be a GemvQuant, got {quant!r}")
+        quant.check(K)
     if prologue not in GEMV_PROLOGUES:
         raise ValueError(f"gemv prologue must be one of {GEMV_PROLOGUES}, got {prologue!r}")
     if epilogue == "residual" and out_dtype != dtype:
@@ -253,6 +337,7 @@ def gemv(
     prologue: str = "none",
     eps: float = 0.0,
     rope: RopeEpilogue | None = None,
+    quant: GemvQuant | None = None,
 ) -> Kernel:
     """out[r, n] = sum_k x[r, k] * W[n, k] (+ bias[n]), fp32 accumulation.
 
@@ -271,14 +356,22 @@ def gemv(
     Extra args after ``rows``: norm_w (rmsnorm), res (residual), positions, seq_ids, seq_lens,
     inv_freq, kcache, vcache (rope).
     out must not alias x (x is read through the non-coherent cache while out is written).
+
+    quant: W holds int8 / packed int4 codes (``GemvQuant``); the args become
+    (const T* x, const unsigned char* W, const T* w_scales, const T* w_zeros_or_null, const T* bias_or_null,
+    OutT* out, int rows, ...), scales [N] (int8) or scales and zeros [N, K/G] (int4) in the activation
+    dtype, rows in W's row order. 16-bit x: the block stages x (normed, in the pairing the dequantized
+    codes come in) in dynamic shared memory (``gemv_launch`` sizes it).
     """
     out_dtype = out_dtype or dtype
-    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue)
+    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant)
     tuning = tuning or default
-    _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue, rope)
+    _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue, rope, quant)
     name = f"gemv_{_tag(dtype)}"
     if out_dtype != dtype:
         name += f"_o{_tag(out_dtype)}"
+    if quant is not None:
+        name += "_" + quant.tag()
     name += f"_n{N}_k{K}_r{row_tile}"
     if prologue == "rmsnorm":
         name += f"_rms{eps_tag(eps)}"
@@ -309,6 +402,10 @@ def gemv(
         min_blocks=max(1, 512 // (32 * tuning.warps)),
         prologue=prologue,
         eps=repr(float(eps)) + "f",
+        quant=quant.scheme if quant else "none",
+        group=(quant.group_size or 0) if quant else 0,
+        folded=bool(quant and quant.folded),
+        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant),
         **(rope.params() if rope else {}),
     )
     return Kernel(name, src)
@@ -321,12 +418,46 @@ def gemv_launch(
     row_tile: int,
     epilogue: str = "none",
     tuning: GemvTuning | None = None,
+    prologue: str = "none",
+    quant: GemvQuant | None = None,
 ) -> Shape:
-    """Grid over output columns; the row count does not change it (row tiles loop inside)."""
-    tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue)
+    """Grid over output columns; the row count does not change it (row tiles loop inside).
+    A quantized 16-bit GEMV asks for its x slab as dynamic shared memory."""
+    tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant)
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
-    return Shape((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1), 0)
+    return Shape((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1),
+                 gemv_quant_smem(dtype, K, row_tile, tuning, quant))
+
+
+# ---------------------------------------------------------------------------------------------
+# dequant: a quantized weight as the activation dtype (prefill reads it through cuBLAS)
+# ---------------------------------------------------------------------------------------------
+
+DEQUANT_THREADS = 256
+
+
+def dequant(dtype: str, N: int, K: int, quant: GemvQuant) -> Kernel:
+    """out[n, k] = w'[n, k] rounded to dtype, with w' from ``llamagraph.ir.quant.dequantize`` (fp32).
+
+    Args: (const unsigned char* W, const T* scales, const T* zeros_or_null, T* out).
+    W: int8 [N, K] or packed int4 [N, K/2]; scales [N] (int8) or scales, zeros [N, K/G] (int4);
+    out: [N, K]. One thread per 8 columns.
+    """
+    _check_dtype(dtype)
+    _check_dim("N", N)
+    _check_dim("K", K)
+    if not isinstance(quant, GemvQuant):
+        raise ValueError(f"dequant needs a GemvQuant, got {quant!r}")
+    quant.check(K)
+    name = f"dequant_{quant.tag()}_{_tag(dtype)}_n{N}_k{K}"
+    src = render("dequant", name=name, dtype=dtype, N=N, K=K, quant=quant.scheme, group=quant.group_size or 0,
+                 threads=DEQUANT_THREADS)
+    return Kernel(name, src)
+
+
+def dequant_launch(N: int, K: int) -> Shape:
+    return Shape((_cdiv(N * (K // 8), DEQUANT_THREADS), 1, 1), (DEQUANT_THREADS, 1, 1), 0)
 
 
 # ---------------------------------------------------------------------------------------------

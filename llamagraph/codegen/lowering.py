@@ -97,6 +97,41 @@ def _float_only(c: Ctx, *names: str) -> None:
             raise LoweringError(f"{c.node.op} '{c.node.name}': %{name} is {what}; no kernel reads that layout yet")
 
 
+def _weight_layout(c: Ctx, w: str) -> dense.GemvQuant | None:
+    """How the GEMV reads the linear weight %w: None for float codes, else its quantization
+    (``Value.quant``), checked against what the kernels can read (one-line error naming w, G, K)."""
+    v = c.v(w)
+    if v.shard is not None:
+        _float_only(c, w)
+    if v.quant is None:
+        return None
+    q = dense.GemvQuant(v.quant.scheme, v.quant.group_size if v.quant.scheme == "int4" else None)
+    try:
+        q.check(v.shape[1])
+    except ValueError as e:
+        raise LoweringError(f"{c.node.op} '{c.node.name}': %{w} is {e}") from None
+    return q
+
+
+def _weight_args(c: Ctx, w: str) -> list:
+    """A quantized weight's extra kernel args after W: its scales and zeros (NULL for int8)."""
+    q = c.v(w).quant
+    return [value(q.scales), value(q.zeros) if q.zeros else NULL]
+
+
+DEQUANT_SCRATCH = "dequant_scratch"  # prefill: w' of a quantized weight in the activation dtype, for cuBLAS
+
+
+def _dequantize(c: Ctx, w: str, quant: dense.GemvQuant, dt: str, when: tuple) -> tuple[Kernel, Launch, Workspace]:
+    """Prefill: a launch writing w' of the quantized %w as dt into the shared dequant scratch (one
+    workspace for the plan, as large as its largest quantized weight; each GEMM refills it first)."""
+    N, K = c.v(w).shape
+    k = dense.dequant(dt, N, K, quant)
+    launch = replace(run(k, dense.dequant_launch(N, K), value(w), *_weight_args(c, w), workspace(DEQUANT_SCRATCH)),
+                     when=when)
+    return k, launch, Workspace(DEQUANT_SCRATCH, N * K * itemsize(dt))
+
+
 # ---------------------------------------------------------------------------------------------
 # rows in, rows out
 # ---------------------------------------------------------------------------------------------
@@ -172,17 +207,24 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
     Prefill: up to two row tiles the same GEMV still wins; past that the work is split up again:
     a norm kernel writes the normed rows to scratch, cuBLAS writes the plain GEMM (into scratch
     when an epilogue follows), and element-wise kernels (or the rope kernel) apply the rest.
+
+    A quantized W: the GEMV dequantizes it in registers (its scales and zeros follow W in the
+    args); the cuBLAS path first dequantizes it into the shared scratch and multiplies that.
     """
-    _float_only(c, g.w, *([g.bias] if g.bias else []))
+    if g.bias:
+        _float_only(c, g.bias)
+    quant = _weight_layout(c, g.w)
     dt, out_dt, rows, rt = c.dtype(g.x), c.dtype(g.out), c.rows(g.out), c.row_tile
     N, K = c.v(g.w).shape
     T_max = c.graph.dims["T"]
     ropespec = g.rope[0] if g.rope else None
     prologue = "rmsnorm" if g.norm else "none"
     eps = g.norm[1] if g.norm else 0.0
-    gemv = dense.gemv(dt, N, K, rt, g.epilogue, bool(g.bias), out_dt, prologue=prologue, eps=eps, rope=ropespec)
+    gemv = dense.gemv(dt, N, K, rt, g.epilogue, bool(g.bias), out_dt, prologue=prologue, eps=eps, rope=ropespec,
+                      quant=quant)
     b_arg = value(g.bias) if g.bias else NULL
-    args = [value(g.x), value(g.w), b_arg, value(g.out), step(rows)]
+    w_args = [value(g.w)] + (_weight_args(c, g.w) if quant else [])
+    args = [value(g.x), *w_args, b_arg, value(g.out), step(rows)]
     if g.norm:
         args.append(value(g.norm[0]))
     if g.res:
@@ -193,7 +235,8 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
         table = _inv_freq({"head_dim": spec.HD, "theta": spec.theta, "scaling": spec.scaling})
         workspaces.append(table)
         args += [value(pos), value(sid), value(lens), workspace(table.name), value(kc), value(vc)]
-    decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue), *args), early=True)
+    decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue, prologue=prologue, quant=quant), *args),
+                     early=True)
 
     small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)
     kernels, prefill = [gemv], [replace(decode, when=small)]
@@ -212,8 +255,15 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
     direct = g.epilogue == "none"
     target = value(g.out) if direct else workspace(GEMM_SCRATCH)
     gemm_dt = out_dt if direct else dt
+    w_arg = value(g.w)
+    if quant:
+        k, launch, ws = _dequantize(c, g.w, quant, dt, large)
+        kernels.append(k)
+        prefill.append(launch)
+        workspaces.append(ws)
+        w_arg = workspace(DEQUANT_SCRATCH)
     # cuBLAS is not in `kernels`: the executor calls it by kind
-    prefill.append(Launch("gemm", None, (x_arg, value(g.w), target, step(rows), const(N), const(K), const(dt),
+    prefill.append(Launch("gemm", None, (x_arg, w_arg, target, step(rows), const(N), const(K), const(dt),
                                          const(gemm_dt)), kind="library", when=large))
     if not direct:
         workspaces.append(Workspace(GEMM_SCRATCH, T_max * N * itemsize(dt)))
@@ -398,7 +448,7 @@ def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
     chunk by chunk (norm kernel, then cuBLAS), each chunk launched only when the step has rows there."""
     x, norm_w, w, targets = n.inputs  # x: [T, D] residual rows, norm_w: [D], w: [V, D], targets: [T]
     (out,) = n.outputs
-    _float_only(c, w)
+    quant = _weight_layout(c, w)  # a quantized LM head: the GEMV reads its codes, prefill dequantizes it once
     dt, eps = c.dtype(x), n.attrs["eps"]
     V, D = c.v(w).shape
     T_max, B_max = c.graph.dims["T"], c.graph.dims["B"]
@@ -407,13 +457,21 @@ def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
     normed = Workspace(f"logprob_normed.d{D}", chunk * D * itemsize(dt))
     on = wants(out)
     lp = sample.token_logprobs(V)
-    gemv = dense.gemv(dt, V, D, c.row_tile, "none", False, "float32", prologue="rmsnorm", eps=eps)
+    gemv = dense.gemv(dt, V, D, c.row_tile, "none", False, "float32", prologue="rmsnorm", eps=eps, quant=quant)
     norm = dense.add_rmsnorm(dt, D, eps, has_residual=False)
-    decode = [Launch(gemv.name, dense.gemv_launch(dt, V, D, c.row_tile, "none"),
-                     (value(x), value(w), NULL, workspace(ws.name), step("T"), value(norm_w)), when=(on,)),
+    w_args = (value(w), *(_weight_args(c, w) if quant else ()))
+    decode = [Launch(gemv.name, dense.gemv_launch(dt, V, D, c.row_tile, "none", prologue="rmsnorm", quant=quant),
+                     (value(x), *w_args, NULL, workspace(ws.name), step("T"), value(norm_w)), when=(on,)),
               Launch(lp.name, sample.token_logprobs_launch(B_max),
                      (workspace(ws.name), value(targets), value(out), step("T"), const(0), step("T")), when=(on,))]
-    prefill = []
+    prefill, kernels, spaces = [], [gemv, norm, lp], [ws, normed]
+    w_arg = value(w)
+    if quant:  # once for every chunk
+        k, launch, scratch = _dequantize(c, w, quant, dt, (on, Cond("T", ">", 0)))
+        prefill.append(launch)
+        kernels.append(k)
+        spaces.append(scratch)
+        w_arg = workspace(DEQUANT_SCRATCH)
     row_bytes = D * itemsize(dt)
     for row0 in range(0, T_max, chunk):
         rows = min(chunk, T_max - row0)  # rows past T are computed from stale rows and never read
@@ -421,13 +479,13 @@ def lower_token_logprobs(n: Node, c: Ctx) -> Lowered:
         prefill += [Launch(norm.name, dense.add_rmsnorm_launch(dt, D, rows),
                            (value(x, row0 * row_bytes), NULL, NULL, value(norm_w), NULL, workspace(normed.name),
                             const(rows)), when=has_rows),
-                    Launch("gemm", None, (workspace(normed.name), value(w), workspace(ws.name), const(rows),
+                    Launch("gemm", None, (workspace(normed.name), w_arg, workspace(ws.name), const(rows),
                                           const(V), const(D), const(dt), const("float32")), kind="library",
                            when=has_rows),
                     Launch(lp.name, sample.token_logprobs_launch(rows),
                            (workspace(ws.name), value(targets), value(out), const(rows), const(row0), step("T")),
                            when=has_rows)]
-    return Lowered([gemv, norm, lp], decode, prefill, [ws, normed])
+    return Lowered(kernels, decode, prefill, spaces)
 
 
 # ---------------------------------------------------------------------------------------------
