@@ -190,12 +190,19 @@ def test_quantized_plan_is_not_the_unquantized_one(hf_model):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_16_bit_quantized_plan_is_close_to_the_fp32_one(hf_model, dtype):
+def test_16_bit_quantized_plan_reads_its_dequantized_weights(hf_model, dtype):
+    """A 16-bit quantized plan gives the logits of the unquantized plan of the same dtype run on its
+    w' (only w' rounded to the dtype differs). Against the fp32 quantized plan no tight bound
+    holds: int4 codes made with a scale rounded to bf16 flip by whole steps."""
     model = hf_model("gqa")
     prompt = [[3, 9, 27, 81, 50, 11]]
-    ref = llamagraph.compile(model, dtype="float32", quantize="int4", group_size=32).run(prompt)
-    got = llamagraph.compile(model, dtype=dtype, quantize="int4", group_size=32).run(prompt)
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
+    q = llamagraph.compile(model, dtype=dtype, quantize="int4", group_size=32)
+    plain = compile_graph(load_config(model), dtype=dtype)
+    deq = {k: w for k, w in q.executor.weights.items() if k in plain.values}
+    assert set(deq) == {v.name for v in plain.values.values() if v.kind == "weight"}
+    u = llamagraph.compile(model, deq, dtype=dtype)
+    a, b = q.run(prompt), u.run(prompt)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < (5e-3 if dtype == "float16" else 3e-2)
 
 
 def test_random_weights_are_the_quantized_draws_of_the_float_plan():
@@ -208,13 +215,24 @@ def test_random_weights_are_the_quantized_draws_of_the_float_plan():
     assert np.array_equal(qw["l0.attn_norm.w"], base["l0.attn_norm.w"])
 
 
-def test_weights_dict_takes_floats_or_codes(hf_model):
+def test_weights_dict_takes_floats_or_codes():
     cfg = _tiny()
     g = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
-    floats = llamagraph.random_weights(compile_graph(cfg, dtype="float32"), seed=1)
+    rng = np.random.default_rng(1)
+    floats, coded = {}, {}
+    for v in g.values.values():
+        if v.kind != "weight" or "quant_of" in v.attrs:
+            continue
+        shape = v.concrete_shape(g.dims)
+        w = (1.0 + 0.1 * rng.standard_normal(shape) if v.role == "norm" else 0.05 * rng.standard_normal(shape))
+        floats[v.name] = w.astype(np.float32)
+        if v.quant is None:
+            coded[v.name] = floats[v.name]
+        else:
+            codes, scales, zeros = quantize(floats[v.name], "int4", 32, "float16")
+            coded.update({v.name: codes, v.quant.scales: scales, v.quant.zeros: zeros})
     prompt = [[5, 6, 7]]
     a = llamagraph.compile(cfg, floats, dtype="float16", quantize="int4", group_size=32).run(prompt)
-    coded = llamagraph.random_weights(g, seed=1)
     b = llamagraph.compile(cfg, coded, dtype="float16", quantize="int4", group_size=32).run(prompt)
     np.testing.assert_array_equal(a, b)
     bad = dict(coded)
@@ -255,7 +273,7 @@ def test_compile_report_shows_the_weight_bytes_before_and_after(tmp_path, capsys
     assert "quantization:" in out and f"weights {fp16} -> {int4} bytes" in out
     assert "int4, asymmetric, groups of 32 columns" in out
     plan = llamagraph.load(tmp_path / "p", "random")
-    assert plan.graph.values["l0.qkv.w"].dtype == "int4"
+    assert {v.dtype for v in plan.graph.values.values() if v.quant is not None} == {"int4"}
 
 
 def test_group_size_needs_int4(tmp_path, capsys):
