@@ -228,9 +228,9 @@ def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str
 def _quant_tuning(dtype: str, K: int, row_tile: int, epilogue: str, quant: GemvQuant) -> GemvTuning:
     """Quantized W: U steps of 16-byte code chunks per warp and W row in flight.
 
-    16-bit: 4 x 2 rows x 16 B = 128 B per lane (MT = 1), ~64 KB per SM with two blocks; the
-    block's x slab in shared memory grows with U and the row tile, so 16-row tiles take half.
-    fp32 (CUDA cores, not a speed path): two chunks per lane."""
+    16-bit: U = 4 steps x 2 rows x 16 B = 128 B of codes per lane (MT = 1; MT = 2 takes U = 2), ~64 KB
+    per SM with four 128-thread blocks; the block's x slab in shared memory grows with U and the row
+    tile, so int4 16-row tiles take U = 2. fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
         return GemvTuning(warps=8, unroll=max(1, min(2 if row_tile == 1 else 1, per_lane)))
@@ -293,8 +293,6 @@ class RopeEpilogue:
 
 def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="none", rope=None, quant=None):
     if quant is not None:
-        if not isinstance(quant, GemvQuant):
-            raise ValueError(f"gemv quant must be a GemvQuant, got {quant!r}")
         quant.check(K)
     if prologue not in GEMV_PROLOGUES:
         raise ValueError(f"gemv prologue must be one of {GEMV_PROLOGUES}, got {prologue!r}")
@@ -364,6 +362,8 @@ def gemv(
     codes come in) in dynamic shared memory (``gemv_launch`` sizes it).
     """
     out_dtype = out_dtype or dtype
+    if quant is not None and not isinstance(quant, GemvQuant):
+        raise ValueError(f"gemv quant must be a GemvQuant, got {quant!r}")
     default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant)
     tuning = tuning or default
     _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue, rope, quant)

@@ -1,0 +1,244 @@
+"""Quantized weights on the CPU side of codegen (issue #8): the int8 / int4 GEMVs and the prefill
+dequantize kernel render, name every constant, compile through NVRTC without spills for every
+variant a lowering can produce, and quantized plans lower (decode GEMVs read the codes, prefill
+dequantizes into the shared scratch that cuBLAS reads); layouts no kernel reads are one-line errors.
+
+Numerics are the GPU tests' business (tests/gpu/test_kernels_quant_gemv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import llamagraph
+from llamagraph.codegen import dense, lowering, nvrtc
+from llamagraph.codegen.launch import NULL, value, workspace
+from llamagraph.codegen.render import module_source
+from llamagraph.compiler import compile_plan
+
+DTYPES = ("float16", "bfloat16", "float32")
+QUANTS = (dense.GemvQuant("int8"), dense.GemvQuant("int4", 32), dense.GemvQuant("int4", 64),
+          dense.GemvQuant("int4", 128))
+ROW_TILES = (1, 8, 16)
+EPS = 1e-5
+ROPE = dense.RopeEpilogue(32, 8, 128, "rotate_half", 2048)
+# (N, K, epilogue, prologue, bias, out_dtype): every combination the GEMM lowerings emit
+SHAPES = [
+    (4096, 4096, "residual", "none", False, None),  # o_proj + residual (Llama-2-7B)
+    (4096, 11008, "residual", "none", True, None),  # down + residual: several batches and a ragged last one
+    (2 * 11008, 4096, "silu_mul", "rmsnorm", False, None),  # rms_gate_up_silu
+    (2 * 5632, 2048, "silu_mul", "none", True, None),  # gate_up_silu, unfused norm
+    ((ROPE.H + 2 * ROPE.KV) * ROPE.HD, 4096, "rope", "rmsnorm", True, None),  # rms_qkv_rope_kv_append
+    (32000, 4096, "none", "rmsnorm", False, "float32"),  # rms_lm_head / token_logprobs: fp32 logits
+    (2560, 2048, "none", "none", True, None),  # unfused qkv_gemm with bias
+    (100, 256, "none", "none", True, None),  # ragged N
+    (2 * 192, 64, "silu_mul", "rmsnorm", True, None),  # K below one int4 step (tiny models)
+]
+
+
+def _fits(q: dense.GemvQuant, K: int) -> bool:
+    return q.scheme == "int8" or K % q.group_size == 0
+
+
+def _kernel(dtype, q, rt, N, K, epi, pro, bias, out_dtype):
+    return dense.gemv(dtype, N, K, rt, epi, bias, out_dtype if dtype != "float32" else None, prologue=pro,
+                      eps=EPS if pro == "rmsnorm" else 0.0, rope=ROPE if epi == "rope" else None, quant=q)
+
+
+def _variants(dtype: str) -> list:
+    ks = []
+    for q in QUANTS:
+        for rt in ROW_TILES:
+            for N, K, epi, pro, bias, od in SHAPES:
+                if _fits(q, K) and not (epi == "rope" and dtype == "float32"):
+                    ks.append(_kernel(dtype, q, rt, N, K, epi, pro, bias, od))
+    return ks
+
+
+def _require_compiler():
+    if nvrtc.available() is None:
+        pytest.skip("no CUDA compiler here: pip install nvidia-cuda-nvrtc (or put nvcc on PATH)")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(dtype: str):
+    ks = _variants(dtype)
+    return ks, nvrtc.compile_source(module_source(ks), arch="sm_90")
+
+
+# ---- names and sources ----------------------------------------------------------------------------
+
+def test_names_encode_scheme_and_group():
+    ks = [dense.gemv("float16", 4096, 4096, 8, quant=q) for q in QUANTS]
+    ks += [dense.gemv("float16", 4096, 4096, 8), dense.gemv("bfloat16", 4096, 4096, 8, quant=QUANTS[1]),
+           dense.gemv("float16", 4096, 4096, 8, quant=dense.GemvQuant("int4", 4096))]
+    names = [k.name for k in ks]
+    assert len(set(names)) == len(names) and all(n.isidentifier() for n in names)
+    assert "_i8_" in names[0] and "_i4g32_" in names[1] and "_i4g128_" in names[3] and "_i4g4096_" in names[-1]
+    deq = [dense.dequant(dt, 4096, 4096, q) for q in QUANTS for dt in DTYPES]
+    assert len({k.name for k in deq}) == len(deq)
+    # a quantized kernel's args: scales and zeros right after W
+    src = dense.gemv("float16", 4096, 4096, 8, quant=QUANTS[2]).source
+    assert "const unsigned char* W, const unsigned short* w_scales, const unsigned short* w_zeros, const unsigned short* bias" in src
+
+
+def test_rendering_is_deterministic():
+    for dtype in DTYPES:
+        a, b = _variants(dtype), _variants(dtype)
+        assert [k.name for k in a] == [k.name for k in b]
+        assert module_source(a).encode() == module_source(b).encode()
+
+
+def test_sources_show_their_paths():
+    """16-bit activations stay on tensor cores; fp32 stays exact on CUDA cores; whole-step int4 groups
+    take the scale once per step, smaller ones per code."""
+    f16 = dense.gemv("bfloat16", 4096, 4096, 8, quant=dense.GemvQuant("int4", 128)).source
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in f16 and "FOLD = true" in f16
+    assert "FOLD = false" in dense.gemv("float16", 4096, 4096, 8, quant=dense.GemvQuant("int4", 64)).source
+    fp32 = dense.gemv("float32", 4096, 4096, 8, quant=dense.GemvQuant("int4", 64)).source
+    assert "mma.sync" not in fp32 and "__fmul_rn(code(" in fp32
+    assert "w_scales[m * N_OUT + col]" in dense.gemv("float16", 4096, 4096, 8, quant=QUANTS[0]).source  # int8: after the sums
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: dense.gemv("float16", 64, 96, 1, quant=dense.GemvQuant("int4", 48)), r"group_size 48, K=96: .*% 32"),
+        (lambda: dense.gemv("float16", 64, 96, 1, quant=dense.GemvQuant("int4", 64)), r"group_size 64, K=96"),
+        (lambda: dense.gemv("float16", 64, 72, 1, quant=dense.GemvQuant("int8")), r"K=72: .*K % 16 == 0"),
+        (lambda: dense.gemv("float16", 64, 64, 1, quant=dense.GemvQuant("int8", 32)), "one scale per row"),
+        (lambda: dense.gemv("float16", 64, 64, 1, quant=dense.GemvQuant("int3", 32)), "scheme"),
+        (lambda: dense.gemv("float16", 64, 64, 1, quant=("int4", 32)), "GemvQuant"),
+        (lambda: dense.dequant("float16", 64, 96, dense.GemvQuant("int4", 48)), "group_size 48"),
+    ],
+)
+def test_layouts_no_kernel_reads_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_launch_shapes():
+    q = dense.GemvQuant("int4", 128)
+    for rt in ROW_TILES:
+        k = dense.gemv("float16", 4096, 4096, rt, quant=q)
+        shape = dense.gemv_launch("float16", 4096, 4096, rt, quant=q)
+        tuning = dense.gemv_default_tuning("float16", 4096, 4096, rt, quant=q)
+        # one block per 16 output columns, the x slab as dynamic shared memory (the template asserts its size)
+        assert shape.grid == (256, 1, 1) and shape.block == (tuning.warps * 32, 1, 1)
+        assert shape.smem == dense.gemv_quant_smem("float16", 4096, rt, tuning, q) > 0
+        assert f"== {shape.smem}, " in k.source
+    assert dense.gemv_launch("float16", 2 * 11008, 4096, 8, "silu_mul", quant=q).grid == (688, 1, 1)
+    assert dense.gemv_launch("float32", 100, 256, 8, quant=q).smem == 0  # CUDA cores: no slab
+    d = dense.dequant_launch(100, 256)
+    assert d.grid[0] * d.block[0] >= 100 * 256 // 8
+
+
+# ---- every variant compiles, without spills --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_quantized_gemv_compiles_without_spills(dtype):
+    _require_compiler()
+    ks, res = _compiled(dtype)
+    assert len(ks) > 80
+    for k in ks:
+        r = res.kernels[k.name]
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_bytes == 0, (k.name, r)
+        # the launch bounds' budget: 256 threads x 2 blocks (fp32) or 128 x 4 (16-bit) a SM
+        assert 0 < r.registers <= 128, (k.name, r)
+
+
+def test_dequantize_kernels_compile():
+    _require_compiler()
+    ks = [dense.dequant(dt, N, K, q) for dt in DTYPES for q in QUANTS for N, K in ((100, 256), (4096, 11008))
+          if _fits(q, K)]
+    res = nvrtc.compile_source(module_source(ks), arch="sm_90")
+    for k in ks:
+        assert res.kernels[k.name].spill_stores == 0, k.name
+
+
+# ---- quantized plans lower ------------------------------------------------------------------------
+
+def _tiny(name: str = "gqa") -> dict:
+    import models
+
+    return models.hf_config(name).to_dict()
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 64), ("int4", 32), ("int4", -1), ("int8", None)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_quantized_plan_lowers_and_compiles(scheme, group, dtype):
+    plan = compile_plan(_tiny(), dtype=dtype, max_batch=2, max_seq=64, quantize=scheme, group_size=group)
+    g = plan.graph
+    quantized = {n for n, v in g.values.items() if v.quant is not None}
+    assert quantized
+    tag = "i8" if scheme == "int8" else "i4g"
+    dec = [x for x in plan.phases["decode"] if len(x.args) > 1 and x.args[1].ref in quantized]
+    # every GEMM of the decode step reads its codes through a quantized GEMV, scales (and zeros) after W
+    gemms = [n for n in g.nodes if any(i in quantized for i in n.inputs)]
+    assert len({x.node for x in dec}) == len(gemms) > 0
+    for x in dec:
+        q = g.values[x.args[1].ref].quant
+        assert x.fn.startswith("gemv_") and f"_{tag}" in x.fn
+        assert x.args[2] == value(q.scales) and x.args[3] == (value(q.zeros) if q.zeros else NULL)
+    # prefill above two row tiles: dequantize into the scratch, then cuBLAS reads the scratch
+    pre = plan.phases["prefill"]
+    for i, x in enumerate(pre):
+        if x.kind == "library" and x.args[1].kind == "workspace":
+            assert x.args[1] == workspace(lowering.DEQUANT_SCRATCH)
+            deq = [y for y in pre[:i] if y.node == x.node and y.fn.startswith("dequant_")]
+            assert deq and deq[-1].fn.startswith(f"dequant_{tag}") and deq[-1].args[-1] == x.args[1]
+            assert deq[-1].args[0].ref in quantized and deq[-1].args[0].ref in g.nodes[x.node].inputs  # its own W
+    assert not [x for x in pre if x.kind == "library" and x.args[1].kind == "value" and x.args[1].ref in quantized]
+    # each node reading a quantized weight dequantizes it for its cuBLAS path
+    assert {x.node for x in pre if x.fn.startswith("dequant_")} == set(range(len(g.nodes))) & {
+        i for i, n in enumerate(g.nodes) if any(v in quantized for v in n.inputs)}
+    scratch = plan.workspace(lowering.DEQUANT_SCRATCH)
+    itemsize = 4 if dtype == "float32" else 2
+    assert scratch.nbytes == max(v.shape[0] * v.shape[1] * itemsize for v in (g.values[n] for n in quantized))
+    if nvrtc.available() is not None:
+        res = nvrtc.compile_source(plan.source, "sm_90")
+        assert set(plan.kernels) <= set(res.kernels)
+        assert not {k: r for k, r in res.kernels.items() if r.spill_stores or r.spill_loads}
+
+
+def test_quantized_decode_kernels_wait_before_reading_activations():
+    """Programmatic dependent launch: before lg_pdl_wait a quantized GEMV only prefetches weights
+    (codes, scales, zeros)."""
+    plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize="int4", group_size=32)
+    names = {x.fn for x in plan.phases["decode"] if x.fn.startswith("gemv_")}
+    assert names and all("_i4g32_" in n for n in names)
+    for name in names:
+        entry = plan.source.split(f"{name}(", 2)[-1]
+        entry = entry[: entry.index("\n}\n")]
+        before = entry[entry.index("{") + 1: entry.index("lg_pdl_wait();")]
+        assert "prefetch_w(" in before and "_impl::run" not in before and "[" not in before, name
+
+
+def test_a_quantized_lm_head_serves_the_prompt_logprobs():
+    """token_logprobs: the decode GEMV reads the LM head's codes; prefill dequantizes it once (when
+    the logprobs are wanted) and every chunk's cuBLAS call reads the scratch."""
+    plan = compile_plan(_tiny(), dtype="float16", max_batch=4, max_seq=64, max_tokens=200, quantize="int8")
+    g = plan.graph
+    node = next(i for i, n in enumerate(g.nodes) if n.op == "token_logprobs")
+    head = g.nodes[node].inputs[2]
+    assert g.values[head].quant is not None
+    dec = [x for x in plan.phases["decode"] if x.node == node]
+    assert dec[0].fn.startswith("gemv_f16_of32_i8_") and dec[0].args[1] == value(head)
+    pre = [x for x in plan.phases["prefill"] if x.node == node]
+    assert pre[0].fn.startswith("dequant_i8_f16_") and pre[0].on_demand
+    gemms = [x for x in pre if x.kind == "library"]
+    chunks = -(-g.dims["T"] // lowering.LOGPROB_CHUNK)
+    assert len(gemms) == chunks > 1 and all(x.args[1] == workspace(lowering.DEQUANT_SCRATCH) for x in gemms)
+    assert [x.fn for x in pre].count(pre[0].fn) == 1  # dequantized once for all the chunks
+
+
+def test_a_group_size_no_kernel_reads_is_a_one_line_error():
+    """group 16 divides every K of the tiny model, so the pass accepts it; the GEMV reads 32 columns
+    of one group at a time and the lowering says so, naming the weight, G and K."""
+    with pytest.raises(llamagraph.PlanError) as err:
+        compile_plan(_tiny(), dtype="float16", max_batch=1, max_seq=64, quantize="int4", group_size=16)
+    msg = str(err.value)
+    assert "\n" not in msg and "group_size 16, K=64" in msg and "% 32 == 0" in msg
+    assert "%l0." in msg and ".w is int4" in msg
