@@ -25,15 +25,7 @@ parts=${*:-examples batch prefill bf16}
   echo
 } >> "$txt"
 
-run() {  # run NAME BENCH-ARGS...: one `llamagraph bench`, its table appended to $txt
-  local name=$1; shift
-  local start=$SECONDS
-  echo "\$ llamagraph bench $* --json bench_$name.json" >> "$txt"
-  python3 -m llamagraph bench "$@" --json "$OUT/bench_$name.json" >> "$txt" 2> "$OUT/bench_$name.log" \
-    || { echo "(failed: exit $?; last lines of bench_$name.log below)"; tail -n 5 "$OUT/bench_$name.log"; } >> "$txt"
-  echo >> "$txt"
-  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
-}
+source "$(dirname "$0")/bench_run.sh"  # run NAME BENCH-ARGS...
 
 for part in $parts; do
   case $part in

@@ -20,15 +20,7 @@ parts=${*:-llama2 llama3 70b}
   echo
 } >> "$txt"
 
-run() {  # run NAME BENCH-ARGS...
-  local name=$1; shift
-  local start=$SECONDS
-  echo "\$ llamagraph bench $* --json bench_$name.json" >> "$txt"
-  python3 -m llamagraph bench "$@" --json "$OUT/bench_$name.json" >> "$txt" 2> "$OUT/bench_$name.log" \
-    || { echo "(failed: exit $?; last lines of bench_$name.log below)"; tail -n 5 "$OUT/bench_$name.log"; } >> "$txt"
-  echo >> "$txt"
-  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
-}
+source "$(dirname "$0")/bench_run.sh"  # run NAME BENCH-ARGS...
 
 for part in $parts; do
   case $part in

@@ -38,6 +38,7 @@ from llamagraph.ir.errors import BackendError, WeightError
 from llamagraph.ir.graph import WEIGHT, Graph
 from llamagraph.ir.layout import assemble, stacked_row
 from llamagraph.ir.quant import quantize
+from llamagraph.runtime.quant_checkpoints import holds_int4, load_quantized_value
 
 Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, value_name)
 
@@ -398,8 +399,6 @@ def iter_weights(
     qcfg = graph.meta.get("config", {}).get("quantization")  # a GPTQ / AWQ checkpoint's int4 tensors
     for v in _source_values(graph):
         if v.quant is not None and qcfg and _holds_int4(ckpt, v, source):
-            from llamagraph.runtime.quant_checkpoints import load_quantized_value
-
             codes, scales, zeros = load_quantized_value(ckpt, graph, v.name, qcfg)
             items = [(v.name, codes), (v.quant.scales, scales)] + ([(v.quant.zeros, zeros)] if v.quant.zeros else [])
         else:
@@ -419,8 +418,6 @@ def _holds_int4(ckpt, v, source: str) -> bool:
     """Whether the checkpoint holds any of ``v``'s parts as GPTQ / AWQ int4 tensors
     (``<prefix>.qweight``) rather than float ``<prefix>.weight``; a value mixing both is
     repacked part by part (``load_quantized_value`` quantizes the float parts)."""
-    from llamagraph.runtime.quant_checkpoints import holds_int4
-
     return source == "hf" and any(holds_int4(ckpt, name) for name, _ in v.attrs["parts"])
 
 
