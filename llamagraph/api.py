@@ -49,6 +49,7 @@ def compile(
     keep_values: bool = False,
     quantize: str | None = None,
     group_size: int | None = None,
+    tp: int = 1,
 ) -> "Plan":
     """Compile a model into an executable plan.
 
@@ -67,11 +68,15 @@ def compile(
     quantize: "int8" or "int4" to quantize every linear weight (weight-only; see
       ``llamagraph.ir.quant`` for the exact schemes); group_size: int4 columns per scale and zero
       (default 128; -1 for one group per row). A GPTQ / AWQ checkpoint is int4 on its own.
+    tp: tensor-parallel ranks. The graph each rank runs holds 1/tp of every projection (heads,
+      FFN columns, vocabulary) with all-reduces after O and down; the CUDA backend runs rank r on
+      GPU r with NCCL, the reference backend simulates the ranks in one process. ``run`` and
+      ``generate`` are unchanged.
     """
     _check_binding(weights, backend, seed)
     compiled = compile_plan(model, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                             passes=passes, dump_dir=dump_dir, keep_values=keep_values, quantize=quantize,
-                            group_size=group_size)
+                            group_size=group_size, tp=tp)
     return bind(compiled, weights, backend=backend, seed=seed, progress=progress)
 
 
@@ -106,6 +111,9 @@ def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: i
     """A ``Plan`` running ``compiled`` on ``backend`` with ``weights`` (see ``compile``)."""
     _check_binding(weights, backend, seed)
     cfg = ModelConfig(**compiled.graph.meta["config"])  # the config the plan was compiled from
+    tp = int(compiled.graph.meta.get("tp", 1))
+    if tp > 1:
+        return Plan(compiled, cfg, _bind_ranks(compiled, cfg, weights, backend, seed, tp, progress))
     if backend == "cuda":
         from llamagraph.runtime.cuda import CudaExecutor  # cupy is imported only when asked for
 
@@ -119,7 +127,28 @@ def bind(compiled: CompiledPlan, weights, *, backend: str = "reference", seed: i
     return Plan(compiled, cfg, executor)
 
 
-def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference"):
+def _bind_ranks(compiled: CompiledPlan, cfg: ModelConfig, weights, backend: str, seed: int, tp: int, progress: bool):
+    """The executor of a tensor-parallel plan: every rank bound to its shard of the weights."""
+    if isinstance(weights, dict):
+        raise WeightError(f"a tensor-parallel plan (tp {tp}) takes a checkpoint path or 'random' for its weights, "
+                          "not a dict: each rank cuts its shard from the checkpoint's tensors")
+    if backend == "cuda":
+        from llamagraph.runtime.cuda import CudaExecutor
+        from llamagraph.runtime.tensor_parallel import CudaTensorParallel
+
+        CudaExecutor.check_available()
+        return CudaTensorParallel(compiled, [resolve_weights(compiled.graph, cfg, compiled.model, weights, seed,
+                                                             backend, rank) for rank in range(tp)],
+                                  progress=progress)
+    from llamagraph.runtime.reference import TensorParallelReference
+
+    return TensorParallelReference(compiled, [resolve_weights(compiled.graph, cfg, compiled.model, weights, seed,
+                                                              backend, rank) for rank in range(tp)])
+
+
+def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference",
+                    rank: int = 0):
+    """The weights in the form the executor takes (for rank ``rank`` of a tensor-parallel plan)."""
     from llamagraph.runtime.weights import (
         check_reference_memory, check_weights_dict, iter_weights, load_weights, random_weights,
     )
@@ -132,8 +161,8 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
         if backend == "cuda":  # drawn on the GPU: a 7B model's worth of normals in seconds
             from llamagraph.runtime.cuda import RandomOnDevice
 
-            return RandomOnDevice(seed)
-        return random_weights(graph, seed=seed)
+            return RandomOnDevice(seed, rank=rank)
+        return random_weights(graph, seed=seed, rank=rank)
     if weights is None:
         if model is None or isinstance(model, (dict, ModelConfig)):
             raise WeightError("no weights given: pass weights=PATH to a checkpoint, or weights='random'")
@@ -141,8 +170,8 @@ def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, b
         weights = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if backend == "cuda":  # streamed: one weight value in host memory at a time, uploaded as read
         # (checked for NaN / inf on the device after upload, where it is cheap)
-        return iter_weights(graph, os.fspath(weights), source=cfg.source, check_finite=False)
-    return load_weights(graph, os.fspath(weights), source=cfg.source)
+        return iter_weights(graph, os.fspath(weights), source=cfg.source, check_finite=False, rank=rank)
+    return load_weights(graph, os.fspath(weights), source=cfg.source, rank=rank)
 
 
 def logits_error(plan: "Plan", reference: "Plan", tokens: list[list[int]]) -> dict:
@@ -176,7 +205,9 @@ class Plan:
         self.logits_name = graph.with_role("logits")
         self.next_token_name = graph.with_role("next_token")
         self.next_logprob_name = graph.with_role("next_logprob")
-        self.token_logprobs_name = graph.with_role("token_logprobs")
+        # a tensor-parallel plan has none (its LM head is split over the ranks): echo logprobs are refused
+        has_echo = any(v.role == "token_logprobs" for v in graph.values.values())
+        self.token_logprobs_name = graph.with_role("token_logprobs") if has_echo else None
         self.lengths: list[int] = []  # tokens held in each slot's KV cache
         self.state = 0  # bumped whenever what the KV cache holds changes (a chat checks it is still its own)
 
@@ -224,6 +255,9 @@ class Plan:
                 raise InputError(f"{flag} must be True or False, got {v!r}")
         if echo and append:
             raise InputError("echo=True scores whole prompts; it cannot continue held sequences (append=True)")
+        if echo and logprobs and self.token_logprobs_name is None:
+            raise InputError(f"echo=True with logprobs=True: prompt logprobs are not available in a tensor-parallel "
+                             f"plan (tp {self.graph.meta.get('tp')}); its LM head is split over the ranks")
         held = self.lengths if append else []
         batch = self._check_tokens(prompts, extra=max(max_new_tokens - 1, 0), lengths=held)
         if max_new_tokens == 0 and not (echo and logprobs):

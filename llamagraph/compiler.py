@@ -17,6 +17,7 @@ from llamagraph.ir import ConfigError, Graph, ModelConfig, build_graph, load_con
 from llamagraph.ir.dtypes import FLOAT_DTYPES
 from llamagraph.ir.quant import DEFAULT_GROUP_SIZE, SCHEMES as QUANT_SCHEMES
 from llamagraph.passes import PASS_NAMES, run_pipeline
+from llamagraph.passes.shard_tensor_parallel import check_tp
 
 BUILD = "build"  # the stage name of the unfused graph, before any pass
 
@@ -63,7 +64,8 @@ def checkpoint_quantization(cfg: ModelConfig, quantize: str | None, group_size: 
 
 
 def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
-                  max_tokens: int | None = None, quantize: str | None = None, group_size: int | None = None) -> Graph:
+                  max_tokens: int | None = None, quantize: str | None = None, group_size: int | None = None,
+                  tp: int = 1) -> Graph:
     """Check the sizes, fill their defaults (the one place that decides them), build the graph."""
     if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
@@ -77,18 +79,27 @@ def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
             raise ConfigError(f"max_tokens {max_tokens} exceeds max_batch * max_seq = {max_batch * max_seq}, "
                               "the most tokens the KV caches can take in one step")
     spec = quantize_spec(quantize, group_size)
+    tp = positive_int("tp", tp)
+    if tp > 1:
+        check_tp(cfg.to_dict(), tp)
+        if spec:
+            raise ConfigError(f"quantize {quantize!r} with tp {tp}: quantized weights are not sharded yet; "
+                              "use one or the other")
     graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
     if spec:
         q = getattr(cfg, "quantization", None)
         if q:  # a GPTQ / AWQ checkpoint keeps its LM head in float unless it says otherwise
             spec["lm_head"] = bool(q.get("lm_head"))
         graph.meta["quantize"] = spec  # read by the quantize_weights pass
+    if tp > 1:
+        graph.meta["tp"] = tp  # read by the shard_tensor_parallel pass and the executors
     return graph
 
 
 def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                   max_tokens: int | None = None, passes: list[str] | None = None, dump_dir: str | None = None,
-                  keep_values: bool = False, quantize: str | None = None, group_size: int | None = None) -> Graph:
+                  keep_values: bool = False, quantize: str | None = None, group_size: int | None = None,
+                  tp: int = 1) -> Graph:
     """Build the unfused graph and run the pass pipeline (DCE and the memory planner always run).
 
     keep_values: give every activation its own arena buffer (no reuse), so any intermediate
@@ -96,11 +107,11 @@ def compile_graph(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     """
     quantize, group_size = checkpoint_quantization(cfg, quantize, group_size)
     graph = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                          quantize=quantize, group_size=group_size)
+                          quantize=quantize, group_size=group_size, tp=tp)
     if keep_values:
         graph.meta["keep_values"] = True  # read by plan_memory
     if passes is not None:
-        passes = check_passes(passes) + ["dce", "quantize_weights", "plan_memory"]
+        passes = ["shard_tensor_parallel"] + check_passes(passes) + ["dce", "quantize_weights", "plan_memory"]
     return run_pipeline(graph, passes, dump_dir)
 
 
@@ -138,13 +149,13 @@ def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
 def compile_plan(model, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                  max_tokens: int | None = None, passes: list[str] | None = None,
                  dump_dir: str | None = None, keep_values: bool = False, quantize: str | None = None,
-                 group_size: int | None = None) -> CompiledPlan:
+                 group_size: int | None = None, tp: int = 1) -> CompiledPlan:
     """Config (path, checkpoint directory, dict or ModelConfig) -> a checked ``CompiledPlan``."""
     if not isinstance(model, (str, os.PathLike, dict, ModelConfig)):
         raise ConfigError(f"model must be a config path, a checkpoint directory or a config dict, got {model!r}")
     cfg = load_config(model)
     graph = compile_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
                           passes=passes, dump_dir=dump_dir, keep_values=keep_values, quantize=quantize,
-                          group_size=group_size)
+                          group_size=group_size, tp=tp)
     source = os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
     return lower(graph, source)

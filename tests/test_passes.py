@@ -440,7 +440,8 @@ def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
     fused = run_pipeline(_biased_model(), dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".txt")
     assert names == ["00_build.txt"] + [f"{k:02d}_{p.__name__}.txt" for k, p in enumerate(PIPELINE, 1)]
-    assert "residual: 4 -> 0" in (tmp_path / "01_fuse_linear_residual.txt").read_text()
+    assert "no change" in (tmp_path / "01_shard_tensor_parallel.txt").read_text()  # tp 1
+    assert "residual: 4 -> 0" in (tmp_path / "02_fuse_linear_residual.txt").read_text()
     assert "rmsnorm: 5 -> 2" in (tmp_path / f"{PASS_NAMES.index('fuse_norm_prologue') + 1:02d}_fuse_norm_prologue.txt").read_text()
     ops = fused.op_counts()
     for gone in ("residual", "bias_add", "silu", "mul", "rope", "kv_append", "gate_proj", "up_proj", "add_rmsnorm",

@@ -67,7 +67,7 @@ graph (T=4, B=1)
   weight @w: i4[64,256] {layer=0, role="matrix", quant={"group_size":128,"scales":"w.scales","scheme":"int4","zeros":"w.zeros"}}
   weight @w.scales: f16[64,2] {layer=0, role="scales"}
   weight @w.zeros: f16[64,2] {layer=0, role="zeros"}
-  weight @v: i8[64,256] {quant={"scales":"v.scales","scheme":"int8"}, shard={"axis":0,"ranks":2}}
+  weight @v: i8[64,256] {quant={"scales":"v.scales","scheme":"int8"}, shard={"axis":0,"blocks":[128],"ranks":2}, parts=[["v.weight",[128,256]]]}
   weight @v.scales: f16[64] {role="scales"}
   cache %kv: f16[1,16,2,32] {layout={"kind":"dense"}}
   %y: f16[T,64] = o_proj(%x, @w) loc(layer=0)
@@ -80,7 +80,7 @@ def test_layouts_print_parse_and_round_trip():
     verify(g)
     w, v = g.values["w"], g.values["v"]
     assert w.quant == Quant("int4", "w.scales", 128, "w.zeros") and w.layer == 0
-    assert v.quant == Quant("int8", "v.scales") and v.shard == Shard(0, 2)
+    assert v.quant == Quant("int8", "v.scales") and v.shard == Shard(0, 2, blocks=(128,))
     assert g.values["kv"].layout == CacheLayout("dense")
     assert Graph.from_text(str(g)) == g == Graph.from_json(g.to_json())
     # sizes come from the layout: packed int4 is half a byte a weight, int8 one
@@ -97,7 +97,9 @@ def test_layouts_print_parse_and_round_trip():
     (('"scheme":"int4"', '"scheme":"nf4"'), "unknown quantization scheme 'nf4'"),
     (("weight @v: i8[64,256] {", "weight @v: i8[64,256] {role=\"matrix\", "), None),
     (('quant={"scales":"v.scales","scheme":"int8"}, ', ""), "int8 weight has no quantization description"),
-    (('"axis":0,"ranks":2', '"axis":2,"ranks":2'), "shard axis 2 is not an axis of i8"),
+    (('"axis":0,"blocks":[128],"ranks":2', '"axis":2,"blocks":[128],"ranks":2'), "shard axis 2 is not an axis of i8"),
+    (('"blocks":[128],', '"blocks":[128],"chunk":32,'), "either blocks .one per part. or a chunk"),
+    (('"blocks":[128]', '"blocks":[64,64]'), r"shard blocks \[64, 64\] do not match its 1 parts"),
     (('cache %kv: f16[1,16,2,32] {layout={"kind":"dense"}}', "cache %kv: f16[1,16,2,32]"), "cache layout"),
     (('{layout={"kind":"dense"}}', '{layout={"kind":"paged"}}'), "unknown cache layout 'paged'"),
     (("input %x: f16[T,256]", 'input %x: f16[T,256] {layout={"kind":"dense"}}'), "cache layout"),

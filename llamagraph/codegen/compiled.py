@@ -234,7 +234,7 @@ def check_capturable(plan: CompiledPlan, phase: str) -> None:
             continue
         node = g.nodes[launch.node].name if 0 <= launch.node < len(g.nodes) else "?"
         where = f"{phase} launch {k} ({launch.describe()}, node {launch.node} '{node}')"
-        if launch.kind != "kernel":
+        if launch.kind == "library":  # a collective (NCCL) is captured like a kernel
             raise PlanError(f"{where}: a library call cannot be captured into a CUDA graph (cupy refuses cuBLAS "
                             "during stream capture); lower it to a generated kernel")
         for c in launch.when:

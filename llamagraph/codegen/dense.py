@@ -87,6 +87,19 @@ def gather_rows_launch(dtype: str, D: int, rows: int | str) -> Shape:
     return Shape((extent(rows, per_row, COPY_THREADS), 1, 1), (COPY_THREADS, 1, 1), 0)
 
 
+def vocab_concat(ranks: int, chunk: int, vocab: int) -> Kernel:
+    """The all-gathered vocabulary chunks [ranks, n, chunk] fp32 -> whole logits rows [n, vocab].
+
+    Args: (const float* chunks, float* out, int n).
+    """
+    name = f"vocab_concat_r{ranks}_c{chunk}_v{vocab}"
+    return Kernel(name, render("vocab_concat", name=name, ranks=ranks, chunk=chunk, vocab=vocab, threads=COPY_THREADS))
+
+
+def vocab_concat_launch(vocab: int, rows: int | str) -> Shape:
+    return Shape((extent(rows, vocab, COPY_THREADS), 1, 1), (COPY_THREADS, 1, 1), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # add_rmsnorm
 # ---------------------------------------------------------------------------------------------

@@ -91,18 +91,16 @@ def same_in_both(kernels: list[Kernel], launches: list[Launch], workspaces=()) -
 
 def _float_only(c: Ctx, *names: str) -> None:
     for name in names:
-        v = c.v(name)
-        if v.quant is not None or v.shard is not None:
-            what = f"quantized ({v.quant.scheme})" if v.quant is not None else "sharded"
-            raise LoweringError(f"{c.node.op} '{c.node.name}': %{name} is {what}; no kernel reads that layout yet")
+        v = c.v(name)  # (a sharded value is an ordinary one here: the rank graph's shape is the rank's slice)
+        if v.quant is not None:
+            raise LoweringError(f"{c.node.op} '{c.node.name}': %{name} is quantized ({v.quant.scheme}); no kernel "
+                                "reads that layout yet")
 
 
 def _weight_layout(c: Ctx, w: str) -> dense.GemvQuant | None:
     """How the GEMV reads the linear weight %w: None for float codes, else its quantization
     (``Value.quant``), checked against what the kernels can read (one-line error naming w, G, K)."""
-    v = c.v(w)
-    if v.shard is not None:
-        _float_only(c, w)
+    v = c.v(w)  # a sharded weight is an ordinary one here: the rank graph's shape is the rank's slice
     if v.quant is None:
         return None
     q = dense.GemvQuant(v.quant.scheme, v.quant.group_size if v.quant.scheme == "int4" else None)
@@ -148,6 +146,34 @@ def lower_embedding(n: Node, c: Ctx) -> Lowered:
     tokens, table = n.inputs  # x: [T, D] = table[tokens]
     _float_only(c, table)
     return _gather(table, tokens, n.outputs[0], c)
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives (tensor parallelism): launches of kind "collective", which the executor hands to NCCL
+# on the rank's communicator and stream (captured into the decode graph like a kernel)
+# ---------------------------------------------------------------------------------------------
+
+@lowering("all_reduce")
+def lower_all_reduce(n: Node, c: Ctx) -> Lowered:
+    (x,), (out,) = n.inputs, n.outputs  # out: [rows, D] = sum over ranks of x (in place when planned so)
+    dt, D, rows = c.dtype(out), c.v(out).shape[1], c.rows(out)
+    # args: send, receive, rows, elements per row, dtype: NCCL sums rows * D elements
+    return same_in_both([], [Launch("all_reduce", None, (value(x), value(out), step(rows), const(D), const(dt)),
+                                    kind="collective")])
+
+
+@lowering("all_gather_vocab")
+def lower_all_gather_vocab(n: Node, c: Ctx) -> Lowered:
+    (local,), (out,) = n.inputs, n.outputs  # local: [B, chunk] fp32 -> out: [B, V] fp32
+    ranks, vocab = n.attrs["ranks"], n.attrs["vocab"]
+    chunk, rows = c.v(local).shape[1], c.rows(out)
+    ws = Workspace(f"{n.name}.chunks", ranks * c.graph.dims[rows] * chunk * 4)  # [ranks, rows, chunk] fp32
+    k = dense.vocab_concat(ranks, chunk, vocab)
+    # args: send, receive, rows, elements per row and rank, dtype: every rank's rows * chunk elements, rank-major
+    gather = Launch("all_gather", None, (value(local), workspace(ws.name), step(rows), const(chunk), const("float32")),
+                    kind="collective")
+    return same_in_both([k], [gather, run(k, dense.vocab_concat_launch(vocab, rows), workspace(ws.name), value(out),
+                                          step(rows))], [ws])
 
 
 @lowering("gather_last")

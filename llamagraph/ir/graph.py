@@ -50,10 +50,68 @@ QUANT_SCHEMES = {"int8": "int8", "int4": "int4"}  # scheme -> the dtype of its c
 
 @dataclass(frozen=True)
 class Shard:
-    """This value is one rank's slice of a weight split along ``axis`` over ``ranks`` ranks."""
+    """This weight value is one rank's slice of the whole weight, split along ``axis`` over ``ranks`` ranks.
+
+    A weight is stacked from checkpoint parts (``attrs["parts"]``); each part is sliced on its own,
+    before stacking, so a fused QKV value takes the rank's heads of q, of k and of v.
+
+    ``blocks`` (one entry per part): the part is ``b`` equal blocks along ``axis`` (heads, or single
+    rows); rank r takes ``max(1, b // ranks)`` blocks from block ``r * b // ranks``. With b < ranks
+    every block is taken by ``ranks / b`` ranks in turn: KV heads replicated, as vLLM does.
+    ``chunk`` (vocabulary-parallel, one part): rank r takes rows ``[r * chunk, (r + 1) * chunk)``; the
+    last rank's slice may run past the part and is padded with zero rows up to ``chunk``.
+    """
 
     axis: int
     ranks: int
+    blocks: tuple[int, ...] | None = None
+    chunk: int | None = None
+
+    def __post_init__(self):
+        if self.blocks is not None:  # from JSON: a list
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+
+    def take(self, part: int, arr, rank: int):
+        """Rank ``rank``'s slice of part number ``part`` (a numpy or cupy array)."""
+        n = arr.shape[self.axis]
+        if self.chunk is not None:
+            lo, hi = min(n, rank * self.chunk), min(n, (rank + 1) * self.chunk)
+            index = [slice(None)] * arr.ndim
+            index[self.axis] = slice(lo, hi)
+            piece = arr[tuple(index)]
+            pad = self.chunk - (hi - lo)
+            if pad:
+                shape = list(arr.shape)
+                shape[self.axis] = pad
+                xp = _array_module(arr)
+                piece = xp.concatenate([piece, xp.zeros(shape, arr.dtype)], axis=self.axis)
+            return piece
+        b = self.blocks[part]
+        size, count, first = n // b, max(1, b // self.ranks), rank * b // self.ranks
+        index = [slice(None)] * arr.ndim
+        index[self.axis] = slice(first * size, (first + count) * size)
+        return arr[tuple(index)]
+
+
+def stacked_shard(a: Shard | None, b: Shard | None) -> Shard | None:
+    """The shard of a weight stacked from two weights' parts (a's, then b's), each cut alike."""
+    if a is None and b is None:
+        return None
+    if a is None or b is None or a.axis != b.axis or a.ranks != b.ranks or a.blocks is None or b.blocks is None:
+        raise ValueError(f"cannot stack weights sharded as {a} and {b}")
+    return Shard(a.axis, a.ranks, blocks=a.blocks + b.blocks)
+
+
+def _array_module(arr):
+    """numpy, or cupy for a cupy array (imported only when one is seen)."""
+    mod = type(arr).__module__.split(".")[0]
+    if mod == "cupy":
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,11 @@ def row_order(attrs: dict) -> np.ndarray | None:
     return rope_pair_order(*args)
 
 
-def assemble(attrs: dict, parts: list[np.ndarray]) -> np.ndarray:
-    """A weight value's array from its parts' arrays (in ``attrs["parts"]`` order)."""
+def assemble(attrs: dict, parts: list[np.ndarray], shard=None, rank: int = 0) -> np.ndarray:
+    """A weight value's array from its parts' arrays (in ``attrs["parts"]`` order); for a sharded
+    value (``Value.shard``, an ``ir.graph.Shard``) rank ``rank``'s slice of each part, then stacked."""
+    if shard is not None:
+        parts = [shard.take(i, p, rank) for i, p in enumerate(parts)]
     arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     order = row_order(attrs)
     return arr if order is None else np.ascontiguousarray(arr[order])

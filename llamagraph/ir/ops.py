@@ -39,14 +39,18 @@ class OpDef:
     on_demand: bool = False
     # reads its weight one row per index (an embedding lookup), not whole
     gather: bool = False
+    # a collective over the tensor-parallel ranks: ``reference`` takes every rank's inputs
+    # ([rank][input] arrays) and returns every rank's outputs ([rank][output])
+    collective: bool = False
 
 
 OPS: dict[str, OpDef] = {}
 
 
 def register(name, infer, reference, *, inplace=None, effects=False, n_inputs=(1, 1), gemm=False, on_demand=False,
-             gather=False):
-    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm, on_demand, gather)
+             gather=False, collective=False):
+    OPS[name] = OpDef(name, infer, reference, dict(inplace or {}), effects, n_inputs, gemm, on_demand, gather,
+                      collective)
 
 
 def gemm_ops() -> tuple[str, ...]:
@@ -458,3 +462,31 @@ register(
     n_inputs=(4, 4),
     on_demand=True,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives (tensor parallelism): every rank runs the same graph on its own shard of the weights
+# ---------------------------------------------------------------------------------------------
+
+def _all_reduce_ref(per_rank, attrs):
+    # partial sums [T, D] of a row-parallel projection, added in rank order in fp32 (the stored
+    # result is rounded once, to the value's dtype, by the executor)
+    total = per_rank[0][0].astype(np.float32)
+    for ins in per_rank[1:]:
+        total = total + ins[0]
+    return [[total] for _ in per_rank]
+
+
+def _all_gather_vocab_infer(ins, attrs):
+    return [((ins[0].shape[0], attrs["vocab"]), ins[0].dtype)]
+
+
+def _all_gather_vocab_ref(per_rank, attrs):
+    # each rank's logits over its vocabulary chunk [B, chunk] -> every rank's full logits [B, V]
+    # (rank r's chunk is columns r*chunk.., the last chunk's padding rows dropped)
+    full = np.concatenate([ins[0] for ins in per_rank], axis=1)[:, : attrs["vocab"]]
+    return [[full] for _ in per_rank]
+
+
+register("all_reduce", _same, _all_reduce_ref, inplace={0: (0,)}, collective=True)
+register("all_gather_vocab", _all_gather_vocab_infer, _all_gather_vocab_ref, collective=True)

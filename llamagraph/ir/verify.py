@@ -117,6 +117,10 @@ def _layout_problem(graph: Graph, v: Value) -> str | None:
             return f"shard axis {v.shard.axis} is not an axis of {v.type_str()}"
         if v.shard.ranks < 1:
             return f"shard ranks must be >= 1, got {v.shard.ranks}"
+        if (v.shard.blocks is None) == (v.shard.chunk is None):
+            return "a shard names either blocks (one per part) or a chunk"
+        if v.shard.blocks is not None and len(v.shard.blocks) != len(v.attrs.get("parts", [])):
+            return f"shard blocks {list(v.shard.blocks)} do not match its {len(v.attrs.get('parts', []))} parts"
     if v.dtype in QUANT_DTYPES and v.quant is None:
         return f"{v.dtype} weight has no quantization description (scales)"
     if v.dtype == "int4" and v.shape and isinstance(v.shape[-1], int) and v.shape[-1] % 2:

@@ -10,6 +10,7 @@ become dead. The fused node sits where the earlier projection was.
 from __future__ import annotations
 
 from llamagraph.ir import WEIGHT, Graph, Node
+from llamagraph.ir.graph import stacked_shard
 
 from .rewrite import Match, Pat, Rule, rewrite
 
@@ -20,7 +21,7 @@ def _concat_weight(graph: Graph, a: str, b: str, what: str) -> str:
     if name not in graph.values:
         shape = (va.shape[0] + vb.shape[0],) + tuple(va.shape[1:])
         graph.add_value(name, shape, va.dtype, WEIGHT, layer=va.layer, role=va.role,
-                        parts=va.attrs["parts"] + vb.attrs["parts"])
+                        parts=va.attrs["parts"] + vb.attrs["parts"], shard=stacked_shard(va.shard, vb.shard))
     return name
 
 

@@ -47,7 +47,7 @@ def _paired(graph: Graph, name: str, heads: int, head_dim: int, layout: str) -> 
     v = graph.values[name]
     paired = name[:-2] + ".rope_pairs.w" if name.endswith(".w") else name + ".rope_pairs"
     if paired not in graph.values:
-        graph.add_value(paired, v.shape, v.dtype, WEIGHT, layer=v.layer, role=v.role,
+        graph.add_value(paired, v.shape, v.dtype, WEIGHT, layer=v.layer, role=v.role, shard=v.shard,
                         parts=v.attrs["parts"], row_order=["rope_pairs", heads, head_dim, layout])
     return paired
 

@@ -20,10 +20,14 @@ from .fuse_rope_kv_append import fuse_rope_kv_append
 from .fuse_silu_mul import fuse_silu_mul
 from .plan_memory import plan_memory
 from .quantize_weights import quantize_weights
+from .shard_tensor_parallel import shard_tensor_parallel
 
 Pass = Callable[[Graph], Graph]
 
 # Order matters (tests/test_passes.py pins each of these):
+# - shard_tensor_parallel first: every fusion works on the rank graph (a row-parallel projection
+#   is followed by its all_reduce, so the residual add no longer folds into it); it does nothing
+#   unless the compiler asked for tp > 1.
 # - fuse_linear_residual first: it takes every residual add fed by a projection (with its bias),
 #   so the norms after them stay plain and can move into the next GEMV's prologue.
 # - fuse_residual_rmsnorm before fuse_gemm_bias: where a residual add is left (linear_residual
@@ -39,6 +43,7 @@ Pass = Callable[[Graph], Graph]
 #   weights still read; it does nothing unless the compiler asked for quantization.
 # - plan_memory last.
 PIPELINE: list[Pass] = [
+    shard_tensor_parallel,
     fuse_linear_residual,
     fuse_residual_rmsnorm,
     fuse_gemm_bias,

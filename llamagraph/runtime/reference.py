@@ -60,15 +60,61 @@ class ReferenceExecutor:
         Any activation, step input or KV cache can be fetched; an intermediate activation holds
         its own data only in a plan compiled with ``keep_values=True`` (otherwise later nodes
         may have reused its buffer)."""
-        dims = {"T": n_tokens, "B": n_seqs}
-        for name, arr in inputs.items():
-            self._storage(name, dims)[...] = arr
+        dims = self.feed(inputs, n_tokens, n_seqs)
         for node in self.graph.nodes:
             if OPS[node.op].on_demand and not set(node.outputs) & set(fetch):
                 continue  # computed only for a step that asks for it, as on the GPU
-            ins = [self._read(i, dims) for i in node.inputs]
-            outs = OPS[node.op].reference(ins, node.attrs)
-            for name, arr in zip(node.outputs, outs):
-                dst = self._storage(name, dims)
-                dst[...] = to_storage(arr, self.graph.values[name].dtype).reshape(dst.shape)
-        return {name: self._storage(name, dims).copy() for name in fetch}
+            self.write(node, OPS[node.op].reference(self.read(node, dims), node.attrs), dims)
+        return self.fetch(fetch, dims)
+
+    # one step in pieces, so that TensorParallelReference can run several ranks node by node
+    def feed(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int) -> dict[str, int]:
+        dims = {"T": n_tokens, "B": n_seqs}
+        for name, arr in inputs.items():
+            self._storage(name, dims)[...] = arr
+        return dims
+
+    def read(self, node, dims: dict[str, int]) -> list[np.ndarray]:
+        return [self._read(i, dims) for i in node.inputs]
+
+    def write(self, node, outs: list[np.ndarray], dims: dict[str, int]) -> None:
+        for name, arr in zip(node.outputs, outs):
+            dst = self._storage(name, dims)
+            dst[...] = to_storage(arr, self.graph.values[name].dtype).reshape(dst.shape)
+
+    def fetch(self, names: list[str], dims: dict[str, int]) -> dict[str, np.ndarray]:
+        return {name: self._storage(name, dims).copy() for name in names}
+
+
+class TensorParallelReference:
+    """N ranks of a tensor-parallel plan simulated in one process: each rank is a
+    ``ReferenceExecutor`` over the same planned rank graph with its own shard of the weights (its
+    own arena and KV cache); they run node by node in lockstep, and a collective node (all_reduce,
+    all_gather_vocab) reads every rank's inputs and writes every rank's outputs, partial sums added
+    in rank order. Rank 0's values are what a step returns (after a collective every rank holds
+    the same ones)."""
+
+    name = "reference"
+
+    def __init__(self, plan: CompiledPlan | Graph, weights: list[dict[str, np.ndarray]]):
+        self.graph = plan.graph if isinstance(plan, CompiledPlan) else plan
+        self.ranks = [ReferenceExecutor(plan, w) for w in weights]
+
+    def reset(self) -> None:
+        for rank in self.ranks:
+            rank.reset()
+
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+        dims = [rank.feed(inputs, n_tokens, n_seqs) for rank in self.ranks][0]
+        for node in self.graph.nodes:
+            op = OPS[node.op]
+            if op.on_demand and not set(node.outputs) & set(fetch):
+                continue
+            if op.collective:
+                outs = op.reference([rank.read(node, dims) for rank in self.ranks], node.attrs)
+                for rank, rank_outs in zip(self.ranks, outs):
+                    rank.write(node, rank_outs, dims)
+            else:
+                for rank in self.ranks:
+                    rank.write(node, op.reference(rank.read(node, dims), node.attrs), dims)
+        return self.ranks[0].fetch(fetch, dims)

@@ -385,12 +385,13 @@ def _read_part(ckpt, hf_name: str, shape: tuple[int, ...], dtype: str, source: s
 
 def iter_weights(
     graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None,
-    check_finite: bool = True,
+    check_finite: bool = True, rank: int = 0,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (value_name, storage array) for each weight value, one value in memory at a time.
 
     A tensor holding NaN or inf is an error; ``check_finite=False`` leaves that check to the
-    caller (the CUDA executor checks on the device after upload, where it is cheap)."""
+    caller (the CUDA executor checks on the device after upload, where it is cheap). In a
+    tensor-parallel graph a sharded value is rank ``rank``'s slice (``Value.shard``)."""
     source = source or graph.meta.get("config", {}).get("source", "hf")
     if source not in ("hf", "meta"):
         raise ValueError(f"source must be 'hf' or 'meta', got {source!r}")
@@ -404,7 +405,7 @@ def iter_weights(
         else:
             dtype = "float32" if v.quant is not None else v.dtype  # quantized from the checkpoint's numbers
             parts = [_read_part(ckpt, n, tuple(s), dtype, source, v.name, check_finite) for n, s in v.attrs["parts"]]
-            arr = assemble(v.attrs, parts)
+            arr = assemble(v.attrs, parts, v.shard, rank)
             assert arr.shape == v.concrete_shape(graph.dims), (v.name, arr.shape, v.shape)  # builder bug if not
             items = [(v.name, arr)] if v.quant is None else quantize_value(graph, v.name, arr)
         for name, arr in items:
@@ -422,14 +423,15 @@ def _holds_int4(ckpt, v, source: str) -> bool:
 
 
 def load_weights(
-    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None
+    graph: Graph, path: str | os.PathLike, *, source: str | None = None, progress: Progress | None = None,
+    rank: int = 0,
 ) -> dict[str, np.ndarray]:
     """Every weight value of ``graph`` read from a checkpoint, in the value's storage dtype.
 
     ``source`` ("hf" or "meta") says which tensor names the checkpoint uses; by default the one
     recorded in the graph's config (``graph.meta["config"]["source"]``), else "hf".
     """
-    return dict(iter_weights(graph, path, source=source, progress=progress))
+    return dict(iter_weights(graph, path, source=source, progress=progress, rank=rank))
 
 
 def check_weights_dict(graph: Graph, weights: dict) -> dict[str, np.ndarray]:
@@ -594,14 +596,15 @@ def random_part(part_name: str, shape: Iterable[int], seed: int = 0, scale: floa
     return x
 
 
-def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02) -> dict[str, np.ndarray]:
+def random_weights(graph: Graph, seed: int = 0, scale: float = 0.02, rank: int = 0) -> dict[str, np.ndarray]:
     """Deterministic random weights in ``load_weights``' format: matrices and biases N(0, scale),
-    norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part, and a
-    quantized graph the quantization of those numbers."""
+    norm weights 1 + 0.1 N(0, 1). Fused and unfused graphs get the same numbers per part, a
+    quantized graph the quantization of those numbers, and rank r of a tensor-parallel graph its
+    slice of them."""
 
     def one(v) -> list[tuple[str, np.ndarray]]:
         parts = [random_part(n, s, seed, scale, v.role) for n, s in v.attrs["parts"]]
-        arr = assemble(v.attrs, parts)
+        arr = assemble(v.attrs, parts, v.shard, rank)
         if v.quant is not None:  # the same draws as the unquantized plan's, then quantized
             return quantize_value(graph, v.name, arr)
         return [(v.name, float32_to_storage(arr, v.dtype))]
