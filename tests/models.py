@@ -66,6 +66,8 @@ CONFIG_MATRIX: dict[str, dict] = {
         }
     ),
     "head_dim": dict(head_dim=48),
+    # a vocabulary no rank count divides: the vocabulary-parallel LM head's last chunk is padded
+    "odd_vocab": dict(vocab_size=97),
     # no bias, untied, intermediate == meta_intermediate_size(64, 32, None) == 192
     "meta_compatible": dict(),
     "meta_llama3": dict(rope_parameters={**META_LLAMA3_ROPE, "rope_theta": 500000.0}),

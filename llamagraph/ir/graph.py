@@ -83,7 +83,7 @@ class Shard:
             if pad:
                 shape = list(arr.shape)
                 shape[self.axis] = pad
-                xp = _array_module(arr)
+                xp = array_module(arr)
                 piece = xp.concatenate([piece, xp.zeros(shape, arr.dtype)], axis=self.axis)
             return piece
         b = self.blocks[part]
@@ -102,7 +102,7 @@ def stacked_shard(a: Shard | None, b: Shard | None) -> Shard | None:
     return Shard(a.axis, a.ranks, blocks=a.blocks + b.blocks)
 
 
-def _array_module(arr):
+def array_module(arr):
     """numpy, or cupy for a cupy array (imported only when one is seen)."""
     mod = type(arr).__module__.split(".")[0]
     if mod == "cupy":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .graph import array_module
+
 ROW_ORDERS = ("rope_pairs",)
 
 
@@ -45,9 +47,10 @@ def assemble(attrs: dict, parts: list[np.ndarray], shard=None, rank: int = 0) ->
     value (``Value.shard``, an ``ir.graph.Shard``) rank ``rank``'s slice of each part, then stacked."""
     if shard is not None:
         parts = [shard.take(i, p, rank) for i, p in enumerate(parts)]
-    arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    xp = array_module(parts[0])  # numpy, or cupy where the GPU draws random weights
+    arr = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
     order = row_order(attrs)
-    return arr if order is None else np.ascontiguousarray(arr[order])
+    return arr if order is None else xp.ascontiguousarray(arr[xp.asarray(order)])
 
 
 def stacked_row(attrs: dict, row: int) -> int:

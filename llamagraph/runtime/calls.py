@@ -1,4 +1,4 @@
-"""The two kinds of call a launch list makes: a generated kernel, and a library function.
+"""The kinds of call a launch list makes: a generated kernel, a library function, and a collective.
 
 cupy is imported inside the functions, so importing this module needs no GPU.
 ``LIBRARY`` maps a library launch's function name to its implementation. cuBLAS cannot run
@@ -156,3 +156,30 @@ def gemm(x, w, out, rows, N, K, dtype, out_dtype, *, stream) -> None:
 
 
 LIBRARY = {"gemm": gemm}
+
+
+# ---- collectives (tensor parallelism): NCCL on a rank's communicator ------------------------------
+# A collective launch's args: send address, receive address, rows, elements per row (and rank), dtype.
+# NCCL enqueues on the stream like a kernel, so a decode step's collectives are captured into its
+# CUDA graph with the kernels around them.
+
+def _nccl_dtype(dtype: str) -> int:
+    from cupy.cuda import nccl
+
+    return {"float16": nccl.NCCL_FLOAT16, "bfloat16": getattr(nccl, "NCCL_BFLOAT16", 9),
+            "float32": nccl.NCCL_FLOAT32}[dtype]
+
+
+def all_reduce(comm, send, recv, rows, width, dtype, *, stream) -> None:
+    """recv[rows, width] = the sum over ranks of send (in place when send == recv)."""
+    from cupy.cuda import nccl
+
+    comm.allReduce(int(send), int(recv), int(rows) * int(width), _nccl_dtype(dtype), nccl.NCCL_SUM, stream.ptr)
+
+
+def all_gather(comm, send, recv, rows, width, dtype, *, stream) -> None:
+    """recv[ranks, rows, width] = every rank's send[rows, width], rank-major."""
+    comm.allGather(int(send), int(recv), int(rows) * int(width), _nccl_dtype(dtype), stream.ptr)
+
+
+COLLECTIVES = {"all_reduce": all_reduce, "all_gather": all_gather}

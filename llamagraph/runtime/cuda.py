@@ -28,8 +28,10 @@ from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, Wei
 from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
 
-from .calls import LIBRARY, early_launch_supported, launch_kernel, launch_kernel_early
-from .weights import check_fits, nonfinite_counts, nonfinite_error, quantize_value
+from llamagraph.ir.layout import assemble
+
+from .calls import COLLECTIVES, LIBRARY, early_launch_supported, launch_kernel, launch_kernel_early
+from .weights import check_fits, nonfinite_counts, nonfinite_error, part_seed, quantize_value
 
 ALIGN = 256
 SYNC_EACH = os.environ.get("LLAMAGRAPH_SYNC_EACH") == "1"
@@ -82,10 +84,11 @@ class _Progress:
 
 
 class RandomOnDevice:
-    """Marker: draw random weights on the GPU (fast for 7B-size benchmark shapes)."""
+    """Marker: draw random weights on the GPU (fast for 7B-size benchmark shapes); for rank
+    ``rank`` of a tensor-parallel plan, its slice of them."""
 
-    def __init__(self, seed: int = 0, scale: float = 0.02):
-        self.seed, self.scale = seed, scale
+    def __init__(self, seed: int = 0, scale: float = 0.02, rank: int = 0):
+        self.seed, self.scale, self.rank = seed, scale, rank
 
 
 class CudaExecutor:
@@ -175,12 +178,12 @@ class CudaExecutor:
         bar = _Progress(sum(v.nbytes(g.dims) for v in values), progress)
         out = {}
         if isinstance(weights, RandomOnDevice):
-            gen = cp.random.default_rng(weights.seed)
             for v in values:
                 if "quant_of" in v.attrs:
                     continue  # scales / zeros: made with their weight's codes
-                x = gen.standard_normal(v.concrete_shape(g.dims), dtype=np.float32)
-                x = 1.0 + 0.1 * x if v.role == "norm" else weights.scale * x
+                # every part drawn whole with a generator of its own, then cut: a plan gets the same
+                # model whatever its fusions and however many ranks it is split over
+                x = self._random_slice(v, weights)
                 items = quantize_value(g, v.name, x, xp=cp) if v.quant is not None else [(v.name, to_storage(x, v.dtype, xp=cp))]
                 del x
                 for name, arr in items:
@@ -202,6 +205,16 @@ class CudaExecutor:
         if missing:
             raise WeightError(f"no array for graph weight {missing[0]!r}")
         return out
+
+    def _random_slice(self, v, weights: RandomOnDevice):
+        """Rank ``weights.rank``'s slice of weight ``v`` drawn on the device part by part (each part
+        with its own generator, seeded as ``random_part`` seeds it on the host)."""
+        cp = self.cp
+        parts = []
+        for name, shape in v.attrs["parts"]:
+            x = cp.random.default_rng(part_seed(name, weights.seed)).standard_normal(tuple(shape), dtype=np.float32)
+            parts.append(1.0 + 0.1 * x if v.role == "norm" else weights.scale * x)
+        return assemble(v.attrs, parts, v.shard, weights.rank)
 
     def _address(self, name: str) -> np.uint64:
         """Device address of a value: arena offset, persistent region, input slot or weight."""
@@ -242,6 +255,9 @@ class CudaExecutor:
         if launch.kind == "library":
             LIBRARY[launch.fn](*args, stream=self.stream)
             return
+        if launch.kind == "collective":  # NCCL on this rank's communicator (a tensor-parallel plan)
+            COLLECTIVES[launch.fn](self.comm, *args, stream=self.stream)
+            return
         shape = launch.shape.at(scalars)
         if launch.early and self.early:
             launch_kernel_early(fn, shape, args, self.stream)
@@ -280,6 +296,21 @@ class CudaExecutor:
         Any value with an address can be fetched (graph outputs, activations, the KV cache);
         an intermediate activation holds its own data only in a plan compiled with
         ``keep_values=True`` (otherwise later nodes may have reused its buffer)."""
+        phase, scalars, wanted = self.stage(inputs, n_tokens, n_seqs, fetch)
+        with self.stream:
+            if phase in self.plan.captured and not wanted:  # captures leave on-demand launches out
+                graph = self.graphs.get(n_seqs)
+                if graph is None:
+                    graph = self.graphs[n_seqs] = self._capture(scalars)
+                graph.launch(self.stream)
+            else:
+                self.launch_phase(phase, scalars)
+        return self.collect(fetch, scalars)
+
+    # one step in pieces, so that a tensor-parallel runner can interleave its ranks
+    def stage(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> tuple:
+        """Write the step inputs (and step-filled workspaces) and copy them to the device on the
+        executor's stream; return (phase, step scalars, the on-demand outputs wanted)."""
         cp, g = self.cp, self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
         scalars = {"T": n_tokens, "B": n_seqs}
@@ -295,16 +326,14 @@ class CudaExecutor:
             off = self.input_offsets[w.name]
             self.inputs_host_np[off : off + raw.size] = raw
             scalars[w.name + ".n"] = len(table)
+        cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+        return phase, scalars, wanted
+
+    def collect(self, fetch: list[str], scalars: dict[str, int]) -> dict[str, np.ndarray]:
+        """Copy the ``fetch``ed values to the host after the step's work on the stream."""
+        cp, g = self.cp, self.graph
         with self.stream:
-            cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
-                                        cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
-            if phase in self.plan.captured and not wanted:  # captures leave on-demand launches out
-                graph = self.graphs.get(n_seqs)
-                if graph is None:
-                    graph = self.graphs[n_seqs] = self._capture(scalars)
-                graph.launch(self.stream)
-            else:
-                self.launch_phase(phase, scalars)
             for name in fetch:
                 if name not in self.out_host:  # not a graph output: a pinned host buffer on first fetch
                     self.out_host[name] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))

@@ -1,0 +1,128 @@
+"""Tensor-parallel execution on N GPUs: one process drives them all, rank r on GPU r.
+
+Every rank is an ordinary ``CudaExecutor`` of the same planned rank graph, bound to its own shard
+of the weights (``Value.shard``) on its own device and stream, and holding its own NCCL
+communicator (``cupy.cuda.nccl``, one clique made by ``NcclCommunicator.initAll``). A step walks
+the phase's launch list once, in segments cut at the collectives: each rank issues the kernels
+of a segment on its stream, then the collective is issued for every rank inside one NCCL group
+(one thread driving several devices must group its calls, or the first rank's call would wait
+for ranks not yet called). A decode step is captured this way too: every rank's stream is in
+capture at once (relaxed mode, as several captures are open in one thread), so each rank's
+graph holds its kernels and its NCCL calls, and a step replays N graphs.
+
+Why one process rather than one per GPU: the ``Plan`` API (``run``, ``generate``, ``chat``)
+stays exactly as it is with no worker processes, pipes or shared-memory handoff of tokens and
+logits; the host work per decode step is N graph launches, a few microseconds each, so one
+thread keeps up. It stops scaling where one host thread cannot feed the GPUs (eager prefill
+launches are issued N times in turn) and it cannot span machines; ``docs/multi_node.md``
+describes the multi-process form that would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.ir import BackendError
+
+from .cuda import CudaExecutor, _cupy
+
+
+class CudaTensorParallel:
+    name = "cuda"
+
+    def __init__(self, plan: CompiledPlan, weights: list, progress: bool = False):
+        cp = self.cp = _cupy()
+        self.plan, self.graph = plan, plan.graph
+        tp = int(plan.graph.meta.get("tp", 1))
+        if len(weights) != tp:
+            raise ValueError(f"a tp {tp} plan needs {tp} weight sets, got {len(weights)}")
+        found = cp.cuda.runtime.getDeviceCount()
+        if found < tp:
+            raise BackendError(f"tp {tp} needs {tp} GPUs (one per rank); this machine has {found}")
+        self.ranks: list[CudaExecutor] = []
+        for r in range(tp):
+            with cp.cuda.Device(r):
+                self.ranks.append(CudaExecutor(plan, weights[r], progress=progress))
+        from cupy.cuda import nccl
+
+        self.nccl = nccl
+        comms = nccl.NcclCommunicator.initAll(list(range(tp)))
+        for rank, comm in zip(self.ranks, comms):
+            rank.comm = comm
+        self.graphs: dict[int, list] = {}  # batch size -> every rank's captured decode step
+
+    # the executor interface Plan uses -------------------------------------------------------------
+    def reset(self) -> None:
+        for r, rank in enumerate(self.ranks):
+            with self.cp.cuda.Device(r):
+                rank.reset()
+
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+        """One step on every rank; rank 0's ``fetch``ed values (after the collectives every rank
+        holds the same logits and tokens)."""
+        cp = self.cp
+        staged = []
+        for r, rank in enumerate(self.ranks):
+            with cp.cuda.Device(r):
+                staged.append(rank.stage(inputs, n_tokens, n_seqs, fetch))
+        phase, _, wanted = staged[0]
+        scalars = [s for _, s, _ in staged]
+        if phase in self.plan.captured and not wanted:
+            graphs = self.graphs.get(n_seqs)
+            if graphs is None:
+                graphs = self.graphs[n_seqs] = self._capture(phase, scalars)
+            for r, (rank, graph) in enumerate(zip(self.ranks, graphs)):
+                with cp.cuda.Device(r):
+                    graph.launch(rank.stream)
+        else:
+            self.launch_phase(phase, scalars)
+        for r, rank in enumerate(self.ranks[1:], 1):
+            with cp.cuda.Device(r):
+                rank.stream.synchronize()
+        with cp.cuda.Device(0):
+            return self.ranks[0].collect(fetch, scalars[0])
+
+    # launching ------------------------------------------------------------------------------------
+    def launch_phase(self, phase: str, scalars: list[dict[str, int]]) -> None:
+        """Every launch of ``phase`` on every rank, kernels rank by rank between collectives."""
+        cp, nccl = self.cp, self.nccl
+        lists = [rank.prepared[phase] for rank in self.ranks]
+        start = 0
+        for i in range(len(lists[0]) + 1):
+            if i < len(lists[0]) and lists[0][i][0].kind != "collective":
+                continue
+            for r, rank in enumerate(self.ranks):  # the segment before launch i
+                with cp.cuda.Device(r):
+                    for launch, fn, bound in lists[r][start:i]:
+                        rank._issue(launch, fn, bound, scalars[r])
+            if i < len(lists[0]) and lists[0][i][0].runs(scalars[0]):
+                nccl.groupStart()
+                try:
+                    for r, rank in enumerate(self.ranks):
+                        with cp.cuda.Device(r):
+                            rank._issue(*lists[r][i], scalars[r])
+                finally:
+                    nccl.groupEnd()
+            start = i + 1
+
+    def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
+        """Every rank's graph of ``phase`` for one batch size, captured together."""
+        cp = self.cp
+        self.launch_phase(phase, scalars)  # once outside capture: lazy initialisation (NCCL's too)
+        for r, rank in enumerate(self.ranks):
+            with cp.cuda.Device(r):
+                rank.stream.synchronize()
+        begun = []
+        try:
+            for r, rank in enumerate(self.ranks):
+                with cp.cuda.Device(r):
+                    rank.stream.begin_capture(mode=cp.cuda.runtime.streamCaptureModeRelaxed)
+                    begun.append(r)
+            self.launch_phase(phase, scalars)
+        finally:
+            graphs = []
+            for r in begun:
+                with cp.cuda.Device(r):
+                    graphs.append(self.ranks[r].stream.end_capture())
+        return graphs
