@@ -158,7 +158,7 @@ def lower_all_reduce(n: Node, c: Ctx) -> Lowered:
     (x,), (out,) = n.inputs, n.outputs  # out: [rows, D] = sum over ranks of x (in place when planned so)
     dt, D, rows = c.dtype(out), c.v(out).shape[1], c.rows(out)
     # args: send, receive, rows, elements per row, dtype: NCCL sums rows * D elements
-    return same_in_both([], [Launch("all_reduce", None, (value(x), value(out), step(rows), const(D), const(dt)),
+    return same_in_both([], [Launch("allreduce", None, (value(x), value(out), step(rows), const(D), const(dt)),
                                     kind="collective")])
 
 
@@ -170,7 +170,7 @@ def lower_all_gather_vocab(n: Node, c: Ctx) -> Lowered:
     ws = Workspace(f"{n.name}.chunks", ranks * c.graph.dims[rows] * chunk * 4)  # [ranks, rows, chunk] fp32
     k = dense.vocab_concat(ranks, chunk, vocab)
     # args: send, receive, rows, elements per row and rank, dtype: every rank's rows * chunk elements, rank-major
-    gather = Launch("all_gather", None, (value(local), workspace(ws.name), step(rows), const(chunk), const("float32")),
+    gather = Launch("allgather", None, (value(local), workspace(ws.name), step(rows), const(chunk), const("float32")),
                     kind="collective")
     return same_in_both([k], [gather, run(k, dense.vocab_concat_launch(vocab, rows), workspace(ws.name), value(out),
                                           step(rows))], [ws])

@@ -170,16 +170,16 @@ def _nccl_dtype(dtype: str) -> int:
             "float32": nccl.NCCL_FLOAT32}[dtype]
 
 
-def all_reduce(comm, send, recv, rows, width, dtype, *, stream) -> None:
+def allreduce(comm, send, recv, rows, width, dtype, *, stream) -> None:
     """recv[rows, width] = the sum over ranks of send (in place when send == recv)."""
     from cupy.cuda import nccl
 
     comm.allReduce(int(send), int(recv), int(rows) * int(width), _nccl_dtype(dtype), nccl.NCCL_SUM, stream.ptr)
 
 
-def all_gather(comm, send, recv, rows, width, dtype, *, stream) -> None:
+def allgather(comm, send, recv, rows, width, dtype, *, stream) -> None:
     """recv[ranks, rows, width] = every rank's send[rows, width], rank-major."""
     comm.allGather(int(send), int(recv), int(rows) * int(width), _nccl_dtype(dtype), stream.ptr)
 
 
-COLLECTIVES = {"all_reduce": all_reduce, "all_gather": all_gather}
+COLLECTIVES = {"allreduce": allreduce, "allgather": allgather}
