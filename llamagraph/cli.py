@@ -1,15 +1,16 @@
 """The ``llamagraph`` command line: a thin face over the Python API. Nothing imports it.
 
     llamagraph compile CONFIG [-o OUTDIR] [--dtype D] [--max-batch N] [--max-seq N]
-                              [--max-tokens N] [--dump-dir DIR] [--arch sm_90]
-    llamagraph dump CONFIG [--after PASS] [--dtype D] [--max-batch N] [--max-seq N] [--json]
+                              [--max-tokens N] [--tp N] [--dump-dir DIR] [--arch sm_90]
+    llamagraph dump CONFIG [--after PASS] [--dtype D] [--max-batch N] [--max-seq N] [--tp N] [--json]
     llamagraph run MODEL|PLAN_DIR [--weights PATH | --random-weights] --prompt TEXT [--max-new-tokens N]
-                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]
+                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda] [--tp N]
     llamagraph bench CONFIG --random-weights [--batch B[,B...]] [--prompt-len P] [--gen-len G]
-                     [--peers gptfast,hf,compile] [--json PATH]
+                     [--tp N [--no-tp1]] [--peers gptfast,hf,compile] [--json PATH]
     llamagraph profile CONFIG --random-weights [--batch B] [--context N] [--dtype D] [-o OUT.html] [--json OUT.json]
     llamagraph chat MODEL|PLAN_DIR [--weights PATH] [--system TEXT] [--max-new-tokens N]
-                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda]   (turns on stdin)
+                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda] [--tp N]
+                          (turns on stdin)
 
 Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and sets
 ``func``; ``COMMANDS`` lists them in help order, so adding ``run`` or ``bench`` is one function
@@ -86,6 +87,13 @@ def add_model_options(p: argparse.ArgumentParser, *, max_tokens: bool = True) ->
         p.add_argument("--max-tokens", type=positive_int, metavar="N",
                        help="most tokens in one step (default: max_batch * max_seq, at most 4096)")
     add_quant_options(p)
+    add_tp_option(p)
+
+
+def add_tp_option(p: argparse.ArgumentParser, default: int | None = 1, extra: str = "") -> None:
+    p.add_argument("--tp", type=positive_int, default=default, metavar="N",
+                   help="tensor-parallel ranks: each of N GPUs holds 1/N of every projection (heads, FFN "
+                        f"columns, vocabulary), all-reduced after O and down (default: 1){extra}")
 
 
 def group_size_arg(text: str) -> int:
@@ -113,7 +121,7 @@ def quant_kwargs(args: argparse.Namespace) -> dict:
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     return {"dtype": args.dtype, "max_batch": args.max_batch, "max_seq": args.max_seq,
-            "max_tokens": getattr(args, "max_tokens", None), **quant_kwargs(args)}
+            "max_tokens": getattr(args, "max_tokens", None), **quant_kwargs(args), "tp": args.tp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +257,8 @@ def add_generation_options(p: argparse.ArgumentParser, *, max_new_tokens: int, m
                    help=f"{max_seq_help} (not for a plan directory: it has its own)")
     p.add_argument("--backend", choices=("cuda", "reference"), default="cuda")
     add_quant_options(p)
+    # default None: a plan directory keeps the rank count it was compiled with unless told otherwise
+    add_tp_option(p, default=None, extra="; the reference backend simulates the ranks in one process")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -277,16 +287,21 @@ class PlanSource:
         import llamagraph
 
         a = self.args
+        tp = 1 if a.tp is None else a.tp
         if unquantized:  # the same model and weights without quantization (for --quant-error)
             return llamagraph.compile(a.model, weights, dtype=a.dtype, max_seq=a.max_seq, backend=a.backend,
-                                      seed=a.seed, progress=progress)
+                                      seed=a.seed, progress=progress, tp=tp)
         if self.compiled is not None:
             if a.quantize or a.group_size is not None:
                 raise UsageError(f"argument --quantize: {a.model} is a compiled plan with its own weight layout; "
                                  "compile it with --quantize instead")
+            own = int(self.compiled.graph.meta.get("tp", 1))
+            if a.tp is not None and a.tp != own:  # its graph is one rank's, cut for its own rank count
+                raise UsageError(f"argument --tp: {a.model} is a compiled plan with its own weight layout (tp {own}); "
+                                 f"compile it with --tp {a.tp} instead")
             return llamagraph.bind(self.compiled, weights, backend=a.backend, seed=a.seed, progress=progress)
         return llamagraph.compile(a.model, weights, dtype=a.dtype, max_seq=a.max_seq, backend=a.backend, seed=a.seed,
-                                  progress=progress, **quant_kwargs(a))
+                                  progress=progress, tp=tp, **quant_kwargs(a))
 
 
 def _is_plan_dir(path: str) -> bool:
@@ -373,8 +388,13 @@ def add_bench(sub) -> None:
     p.add_argument("--gen-len", type=positive_int, default=128, help="new tokens per sequence, at least 2")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
     add_quant_options(p)
-    p.add_argument("--peers", default="gptfast,hf,compile",
-                   help="comma list of gptfast, hf, compile (default: all three); 'none' for no peers")
+    add_tp_option(p, extra="; the floor is per GPU, and the same model at tp 1 is measured beside it "
+                           "(a 'vs tp1' column)")
+    p.add_argument("--no-tp1", action="store_true",
+                   help="with --tp N > 1: do not also measure the model at tp 1")
+    p.add_argument("--peers",
+                   help="comma list of gptfast, hf, compile (default: all three; none with --tp N > 1, as the "
+                        "peers run on one GPU); 'none' for no peers")
     p.add_argument("--json", metavar="PATH", help="also write every figure as one JSON document")
     p.set_defaults(func=cmd_bench)
 
@@ -384,7 +404,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llamagraph.ir import load_config
     from llamagraph.runtime.cuda import CudaExecutor
 
-    peers = tuple(dict.fromkeys(x.strip() for x in args.peers.split(",") if x.strip() and x.strip() != "none"))
+    if args.no_tp1 and args.tp == 1:
+        raise UsageError("argument --no-tp1: only with --tp N > 1")
+    given = args.peers if args.peers is not None else ("none" if args.tp > 1 else ",".join(PEERS))
+    peers = tuple(dict.fromkeys(x.strip() for x in given.split(",") if x.strip() and x.strip() != "none"))
     bad = [x for x in peers if x not in PEERS]
     if bad:
         raise UsageError(f"argument --peers: unknown peer {bad[0]!r}; choose from {', '.join(PEERS)}, none")
@@ -398,7 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     quant = quant_kwargs(args)
     report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
                    peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
-                   **({k: v for k, v in quant.items() if v is not None}))
+                   tp=args.tp, tp1=not args.no_tp1, **({k: v for k, v in quant.items() if v is not None}))
     print(report.table())
     if args.json:
         report.write_json(args.json)

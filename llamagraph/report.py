@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,11 +56,11 @@ class Section:
 
 def compile_model(config: str, *, dtype: str = "float16", max_batch: int = 1, max_seq: int | None = None,
                   max_tokens: int | None = None, dump_dir: str | None = None, quantize: str | None = None,
-                  group_size: int | None = None) -> Compiled:
+                  group_size: int | None = None, tp: int = 1) -> Compiled:
     cfg = load_config(config)
     quantize, group_size = checkpoint_quantization(cfg, quantize, group_size)
     unfused = build_unfused(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens,
-                            quantize=quantize, group_size=group_size)
+                            quantize=quantize, group_size=group_size, tp=tp)
     plan = lower(run_pipeline(unfused, None, dump_dir), os.path.abspath(os.fspath(config)))
     return Compiled(os.fspath(config), cfg, unfused, plan)
 
@@ -154,6 +155,64 @@ def quantization_lines(graph: Graph) -> list[str]:
             f"weights {before} -> {after} bytes ({_mib(before)} -> {_mib(after)}, {after / before:.3f}x; "
             "scales and zeros included)",
             f"logits error against the unquantized plan: `llamagraph run MODEL --quantize {q.scheme} --quant-error`"]
+
+
+def unsharded_weight_bytes(graph: Graph) -> int:
+    """Weight bytes of the same plan on one GPU, from a (rank) graph: a sharded value's whole size
+    follows from its checkpoint parts' shapes (``attrs["parts"]``), and a part read by two values
+    (a tied LM head's own copy of the embedding table) counts once, as one GPU would hold it once."""
+    seen: set[str] = set()
+    total = 0
+    for v in graph.values.values():
+        if v.kind != WEIGHT:
+            continue
+        parts = v.attrs.get("parts")
+        if not parts:
+            total += v.nbytes(graph.dims)
+            continue
+        for name, shape in parts:
+            if name not in seen:
+                seen.add(name)
+                total += itemsize(v.dtype) * math.prod(shape)
+    return total
+
+
+def tensor_parallel_lines(graph: Graph) -> list[str]:
+    """What the shard_tensor_parallel pass did, per rank: heads, FFN columns, vocabulary chunk,
+    collectives per step, and weight and KV-cache bytes against the unsharded plan's."""
+    tp = int(graph.meta.get("tp", 1))
+    if tp <= 1:
+        return []
+    cfg = graph.meta["config"]
+    H, KV, I, V = cfg["num_heads"], cfg["num_kv_heads"], cfg["intermediate_size"], cfg["vocab_size"]
+    Hl, KVl = graph.meta["tp_heads"]
+    chunk = -(-V // tp)
+    pad = chunk * tp - V
+    counts = graph.op_counts()
+    mem = graph.meta["memory"]
+    weights, whole = mem["weight_bytes"], unsharded_weight_bytes(graph)
+    kv = mem["kv_cache_bytes"]
+    kv_whole = kv * KV // KVl  # one GPU caches every KV head once
+    if KV >= tp:
+        kv_heads = f"{KVl} of {KV} KV heads"
+    else:  # each rank holds whole heads, so a KV head is held (and its cache written) by tp / KV ranks
+        kv_heads = f"{KVl} KV head (KV heads replicated: each of the {KV} held by {tp // KV} ranks)"
+    last = f" (last rank: {pad} zero padding row{'s' if pad != 1 else ''})" if pad else ""
+    reduces, gathers = counts.get("all_reduce", 0), counts.get("all_gather_vocab", 0)
+    summed = [graph.values[n.inputs[0]] for n in graph.nodes if n.op == "all_reduce"]
+    row = itemsize(summed[0].dtype) * summed[0].shape[-1] if summed else 0  # bytes of one token's partial sums
+    return [
+        f"{tp} ranks, one GPU each, all running this graph (SPMD), each on its own shard of the weights",
+        f"attention: {Hl} of {H} q heads and {kv_heads} per rank",
+        f"ffn: {I // tp} of {I} intermediate columns per rank (gate and up by rows, down by columns)",
+        f"lm head: {chunk} of {V} vocabulary rows per rank{last}; all_gather_vocab makes the [B, {V}] logits",
+        f"collectives per step: {reduces} all_reduce (after o_proj and down_proj, {reduces / max(1, cfg['num_layers']):g} "
+        f"per layer; {row} bytes per token each) + {gathers} all_gather_vocab",
+        f"weights per rank: {weights} bytes ({_mib(weights)}) vs {whole} bytes ({_mib(whole)}) unsharded, "
+        f"{weights / whole:.3f}x",
+        f"kv cache per rank: {kv} bytes ({_mib(kv)}) vs {kv_whole} bytes ({_mib(kv_whole)}) unsharded, "
+        f"{kv / kv_whole:.3f}x" if kv_whole else "kv cache: none",
+    ]
 
 
 def memory_doc(graph: Graph) -> dict:
@@ -264,10 +323,13 @@ def _write_artifacts(c: Compiled, folder: str, outdir: str, arch: str) -> list[S
         Section("model", model_summary(c.cfg, g)),
         Section("ops (unfused -> fused)", op_table(c.unfused, g)),
         Section("kernels", kernel_lines(c.plan)),
-        Section("memory", memory_lines(g, c.plan.sizes()["workspaces"])),
+        Section("memory" + (" (per rank)" if g.meta.get("tp", 1) > 1 else ""),
+                memory_lines(g, c.plan.sizes()["workspaces"])),
     ]
     if quantization_lines(g):
         sections.append(Section("quantization", quantization_lines(g)))
+    if tensor_parallel_lines(g):
+        sections.append(Section("tensor parallel", tensor_parallel_lines(g)))
     cuda = write_cuda_artifacts(c.plan, folder, arch)
     sections.append(cuda)
     files = cuda.files[:2] + files + cuda.files[2:]
