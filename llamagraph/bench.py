@@ -27,6 +27,15 @@ runs that peer in bfloat16 and says so; otherwise the row says "not supported: <
 rows stay unquantized. Each row's % floor is against the bytes its own weights take: the quantized
 floor (codes + scales + zeros) for the quantized rows, the unquantized floor for the others.
 
+With ``tp=N > 1`` (tensor parallelism, one process driving N GPUs over NCCL), the llamagraph row
+is the plan compiled with ``tp=N`` (``llamagraph tp2 (CUDA graphs)``) and its floor is per GPU:
+the bytes each rank reads in one decode step (its shard of the weights, the embedding rows it
+gathers, its KV heads' cache: ``decode_step_bytes`` of the rank graph) over one GPU's copy
+bandwidth. The same model at ``tp=1`` (``llamagraph_tp1``) is measured in the same run beside it
+(``tp1=False`` skips it), with the one-GPU floor, and the table prints the TP plan's decode speed
+over it (``vs tp1``). The peers run on one GPU; the command line runs none with ``--tp`` unless
+asked.
+
 HF peers are built from an HF ``config.json`` as transformers reads it, or, for a Meta
 ``params.json``, from the equivalent ``LlamaConfig`` of llamagraph's parsed config
 (``hf_peer_config``); the gpt-fast peer is built from llamagraph's parsed config directly.
@@ -68,6 +77,8 @@ ENGINES = {  # key -> the row's name, in table order
     "hf": "HF eager",
     "compile": "HF static cache + torch.compile",
 }
+TP_ENGINES = {"llamagraph_tp1": "llamagraph tp1 (CUDA graphs)"}  # beside a tensor-parallel plan only
+ROWS = {k: v for k, v in ENGINES.items() if k.startswith("llamagraph")} | TP_ENGINES | ENGINES  # table order
 PEERS = ("gptfast", "hf", "compile")
 
 LEGEND = (
@@ -82,6 +93,13 @@ QUANT_LEGEND = (
     "of an unquantized row against the unquantized plan's; 'vs <dtype>': decode speed over the unquantized "
     "llamagraph plan of the same shape in this run. gpt-fast int4: torch.ops.aten._weight_int4pack_mm with "
     "scale s and zero (8 - z) * s (torch dequantizes (q - 8) * scale + zero; ours (q - z) * s)."
+)
+TP_LEGEND = (
+    "Tensor parallel: the floor of the tp{tp} row is per GPU: the bytes each rank reads in one decode step (its "
+    "shard of the weights, the embedding rows it gathers, its KV heads' cache) over one GPU's copy bandwidth; the "
+    "all-reduces are not in it. The tp1 row and any peers run on one GPU, against the one-GPU floor. 'vs tp1': "
+    "decode speed over the tp1 llamagraph plan in this run. Peers are single-GPU: none run with --tp unless "
+    "--peers names them."
 )
 
 
@@ -99,20 +117,24 @@ class Result:
     note: str = ""
     scheme: str | None = None  # "int8" / "int4": this row's weights are quantized (its floor is the quantized one)
     label: str = ""  # the row's name where it is not ENGINES[engine] (e.g. "llamagraph int4 (CUDA graphs)")
+    tp: int = 1  # GPUs the row runs on (its floor is per GPU)
 
     @property
     def name(self) -> str:
-        return self.label or ENGINES[self.engine]
+        return self.label or ROWS[self.engine]
 
 
-def engine_label(engine: str, scheme: str | None, dtype: str) -> str:
-    """A row's name: ENGINES' name, with the weight format where the benchmark quantizes."""
+def engine_label(engine: str, scheme: str | None, dtype: str, tp: int = 1) -> str:
+    """A row's name: ENGINES' name, with the weight format where the benchmark quantizes and the
+    rank count of a tensor-parallel plan."""
     if engine == "llamagraph_unquantized":
         return f"llamagraph {dtype} (CUDA graphs)"
+    if engine == "llamagraph" and tp > 1:
+        return f"llamagraph tp{tp} (CUDA graphs)"
     if scheme is None:
-        return ENGINES[engine]
+        return ROWS[engine]
     return {"llamagraph": f"llamagraph {scheme} (CUDA graphs)",
-            "gptfast": f"torch.compile (gpt-fast {scheme})"}.get(engine, ENGINES[engine])
+            "gptfast": f"torch.compile (gpt-fast {scheme})"}.get(engine, ROWS[engine])
 
 
 @dataclass
@@ -121,7 +143,8 @@ class BatchReport:
     step_bytes: int  # bytes one decode step of the plan must read (weights as stored + KV cache at the mean context)
     floor_tok_s: float
     results: list[Result] = field(default_factory=list)
-    # quantizing: the same for the unquantized plan of the same shape (the floor of the unquantized rows)
+    # quantizing: the same for the unquantized plan of the same shape (the floor of the unquantized rows);
+    # tensor parallel: for the tp1 plan (the floor of the one-GPU rows; step_bytes is then per GPU)
     base_step_bytes: int | None = None
     base_floor_tok_s: float | None = None
 
@@ -129,8 +152,10 @@ class BatchReport:
         return next((r for r in self.results if r.engine == engine), None)
 
     def floor_of(self, r: Result) -> float:
-        """The floor a row is measured against: the quantized one for quantized weights."""
-        return self.floor_tok_s if r.scheme or self.base_floor_tok_s is None else self.base_floor_tok_s
+        """The floor a row is measured against: the quantized one for quantized weights, the per-GPU
+        one for a tensor-parallel row; the base plan's for the others where there is one."""
+        own = r.scheme or r.tp > 1
+        return self.floor_tok_s if own or self.base_floor_tok_s is None else self.base_floor_tok_s
 
     def pct_floor(self, r: Result) -> float | None:
         return None if not r.decode_tok_s else 100 * r.decode_tok_s / self.floor_of(r)
@@ -156,6 +181,7 @@ class BenchReport:
     batches: list[BatchReport] = field(default_factory=list)
     quantize: str | None = None  # "int8" / "int4": the llamagraph plan's (and the gpt-fast peer's) weights
     group_size: int | None = None  # int4: columns per scale and zero (-1: one group per row)
+    tp: int = 1  # the llamagraph plan's ranks, one GPU each (device names one of them)
 
     # ---- text ------------------------------------------------------------------------------------
     COLUMNS = (  # header, width, figure -> text
@@ -173,6 +199,8 @@ class BenchReport:
 
     def columns(self) -> tuple:
         """COLUMNS, and when quantizing, each row's decode speed over the unquantized llamagraph plan."""
+        if self.tp > 1:  # each row's decode speed over the tp1 llamagraph plan
+            return self.COLUMNS + (("vs tp1", 7, lambda b, r: _fmt(b.ratio(r, "llamagraph_tp1"), ".2f", "x")),)
         if not self.quantize:
             return self.COLUMNS
         return self.COLUMNS + ((f"vs {self.dtype}", 11,
@@ -188,21 +216,32 @@ class BenchReport:
         cols = self.columns()
         floor = (f"copy bandwidth {self.copy_gb_s:.0f} GB/s; one decode step reads {b.step_bytes / 1e9:.3f} GB "
                  f"-> floor {b.floor_tok_s:.1f} tok/s")
-        if b.base_step_bytes is not None:  # quantized: the bytes read are codes + scales + zeros
+        if self.tp > 1:  # each rank reads its own shard: the floor is per GPU
+            floor = (f"copy bandwidth {self.copy_gb_s:.0f} GB/s per GPU; one decode step reads {b.step_bytes / 1e9:.3f} "
+                     f"GB per GPU (tp{self.tp}) -> floor {b.floor_tok_s:.1f} tok/s")
+            if b.base_step_bytes is not None:
+                floor += f"; tp1: {b.base_step_bytes / 1e9:.3f} GB on one GPU -> floor {b.base_floor_tok_s:.1f} tok/s"
+        elif b.base_step_bytes is not None:  # quantized: the bytes read are codes + scales + zeros
             floor += (f" ({self.quantize}: codes + scales{' + zeros' if self.quantize == 'int4' else ''}); "
                       f"{self.dtype}: {b.base_step_bytes / 1e9:.3f} GB -> floor {b.base_floor_tok_s:.1f} tok/s")
+        gpus = f"tensor parallel over {self.tp} GPUs, floor per GPU, " if self.tp > 1 else ""
         lines = [
             f"{self.config}: batch {b.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens, {self.dtype}"
-            f"{self.weights_text()}, {self.device}",
+            f"{self.weights_text()}, {gpus}{self.device}",
             floor,
             f"{'engine':<{self.NAME_WIDTH}}" + "".join(f" {h:>{w}}" for h, w, _ in cols),
         ]
-        for r in sorted(b.results, key=lambda r: list(ENGINES).index(r.engine)):
+        for r in sorted(b.results, key=lambda r: list(ROWS).index(r.engine)):
             row = f"{r.name:<{self.NAME_WIDTH}}" + "".join(f" {f(b, r):>{w}}" for _, w, f in cols)
             lines.append(row + (f"  ({r.note})" if r.note else ""))
         ours = b.result("llamagraph")
-        q = f" {self.quantize}" if self.quantize else ""
+        q = f" {self.quantize}" if self.quantize else f" tp{self.tp}" if self.tp > 1 else ""
         base = b.result("llamagraph_unquantized")
+        tp1 = b.result("llamagraph_tp1")
+        if ours and tp1:
+            lines.append(f"llamagraph{q} vs llamagraph tp1: decode {_fmt(b.ratio(ours, tp1.engine), '.2f', 'x')} "
+                         f"(floor {_fmt(b.base_step_bytes / b.step_bytes if b.base_step_bytes else None, '.2f', 'x')}: "
+                         "bytes read per GPU per step)")
         if ours and base:
             lines.append(f"llamagraph{q} vs llamagraph {self.dtype}: decode {_fmt(b.ratio(ours, base.engine), '.2f', 'x')} "
                          f"(floor {_fmt(b.base_step_bytes / b.step_bytes if b.base_step_bytes else None, '.2f', 'x')}: "
@@ -216,7 +255,8 @@ class BenchReport:
         return "\n".join(lines)
 
     def table(self) -> str:
-        legend = LEGEND + ("\n" + QUANT_LEGEND if self.quantize else "")
+        legend = LEGEND + ("\n" + QUANT_LEGEND if self.quantize else "") + \
+            ("\n" + TP_LEGEND.format(tp=self.tp) if self.tp > 1 else "")
         return "\n\n".join(self.batch_table(b) for b in self.batches) + "\n\n" + legend
 
     # ---- JSON ------------------------------------------------------------------------------------
@@ -238,6 +278,7 @@ class BenchReport:
                 "vs_unquantized": _num(b.ratio(r, "llamagraph_unquantized")),
                 "scheme": r.scheme,
                 "note": r.note,
+                **({"vs_tp1": _num(b.ratio(r, "llamagraph_tp1")), "tp": r.tp} if self.tp > 1 else {}),
             }
 
         return {
@@ -246,6 +287,8 @@ class BenchReport:
             "dtype": self.dtype,
             "quantize": self.quantize,
             "group_size": self.group_size,
+            "tp": self.tp,
+            "floor": "per GPU",  # step_bytes / floor_tok_s: what one GPU reads (a tp > 1 plan's rank)
             "device": self.device,
             "prompt_len": self.prompt_len,
             "gen_len": self.gen_len,
@@ -315,9 +358,14 @@ def decode_step_bytes(graph: Graph, cfg: ModelConfig, batch: int, context: float
 
     A quantized weight is read as stored: its codes (int8 [N, K], or int4 packed two to a byte,
     [N, K/2]) and its scales (and int4 zeros), which are weight values of their own (roles
-    "scales" / "zeros", ``attrs["quant_of"]``); the float weight it came from is never read."""
+    "scales" / "zeros", ``attrs["quant_of"]``); the float weight it came from is never read.
+
+    Of a tensor-parallel plan's rank graph, the bytes one rank reads (its shards; a tied LM head
+    there has its own sharded value, so the table itself is only gathered from)."""
     total = 0
-    embed_read_whole = cfg.tie_word_embeddings
+    # the table is read whole where a node other than the embedding gather reads it (a tied LM head)
+    embed_read_whole = any(graph.values[i].role == "embedding_table" for n in graph.nodes if n.op != "embedding"
+                           for i in n.inputs)
     for v in graph.values.values():
         if v.kind != WEIGHT:
             continue
@@ -355,6 +403,26 @@ def _cupy_sync() -> None:
     cp.cuda.Device().synchronize()
 
 
+def _cupy_sync_all(devices: int):
+    """Wait for GPUs 0 .. devices - 1 (a tensor-parallel plan's ranks: rank 0 may finish first)."""
+    import cupy as cp
+
+    def sync() -> None:
+        for d in range(devices):
+            cp.cuda.Device(d).synchronize()
+    return sync
+
+
+def _free_cupy(devices: int) -> None:
+    """Give the blocks cupy caches back on GPUs 0 .. devices - 1 (its pool is per device)."""
+    import cupy as cp
+
+    gc.collect()
+    for d in range(devices):
+        with cp.cuda.Device(d):
+            cp.get_default_memory_pool().free_all_blocks()
+
+
 def _torch_sync(device: str):
     import torch
 
@@ -379,30 +447,28 @@ def _failed(engine: str, e: BaseException) -> Result:
 
 def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, backend: str = "cuda",
                      progress: bool = False, quantize: str | None = None, group_size: int | None = None,
-                     engine: str = "llamagraph") -> tuple[Result, Graph]:
+                     engine: str = "llamagraph", tp: int = 1) -> tuple[Result, Graph]:
     """llamagraph at ``len(prompts)`` sequences: a plan compiled for that batch (``quantize``d
-    weight-only when asked); the row is ``engine``'s."""
+    weight-only when asked, over ``tp`` GPUs when tp > 1); the row is ``engine``'s."""
     import llamagraph
 
     batch, prompt_len = len(prompts), len(prompts[0])
-    sync = _cupy_sync if backend == "cuda" else _no_sync
+    sync = (_cupy_sync if tp == 1 else _cupy_sync_all(tp)) if backend == "cuda" else _no_sync
     t = time.perf_counter()
     plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=prompt_len + gen_len,
-                              backend=backend, progress=progress, quantize=quantize, group_size=group_size)
+                              backend=backend, progress=progress, quantize=quantize, group_size=group_size, tp=tp)
     compile_s = time.perf_counter() - t
     warmup_s = _timed(lambda: plan.generate(prompts, min(4, gen_len)), sync)  # module load, decode graph capture
     ttft = _best(lambda: plan.generate(prompts, 1), sync, 3)
     total = _best(lambda: plan.generate(prompts, gen_len), sync, 2)
     res = _figures(engine, batch, prompt_len, gen_len, prefill_s=ttft, ttft_s=ttft, decode_s=total - ttft,
                    compile_s=compile_s, warmup_s=warmup_s)
-    res.scheme, res.label = quantize, engine_label(engine, quantize, dtype)
+    res.scheme, res.label, res.tp = quantize, engine_label(engine, quantize, dtype, tp), tp
     graph = plan.graph
-    plan = None  # free the device memory before the next engine
+    plan = None  # free the device memory (every rank's) before the next engine
     gc.collect()
     if backend == "cuda":
-        import cupy as cp
-
-        cp.get_default_memory_pool().free_all_blocks()
+        _free_cupy(tp)
     return res, graph
 
 
@@ -695,14 +761,33 @@ def _versions() -> dict:
     return out
 
 
+def check_request(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen_len: int = 128,
+                  dtype: str = "float16", quantize: str | None = None, group_size: int | None = None,
+                  tp: int = 1) -> ModelConfig:
+    """The config, once the compiler has accepted the plan asked for (sizes, quantization, a rank
+    count its shapes split by): a bad request is its one-line error before any GPU work."""
+    from llamagraph.compiler import build_unfused, checkpoint_quantization
+
+    cfg = load_config(config)
+    quantize, group_size = checkpoint_quantization(cfg, quantize, group_size)
+    build_unfused(cfg, dtype=dtype, max_batch=max([batch] if isinstance(batch, int) else batch),
+                  max_seq=prompt_len + gen_len, quantize=quantize, group_size=group_size, tp=tp)
+    return cfg
+
+
 def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen_len: int = 128,
           dtype: str = "float16", peers: tuple[str, ...] = PEERS, seed: int = 0, progress: bool = False,
-          log=print, device: str = "cuda", quantize: str | None = None, group_size: int | None = None) -> BenchReport:
+          log=print, device: str = "cuda", quantize: str | None = None, group_size: int | None = None,
+          tp: int = 1, tp1: bool = True) -> BenchReport:
     """Benchmark ``config`` on random weights at each batch size in ``batch``.
 
     ``quantize`` ("int8" / "int4", with int4's ``group_size``): the llamagraph plan and the
     gpt-fast-style peer quantize their weights; the unquantized llamagraph plan of each batch is
     measured beside the quantized one (module docstring).
+
+    ``tp`` > 1: the llamagraph plan is tensor-parallel over GPUs 0 .. tp - 1 with a per-GPU floor;
+    the same model at tp 1 is measured beside it unless ``tp1`` is False (its floor, the one-GPU
+    rows' floor, is computed either way).
 
     ``device="cpu"`` runs llamagraph's reference backend and the peers uncompiled on the CPU:
     only for tests of the benchmark itself (its figures mean nothing).
@@ -711,7 +796,8 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
     peers = tuple(p for p in PEERS if p in peers)
     if gen_len < 2:
         raise ValueError("gen_len must be at least 2: decode is timed over the steps after the first token")
-    cfg = load_config(config)
+    cfg = check_request(config, batch=batches, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
+                        quantize=quantize, group_size=group_size, tp=tp)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (max(batches), prompt_len)).tolist()  # batch b: the first b
     if device == "cuda":
@@ -720,39 +806,54 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
         bw, name = copy_bandwidth(), cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     else:
         bw, name = host_copy_bandwidth(), "cpu"
+    if tp > 1:
+        name = f"{tp} x {name}"
     if quantize == "int4" and group_size is None:
         from llamagraph.ir.quant import DEFAULT_GROUP_SIZE
 
         group_size = DEFAULT_GROUP_SIZE  # the compiler's default, named in the table
     report = BenchReport(str(config), prompt_len, gen_len, dtype, name, bw / 1e9, model_summary(cfg), list(peers),
-                         quantize=quantize, group_size=group_size if quantize == "int4" else None)
+                         quantize=quantize, group_size=group_size if quantize == "int4" else None, tp=tp)
     backend = "cuda" if device == "cuda" else "reference"
     context = prompt_len + gen_len / 2  # the mean number of cached tokens a decode step reads
 
     def floor(step_bytes: int, b: int) -> float:
         return b / (step_bytes / bw)
 
-    for b in batches:
-        log(f"{engine_label('llamagraph', quantize, dtype)}, batch {b}:")
-        ours, graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress, quantize, group_size)
-        step_bytes = decode_step_bytes(graph, cfg, b, context)
-        rep = BatchReport(b, step_bytes, floor(step_bytes, b), [ours])
-        log(f"  {_summary(ours)}")
-        if quantize:  # the unquantized plan of the same shape, in the same run
-            log(f"{engine_label('llamagraph_unquantized', None, dtype)}, batch {b}:")
+    def baseline(rep: BatchReport, engine: str, run: bool = True) -> None:
+        """The unquantized / tp1 plan of the same shape, in the same run: its row (when ``run``) and
+        its floor (the floor of the rows on one GPU in their dtype)."""
+        b = rep.batch
+        base_graph = None
+        if run:
+            log(f"{engine_label(engine, None, dtype)}, batch {b}:")
             try:
                 base, base_graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress,
-                                                    engine="llamagraph_unquantized")
-            except LlamagraphError as e:  # e.g. a 70B fp16 plan does not fit the GPU its int4 plan runs on
-                base = _failed("llamagraph_unquantized", e)
-                base.label = engine_label("llamagraph_unquantized", None, dtype)
-                from llamagraph.compiler import compile_graph
-
-                base_graph = compile_graph(cfg, dtype=dtype, max_batch=b, max_seq=prompt_len + gen_len)
-            rep.base_step_bytes = decode_step_bytes(base_graph, cfg, b, context)
-            rep.base_floor_tok_s = floor(rep.base_step_bytes, b)
+                                                    engine=engine)
+            except LlamagraphError as e:  # e.g. a 70B fp16 plan does not fit the GPU its int4 / tp plan runs on
+                base = _failed(engine, e)
+                base.label = engine_label(engine, None, dtype)
             rep.results.append(base)
             log(f"  {_summary(base)}")
+        if base_graph is None:
+            from llamagraph.compiler import compile_graph
+
+            base_graph = compile_graph(cfg, dtype=dtype, max_batch=b, max_seq=prompt_len + gen_len)
+        rep.base_step_bytes = decode_step_bytes(base_graph, cfg, b, context)
+        rep.base_floor_tok_s = floor(rep.base_step_bytes, b)
+
+    sharded = {"tp": tp} if tp > 1 else {}
+    for b in batches:
+        log(f"{engine_label('llamagraph', quantize, dtype, tp)}, batch {b}:")
+        ours, graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress, quantize, group_size,
+                                       **sharded)
+        step_bytes = decode_step_bytes(graph, cfg, b, context)  # per GPU for a tp plan: its rank graph's
+        rep = BatchReport(b, step_bytes, floor(step_bytes, b), [ours])
+        log(f"  {_summary(ours)}")
+        if quantize:
+            baseline(rep, "llamagraph_unquantized")
+        elif tp > 1:
+            baseline(rep, "llamagraph_tp1", run=tp1)
         report.batches.append(rep)
     by_engine: dict[str, list[Result]] = {}
     if "gptfast" in peers:

@@ -367,6 +367,14 @@ def _print_quant_error(plan, unquantized, prompt: list[int], scheme: str) -> Non
 # bench
 # ---------------------------------------------------------------------------------------------
 
+class _Default(str):
+    """A default argparse hands back as it is (the same object), so a command can tell it from the
+    same text typed on the command line."""
+
+
+DEFAULT_PEERS = _Default("gptfast,hf,compile")
+
+
 def add_bench(sub) -> None:
     def batch_list(text: str) -> list[int]:
         sizes = [positive_int(x.strip()) for x in text.split(",")]
@@ -392,7 +400,7 @@ def add_bench(sub) -> None:
                            "(a 'vs tp1' column)")
     p.add_argument("--no-tp1", action="store_true",
                    help="with --tp N > 1: do not also measure the model at tp 1")
-    p.add_argument("--peers",
+    p.add_argument("--peers", default=DEFAULT_PEERS,
                    help="comma list of gptfast, hf, compile (default: all three; none with --tp N > 1, as the "
                         "peers run on one GPU); 'none' for no peers")
     p.add_argument("--json", metavar="PATH", help="also write every figure as one JSON document")
@@ -400,13 +408,16 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llamagraph.bench import PEERS, bench
-    from llamagraph.ir import load_config
+    from llamagraph.bench import PEERS, bench, check_request
     from llamagraph.runtime.cuda import CudaExecutor
 
     if args.no_tp1 and args.tp == 1:
         raise UsageError("argument --no-tp1: only with --tp N > 1")
-    given = args.peers if args.peers is not None else ("none" if args.tp > 1 else ",".join(PEERS))
+    # the peers run on one GPU: beside a tensor-parallel plan only when asked for
+    given = "none" if args.tp > 1 and isinstance(args.peers, _Default) else args.peers
+    if given is not args.peers:
+        print(f"note: --tp {args.tp}: the PyTorch peers run on one GPU; none run unless --peers names them",
+              file=sys.stderr)
     peers = tuple(dict.fromkeys(x.strip() for x in given.split(",") if x.strip() and x.strip() != "none"))
     bad = [x for x in peers if x not in PEERS]
     if bad:
@@ -416,9 +427,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          f"token), got {args.gen_len}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise UsageError(f"argument --json: {os.path.dirname(os.path.abspath(args.json))} is not a directory")
-    load_config(args.config)  # a bad config fails before any GPU work
-    CudaExecutor.check_available()
     quant = quant_kwargs(args)
+    # a bad config, or a plan the compiler refuses (quantize with tp, heads tp does not divide), fails before
+    # any GPU work
+    check_request(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
+                  tp=args.tp, **quant)
+    CudaExecutor.check_available()
     report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
                    peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
                    tp=args.tp, tp1=not args.no_tp1, **({k: v for k, v in quant.items() if v is not None}))
