@@ -47,10 +47,37 @@ class CudaTensorParallel:
         from cupy.cuda import nccl
 
         self.nccl = nccl
-        comms = nccl.NcclCommunicator.initAll(list(range(tp)))
-        for rank, comm in zip(self.ranks, comms):
+        self.comms = nccl.NcclCommunicator.initAll(list(range(tp)))
+        for rank, comm in zip(self.ranks, self.comms):
             rank.comm = comm
         self.graphs: dict[int, list] = {}  # batch size -> every rank's captured decode step
+
+    def close(self) -> None:
+        """Release the communicators (also when the runner is garbage-collected).
+
+        ncclCommDestroy is a collective among the ranks of a node: one thread destroying the
+        clique's communicators one after another (which is what letting cupy free them would do)
+        waits in the first for the others and never returns. Every rank's work is finished first,
+        then each communicator is aborted, which frees it locally."""
+        comms, self.comms = getattr(self, "comms", []), []
+        if not comms:
+            return
+        cp = self.cp
+        for r, rank in enumerate(self.ranks):
+            with cp.cuda.Device(r):
+                rank.stream.synchronize()
+        self.graphs.clear()  # captured graphs hold NCCL calls on these communicators
+        for r, comm in enumerate(comms):
+            with cp.cuda.Device(r):
+                comm.abort()
+        for rank in self.ranks:
+            rank.comm = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
 
     # the executor interface Plan uses -------------------------------------------------------------
     def reset(self) -> None:

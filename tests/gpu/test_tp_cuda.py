@@ -13,9 +13,12 @@ pytestmark = pytest.mark.gpu
 
 
 def _gpus() -> int:
-    import cupy
+    try:
+        import cupy
 
-    return cupy.cuda.runtime.getDeviceCount()
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no cupy, no driver: the conftest skips every test here anyway
+        return 0
 
 
 two_gpus = pytest.mark.skipif("_gpus() < 2", reason="needs two GPUs")
