@@ -415,9 +415,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("argument --no-tp1: only with --tp N > 1")
     # the peers run on one GPU: beside a tensor-parallel plan only when asked for
     given = "none" if args.tp > 1 and isinstance(args.peers, _Default) else args.peers
-    if given is not args.peers:
-        print(f"note: --tp {args.tp}: the PyTorch peers run on one GPU; none run unless --peers names them",
-              file=sys.stderr)
     peers = tuple(dict.fromkeys(x.strip() for x in given.split(",") if x.strip() and x.strip() != "none"))
     bad = [x for x in peers if x not in PEERS]
     if bad:
@@ -433,6 +430,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_request(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
                   tp=args.tp, **quant)
     CudaExecutor.check_available()
+    if given is not args.peers:
+        print(f"note: --tp {args.tp}: the PyTorch peers run on one GPU; none run unless --peers names them",
+              file=sys.stderr)
     report = bench(args.config, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
                    peers=peers, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
                    tp=args.tp, tp1=not args.no_tp1, **({k: v for k, v in quant.items() if v is not None}))
