@@ -314,3 +314,42 @@ def test_interrupted_first_run_holds_no_batch(ckpt, monkeypatch, exc):
     want = models.hf_reference_logits(ckpt, [prompt], [[]])[0][0]
     assert rel_err(got[0], want) < 1e-4
 
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallelism (issue #9): tp, and what a tp plan refuses
+# ---------------------------------------------------------------------------------------------
+
+# (keyword, bad value, error class, a word the message must contain); CFG has 4 heads, 2 kv heads, ffn 64
+BAD_TP = [
+    ("tp", 0, ConfigError, "tp must be a positive integer"),
+    ("tp", -2, ConfigError, "tp must be a positive integer"),
+    ("tp", 2.0, ConfigError, "tp must be a positive integer"),
+    ("tp", "2", ConfigError, "tp must be a positive integer"),
+    ("tp", True, ConfigError, "tp must be a positive integer"),
+    ("tp", None, ConfigError, "tp must be a positive integer"),
+    ("tp", 3, ConfigError, "num_attention_heads 4 is not divisible by 3"),
+    ("tp", 128, ConfigError, "num_attention_heads 4 is not divisible by 128"),
+]
+
+
+@pytest.mark.parametrize("key,value,error,word", BAD_TP, ids=_id)
+def test_bad_tp_is_a_one_line_error(key, value, error, word):
+    with pytest.raises(error) as e:
+        llamagraph.compile(CFG, "random", **{**GOOD_COMPILE, key: value})
+    assert word in _one_line(e.value)
+
+
+def test_what_a_tp_plan_refuses_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        llamagraph.compile(CFG, "random", tp=2, quantize="int8", **GOOD_COMPILE)
+    assert "quantize 'int8' with tp 2" in _one_line(e.value)
+    tp1 = llamagraph.compile(CFG, "random", **GOOD_COMPILE)
+    with pytest.raises(WeightError) as e:
+        llamagraph.compile(CFG, llamagraph.random_weights(tp1.graph), tp=2, **GOOD_COMPILE)
+    assert "tp 2" in _one_line(e.value) and "dict" in _one_line(e.value)
+    plan = llamagraph.compile(CFG, "random", tp=2, **GOOD_COMPILE)
+    with pytest.raises(InputError) as e:
+        plan.generate([[1, 2, 3]], 2, echo=True, logprobs=True)
+    assert "tensor-parallel" in _one_line(e.value)
+    assert plan.lengths == []  # nothing was started

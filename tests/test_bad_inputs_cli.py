@@ -650,3 +650,27 @@ def test_cuda_plan_beyond_device_memory_says_how_many_bytes():
     assert int(needed) > 2 * 22 * 1024 * 2**24 * 4 * 64 * 2  # more than the KV caches alone
     assert abs(int(said_free) - free) < 2**30
     assert cupy.cuda.runtime.memGetInfo()[0] >= free - 2**30  # nothing big was allocated
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallelism (issue #9): --tp
+# ---------------------------------------------------------------------------------------------
+
+# (id, argv, words the error line must hold); TINY has 4 heads, 2 kv heads, ffn 128
+BAD_TP_ARGUMENTS = [
+    ("tp-zero", RUN + ["--tp", "0"], "argument --tp: must be a positive integer, got '0'"),
+    ("tp-negative", RUN + ["--tp=-1"], "argument --tp: must be a positive integer, got '-1'"),
+    ("tp-word", ["compile", TINYLLAMA, "--tp", "two"], "argument --tp: must be a positive integer, got 'two'"),
+    ("tp-float", ["dump", TINYLLAMA, "--tp", "2.0"], "argument --tp: must be a positive integer, got '2.0'"),
+    ("tp-10**9", ["bench", TINYLLAMA, "--random-weights", "--tp", str(10**9)], "argument --tp: must be at most"),
+    ("tp-quantize", RUN + ["--tp", "2", "--quantize", "int4"], "quantize 'int4' with tp 2"),
+    ("tp-heads", ["compile", TINYLLAMA, "--tp", "3"], "num_attention_heads 32 is not divisible by 3"),
+    ("no-tp1-alone", ["bench", TINYLLAMA, "--random-weights", "--no-tp1"], "argument --no-tp1: only with --tp N > 1"),
+]
+
+
+@pytest.mark.parametrize("argv,words", [c[1:] for c in BAD_TP_ARGUMENTS], ids=[c[0] for c in BAD_TP_ARGUMENTS])
+def test_bad_tp_argument_is_one_line(argv, words, capsys):
+    rc, out, err = cli(capsys, *argv)
+    assert out == ""
+    assert_one_error_line(rc, err, words)
