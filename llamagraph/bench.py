@@ -465,6 +465,9 @@ def bench_llamagraph(cfg: ModelConfig, prompts, gen_len: int, dtype: str, backen
                    compile_s=compile_s, warmup_s=warmup_s)
     res.scheme, res.label, res.tp = quantize, engine_label(engine, quantize, dtype, tp), tp
     graph = plan.graph
+    close = getattr(plan.executor, "close", None)
+    if close is not None:  # a tensor-parallel runner: its NCCL clique is released now, not whenever gc runs
+        close()
     plan = None  # free the device memory (every rank's) before the next engine
     gc.collect()
     if backend == "cuda":
