@@ -323,3 +323,22 @@ def test_decode_step_bytes_of_a_rank_graph_are_one_ranks_shard(example, dtype, t
     embed_rows = 4 * 2 * D  # the embedding table is only gathered: one row per sequence
     kv = 4 * 100 * 2 * L * (KV // 2) * HD * 2
     assert decode_step_bytes(g, cfg, 4, 100) == weights + embed_rows + kv
+
+
+def test_bench_closes_each_tensor_parallel_runner_before_the_next_plan(tmp_path, monkeypatch):
+    """The NCCL clique of a TP runner is released (close) before the next plan is compiled."""
+    import llamagraph
+
+    events, real = [], llamagraph.compile
+
+    def compile_and_watch(*a, **kw):
+        events.append(f"compile tp{kw.get('tp', 1)}")
+        plan = real(*a, **kw)
+        if kw.get("tp", 1) > 1:
+            plan.executor.close = lambda: events.append("close")
+        return plan
+
+    monkeypatch.setattr(llamagraph, "compile", compile_and_watch)
+    bench(write_config(tmp_path), batch=[1, 2], prompt_len=4, gen_len=3, dtype="float32", peers=(), device="cpu",
+          log=lambda m: None, tp=2)
+    assert events == ["compile tp2", "close", "compile tp1"] * 2
