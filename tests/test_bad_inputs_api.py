@@ -179,7 +179,7 @@ def test_good_sizes_still_compile_numpy_integers_included():
                               max_tokens=np.int64(32), seed=np.uint32(3), passes=("fuse_silu_mul",))
     assert (plan.max_batch, plan.max_seq, plan.max_tokens) == (2, 16, 32)
     assert all(type(v) is int for v in (plan.max_batch, plan.max_seq, plan.max_tokens))  # plan.json stays plain
-    assert plan.graph.meta["passes"] == ["fuse_silu_mul", "dce", "quantize_weights", "plan_memory"]
+    assert plan.graph.meta["passes"] == ["shard_tensor_parallel", "fuse_silu_mul", "dce", "quantize_weights", "plan_memory"]
     same = llamagraph.compile(CFG, "random", dtype="float32", max_batch=2, max_seq=16, seed=3)
     np.testing.assert_array_equal(plan.run([[1, 2, 3]]), same.run([[1, 2, 3]]))
 

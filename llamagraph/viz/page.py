@@ -34,6 +34,9 @@ OP_COLORS = {
     "silu": "#fde58c",
     "mul": "#fbd96b",
     "silu_mul": "#f6c945",
+    # collectives across tensor-parallel ranks: a loud magenta, so the communication stands out
+    "all_reduce": "#e7298a",
+    "all_gather_vocab": "#e7298a",
     # in / out: purples and greys
     "embedding": "#cdb8e6",
     "gather_last": "#d9d9d9",

@@ -1,7 +1,6 @@
 """``llamagraph bench --tp 2`` on two GPUs: the tensor-parallel row beside the tp1 row of the same
-model in one run, the per-GPU floor, ``vs tp1``; and the issue #9 target (Llama-3-8B batch-1
-decode at tp 2 at least 1.6x tp 1 on the same machine, in one call). Skipped with fewer than two
-GPUs."""
+model in one run, the per-GPU floor, ``vs tp1``. (Speed itself is shown by running the bench,
+never asserted in a test.) Skipped with fewer than two GPUs."""
 
 import json
 import os
@@ -54,17 +53,3 @@ def test_bench_tp2_tiny_model_has_the_tp_and_tp1_rows(tmp_path, capsys):
         assert eng["llamagraph"]["vs_tp1"] > 0 and eng["llamagraph_tp1"]["vs_tp1"] == 1.0
         rank = compile_graph(config, dtype="float16", max_batch=b["batch"], max_seq=24, tp=2)
         assert b["step_bytes"] == decode_step_bytes(rank, config, b["batch"], 16 + 8 / 2) < b["base_step_bytes"]
-
-
-@two_gpus
-def test_llama3_8b_batch1_decode_at_tp2_is_at_least_1_6x_tp1(tmp_path, capsys):
-    """Issue #9's target: both plans measured in the same run on the same machine."""
-    js = tmp_path / "bench.json"
-    rc = main(["bench", os.path.join(ROOT, "examples", "llama-3-8b.json"), "--random-weights", "--tp", "2",
-               "--prompt-len", "128", "--gen-len", "128", "--json", str(js)])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    print(out)
-    eng = json.loads(js.read_text())["batches"][0]["engines"]
-    assert eng["llamagraph"]["note"] == "" and eng["llamagraph_tp1"]["note"] == ""
-    assert eng["llamagraph"]["vs_tp1"] >= 1.6, out
