@@ -459,3 +459,18 @@ def test_kv_cache_per_rank_holds_its_heads_only():
     caches = lambda graph: sum(v.nbytes(graph.dims) for v in graph.values.values()  # noqa: E731
                                if v.kind == KV_CACHE and "alias" not in v.attrs)
     assert 2 * caches(g) == caches(whole) == whole.meta["memory"]["kv_cache_bytes"]
+
+
+def test_tp_runner_cuts_a_launch_list_at_its_collectives():
+    """The CUDA runner issues kernels rank by rank up to each collective, then the collective for
+    every rank in one NCCL group: its cut of a launch list keeps every launch once, in order."""
+    from types import SimpleNamespace
+
+    from llamagraph.runtime.tensor_parallel import _segments
+
+    kinds = ["kernel", "collective", "kernel", "kernel", "collective", "collective", "kernel"]
+    cut = _segments([SimpleNamespace(kind=k) for k in kinds])
+    assert cut == [(0, 1, 1), (2, 4, 4), (5, 5, 5), (6, 7, None)]
+    order = [i for first, end, c in cut for i in [*range(first, end), *([c] if c is not None else [])]]
+    assert order == list(range(len(kinds)))
+    assert _segments([]) == [(0, 0, None)]

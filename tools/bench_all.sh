@@ -12,20 +12,9 @@
 # torch.compile peer; add it elsewhere with e.g. BATCH_PEERS=gptfast,hf,compile. If the whole run would
 # pass the 10-minute limit of one device call, run the parts in two calls (`examples`, then `batch prefill bf16`).
 set -uo pipefail
-OUT=${OUT:-./out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-txt="$OUT/bench_h100.txt"
 parts=${*:-examples batch prefill bf16}
-
-{
-  echo "# llamagraph bench on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%Y-%m-%dT%H:%MZ)," \
-       "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), parts: $parts"
-  python3 -c "import cupy, torch, transformers; print('# cupy', cupy.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-  echo
-} >> "$txt"
-
-source "$(dirname "$0")/bench_run.sh"  # run NAME BENCH-ARGS...
+source "$(dirname "$0")/bench_run.sh"  # bench_setup, run NAME BENCH-ARGS...
+bench_setup bench_h100.txt "llamagraph bench" "$parts"
 
 for part in $parts; do
   case $part in

@@ -8,19 +8,9 @@
 # Every table goes to $OUT/bench_quant_h100.txt under the command that printed it, every run's figures to
 # $OUT/bench_<run>.json, its log to $OUT/bench_<run>.log. Prompt 128, 128 new tokens, fp16 activations.
 set -uo pipefail
-OUT=${OUT:-./out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-txt="$OUT/bench_quant_h100.txt"
 parts=${*:-llama2 llama3 70b}
-{
-  echo "# llamagraph bench --quantize on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%Y-%m-%dT%H:%MZ)," \
-       "commit $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), parts: $parts"
-  python3 -c "import cupy, torch; print('# cupy', cupy.__version__, 'torch', torch.__version__)"
-  echo
-} >> "$txt"
-
-source "$(dirname "$0")/bench_run.sh"  # run NAME BENCH-ARGS...
+source "$(dirname "$0")/bench_run.sh"  # bench_setup, run NAME BENCH-ARGS...
+bench_setup bench_quant_h100.txt "llamagraph bench --quantize" "$parts"
 
 for part in $parts; do
   case $part in

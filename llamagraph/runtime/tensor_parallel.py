@@ -51,6 +51,9 @@ class CudaTensorParallel:
         for rank, comm in zip(self.ranks, self.comms):
             rank.comm = comm
         self.graphs: dict[int, list] = {}  # batch size -> every rank's captured decode step
+        # each phase's launch list cut at its collectives, once: [(first, end, collective index or None)]
+        self.segments = {phase: _segments([launch for launch, _, _ in prepared])
+                         for phase, prepared in self.ranks[0].prepared.items()}
 
     def close(self) -> None:
         """Release the communicators (also when the runner is garbage-collected).
@@ -115,23 +118,19 @@ class CudaTensorParallel:
         """Every launch of ``phase`` on every rank, kernels rank by rank between collectives."""
         cp, nccl = self.cp, self.nccl
         lists = [rank.prepared[phase] for rank in self.ranks]
-        start = 0
-        for i in range(len(lists[0]) + 1):
-            if i < len(lists[0]) and lists[0][i][0].kind != "collective":
-                continue
-            for r, rank in enumerate(self.ranks):  # the segment before launch i
+        for first, end, collective in self.segments[phase]:
+            for r, rank in enumerate(self.ranks):  # the kernels before the collective, rank by rank
                 with cp.cuda.Device(r):
-                    for launch, fn, bound in lists[r][start:i]:
+                    for launch, fn, bound in lists[r][first:end]:
                         rank._issue(launch, fn, bound, scalars[r])
-            if i < len(lists[0]) and lists[0][i][0].runs(scalars[0]):
+            if collective is not None and lists[0][collective][0].runs(scalars[0]):
                 nccl.groupStart()
                 try:
                     for r, rank in enumerate(self.ranks):
                         with cp.cuda.Device(r):
-                            rank._issue(*lists[r][i], scalars[r])
+                            rank._issue(*lists[r][collective], scalars[r])
                 finally:
                     nccl.groupEnd()
-            start = i + 1
 
     def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
         """Every rank's graph of ``phase`` for one batch size, captured together."""
@@ -153,3 +152,15 @@ class CudaTensorParallel:
                 with cp.cuda.Device(r):
                     graphs.append(self.ranks[r].stream.end_capture())
         return graphs
+
+
+def _segments(launches: list) -> list[tuple[int, int, int | None]]:
+    """(first, end, collective): launches[first:end] are kernels, then launch ``collective`` (None
+    after the last collective)."""
+    out, first = [], 0
+    for i, launch in enumerate(launches):
+        if launch.kind == "collective":
+            out.append((first, i, i))
+            first = i + 1
+    out.append((first, len(launches), None))
+    return out
