@@ -89,8 +89,8 @@ class ReferenceExecutor:
 class TensorParallelReference:
     """N ranks of a tensor-parallel plan simulated in one process: each rank is a
     ``ReferenceExecutor`` over the same planned rank graph with its own shard of the weights (its
-    own arena and KV cache); they run node by node in lockstep, and a collective node (all_reduce,
-    all_gather_vocab) reads every rank's inputs and writes every rank's outputs, partial sums added
+    own arena and KV cache); they run node by node in lockstep, and a collective node (its op marked
+    ``collective`` in the registry) reads every rank's inputs and writes every rank's outputs, partial sums added
     in rank order. Rank 0's values are what a step returns (after a collective every rank holds
     the same ones)."""
 
