@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from llamagraph import viz
 from llamagraph.codegen.compiled import CompiledPlan, write_whole
+from llamagraph.codegen.lowering import PEER_ROWS
 from llamagraph.compiler import build_unfused, checkpoint_quantization, lower
 from llamagraph.ir import WEIGHT, Graph, ModelConfig, load_config
 from llamagraph.ir.dtypes import itemsize
@@ -198,8 +199,9 @@ def tensor_parallel_lines(graph: Graph) -> list[str]:
     else:  # each rank holds whole heads, so a KV head is held (and its cache written) by tp / KV ranks
         kv_heads = f"{KVl} KV head (KV heads replicated: each of the {KV} held by {tp // KV} ranks)"
     last = f" (last rank: {pad} zero padding row{'s' if pad != 1 else ''})" if pad else ""
-    reduces, gathers = counts.get("all_reduce", 0), counts.get("all_gather_vocab", 0)
-    summed = [graph.values[n.inputs[0]] for n in graph.nodes if n.op == "all_reduce"]
+    fused = counts.get("all_reduce_residual", 0)
+    reduces, gathers = counts.get("all_reduce", 0) + fused, counts.get("all_gather_vocab", 0)
+    summed = [graph.values[n.inputs[0]] for n in graph.nodes if n.op in ("all_reduce", "all_reduce_residual")]
     row = itemsize(summed[0].dtype) * summed[0].shape[-1] if summed else 0  # bytes of one token's partial sums
     return [
         f"{tp} ranks, one GPU each, all running this graph (SPMD), each on its own shard of the weights",
@@ -208,6 +210,9 @@ def tensor_parallel_lines(graph: Graph) -> list[str]:
         f"lm head: {chunk} of {V} vocabulary rows per rank{last}; all_gather_vocab makes the [B, {V}] logits",
         f"collectives per step: {reduces} all_reduce (after o_proj and down_proj, {reduces / max(1, cfg['num_layers']):g} "
         f"per layer; {row} bytes per token each) + {gathers} all_gather_vocab",
+        *([f"all-reduce: {fused} of them add the residual stream too (all_reduce_residual): one kernel over peer "
+           f"memory for steps of up to {PEER_ROWS} tokens, NCCL then a residual kernel for longer ones or GPUs "
+           "without peer access"] if fused else []),
         f"weights per rank: {weights} bytes ({_mib(weights)}) vs {whole} bytes ({_mib(whole)}) unsharded, "
         f"{weights / whole:.3f}x",
         f"kv cache per rank: {kv} bytes ({_mib(kv)}) vs {kv_whole} bytes ({_mib(kv_whole)}) unsharded, "

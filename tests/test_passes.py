@@ -11,6 +11,7 @@ import pytest
 from llamagraph.ir import Graph, GraphError, verify
 from llamagraph.ir.layout import row_order
 from llamagraph.passes.dce import dce
+from llamagraph.passes.fuse_all_reduce_residual import fuse_all_reduce_residual
 from llamagraph.passes.fuse_gate_up_silu import fuse_gate_up_silu
 from llamagraph.passes.fuse_gemm_bias import fuse_gemm_bias
 from llamagraph.passes.fuse_linear_residual import fuse_linear_residual
@@ -133,6 +134,56 @@ def test_fuse_linear_residual_leaves_a_projection_read_elsewhere():
       %s: f32[T,8] = residual(%y, %r)
       %z: f32[T,8] = mul(%y, %s)
       return %z
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_all_reduce_residual (tensor-parallel rank graphs)
+# ---------------------------------------------------------------------------------------------
+
+def test_fuse_all_reduce_residual_takes_the_bias_and_the_add():
+    check(fuse_all_reduce_residual, HEAD + """
+      weight @wo: f32[8,8]
+      weight @bo: f32[8] {role="bias"}
+      weight @wn: f32[8] {role="norm"}
+      %y: f32[T,8] = o_proj(%x, @wo) loc(layer=0)
+      %t: f32[T,8] = all_reduce(%y) {ranks=2} loc(layer=0, name="sum")
+      %tb: f32[T,8] = bias_add(%t, @bo) loc(layer=0)
+      %s: f32[T,8] = residual(%tb, %r) loc(layer=0)
+      %n: f32[T,8] = rmsnorm(%s, @wn) {eps=1e-05} loc(layer=0)
+      return %s, %n
+    """, HEAD + """
+      weight @wo: f32[8,8]
+      weight @bo: f32[8] {role="bias"}
+      weight @wn: f32[8] {role="norm"}
+      %y: f32[T,8] = o_proj(%x, @wo) loc(layer=0)
+      %s: f32[T,8] = all_reduce_residual(%y, %r, @bo) {dtype="float32", ranks=2} loc(layer=0, name="sum")
+      %n: f32[T,8] = rmsnorm(%s, @wn) {eps=1e-05} loc(layer=0)
+      return %s, %n
+    """)
+
+
+def test_fuse_all_reduce_residual_either_operand_order_and_no_bias():
+    check(fuse_all_reduce_residual, HEAD + """
+      %t: f32[T,8] = all_reduce(%x) {ranks=4}
+      %s: f32[T,8] = residual(%r, %t)
+      return %s
+    """, HEAD + """
+      %s: f32[T,8] = all_reduce_residual(%x, %r) {dtype="float32", ranks=4}
+      return %s
+    """)
+
+
+def test_fuse_all_reduce_residual_leaves_sums_read_elsewhere_and_plain_residuals():
+    unchanged(fuse_all_reduce_residual, HEAD + """
+      %t: f32[T,8] = all_reduce(%x) {ranks=2}
+      %s: f32[T,8] = residual(%t, %r)
+      %z: f32[T,8] = mul(%t, %s)
+      return %z
+    """)
+    unchanged(fuse_all_reduce_residual, HEAD + """
+      %s: f32[T,8] = residual(%x, %r)
+      return %s
     """)
 
 
@@ -441,7 +492,8 @@ def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".txt")
     assert names == ["00_build.txt"] + [f"{k:02d}_{p.__name__}.txt" for k, p in enumerate(PIPELINE, 1)]
     assert "no change" in (tmp_path / "01_shard_tensor_parallel.txt").read_text()  # tp 1
-    assert "residual: 4 -> 0" in (tmp_path / "02_fuse_linear_residual.txt").read_text()
+    assert "no change" in (tmp_path / "02_fuse_all_reduce_residual.txt").read_text()  # tp 1: no all_reduce
+    assert "residual: 4 -> 0" in (tmp_path / "03_fuse_linear_residual.txt").read_text()
     assert "rmsnorm: 5 -> 2" in (tmp_path / f"{PASS_NAMES.index('fuse_norm_prologue') + 1:02d}_fuse_norm_prologue.txt").read_text()
     ops = fused.op_counts()
     for gone in ("residual", "bias_add", "silu", "mul", "rope", "kv_append", "gate_proj", "up_proj", "add_rmsnorm",
@@ -458,10 +510,24 @@ def test_pipeline_is_ordered_and_dumps_each_pass(tmp_path):
         assert str(Graph.from_text(text)) == text.split("\n\n", 1)[1]
 
 
+def test_pipeline_order_all_reduce_residual_first_on_a_rank_graph():
+    """pipeline.py: in a tp rank graph the all-reduce takes every residual add after it (and the
+    bias before that); after the residual+norm fusion only the last layer's would be left."""
+    model = _biased_model()
+    model.meta["tp"] = 2
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    assert PASS_NAMES[:2] == ["shard_tensor_parallel", "fuse_all_reduce_residual"]
+    right = _run(model, ["shard_tensor_parallel"] + fusions).op_counts()
+    late = _run(model, ["shard_tensor_parallel"] + fusions[1:] + fusions[:1]).op_counts()
+    assert right["all_reduce_residual"] == 4 and not {"add_rmsnorm", "all_reduce", "residual"} & set(right)
+    assert right["rms_gate_up_silu"] == 2  # the norm after each all-reduce folds into the next GEMV
+    assert late["add_rmsnorm"] == 3 and late["all_reduce_residual"] == 1 and late["all_reduce"] == 3
+
+
 def test_pipeline_order_linear_residual_first():
     """pipeline.py: the projection epilogue takes every residual add (and its bias); after the
     residual+norm fusion there would be none left to take."""
-    fusions = [n for n in PASS_NAMES if n.startswith("fuse_")]
+    fusions = [n for n in PASS_NAMES if n.startswith("fuse_") and n != "fuse_all_reduce_residual"]
     assert fusions[0] == "fuse_linear_residual"
     right = _run(_biased_model(), fusions).op_counts()
     late = _run(_biased_model(), fusions[1:] + fusions[:1]).op_counts()

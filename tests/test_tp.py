@@ -16,6 +16,7 @@ import llamagraph
 import models
 from llamagraph.codegen import nvrtc
 from llamagraph.codegen.compiled import CompiledPlan, check_capturable
+from llamagraph.codegen.launch import NO_PEER_ACCESS
 from llamagraph.compiler import build_unfused, compile_plan, graph_after
 from llamagraph.ir import KV_CACHE, WEIGHT, ConfigError, InputError, Shard, WeightError, load_config
 from llamagraph.ir.layout import assemble
@@ -115,15 +116,30 @@ def test_all_reduce_follows_o_and_down_and_comes_before_their_bias_and_residual(
         assert after.op == "residual"
 
 
-def test_the_full_pipeline_keeps_one_all_reduce_per_o_and_down():
-    """Fusions after the pass: the residual no longer folds into the row-parallel GEMV (its output
-    is a partial sum), and every all-reduce still reads an o_proj / down_proj."""
+def test_the_full_pipeline_folds_the_residual_into_each_all_reduce_and_the_norms_into_the_gemvs():
+    """Fusions after the pass: each all-reduce takes the residual add after it (all_reduce_residual,
+    reading an o_proj / down_proj's partial sums and the stream), so no residual add or add_rmsnorm
+    is left and every norm sits in the prologue of the GEMV that reads it, as at tp 1."""
     plan = compile_plan(config(), tp=2, dtype="float16", max_batch=2, max_seq=32)
     g = plan.graph
-    reduces = [n for n in g.nodes if n.op == "all_reduce"]
-    assert len(reduces) == 4
+    reduces = [n for n in g.nodes if n.op == "all_reduce_residual"]
+    assert len(reduces) == 4 and "all_reduce" not in g.op_counts()
     assert sorted(producer(g, n.inputs[0]).op for n in reduces) == ["down_proj"] * 2 + ["o_proj"] * 2
-    assert g.op_counts()["all_gather_vocab"] == 1
+    for n in reduces:
+        assert n.attrs == {"ranks": 2, "dtype": "float16"}
+        assert g.values[n.inputs[1]].shape == g.values[n.inputs[0]].shape  # the stream it adds
+    counts = g.op_counts()
+    assert not {"residual", "add_rmsnorm", "rmsnorm", "bias_add"} & set(counts), counts
+    assert counts["rms_qkv_rope_kv_append"] == counts["rms_gate_up_silu"] == 2 and counts["rms_lm_head"] == 1
+    assert counts["all_gather_vocab"] == 1
+
+
+def test_a_tp_layer_launches_the_one_gpu_layers_kernels_plus_its_two_all_reduces():
+    cfg = config(num_hidden_layers=4)
+    one = compile_plan(cfg, dtype="float16", max_batch=2, max_seq=32)
+    two = compile_plan(cfg, tp=2, dtype="float16", max_batch=2, max_seq=32)
+    # 2 per layer, and the vocab_concat after the gather of the LM head's chunks
+    assert two.kernel_launches("decode") == one.kernel_launches("decode") + 2 * 4 + 1
 
 
 @pytest.mark.parametrize("vocab, tp", [(97, 2), (97, 4), (96, 4)])
@@ -409,19 +425,42 @@ def fp16_tp2():
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_collective_launches_per_o_and_down_and_one_gather(fp16_tp2, phase):
     g, launches = fp16_tp2.graph, fp16_tp2.phases[phase]
-    collectives = [x for x in launches if x.kind == "collective"]
-    reduces = [x for x in collectives if x.fn == "allreduce"]
-    assert len(reduces) == 2 * 2  # O and down of both layers
-    assert sorted(producer(g, g.nodes[x.node].inputs[0]).op for x in reduces) == ["down_proj"] * 2 + ["o_proj"] * 2
-    for x in reduces:
-        assert g.nodes[x.node].op == "all_reduce"
-        consts = [a.ref for a in x.args if a.kind == "const"]
-        assert 64 in consts and "float16" in consts  # whole hidden rows, in the activation dtype
-    (gather,) = [x for x in collectives if x.fn == "allgather"]
-    assert len(collectives) == 5 and g.nodes[gather.node].op == "all_gather_vocab"
+    peer = [x for x in launches if x.kind == "peer_kernel"]
+    assert len(peer) == 2 * 2  # O and down of both layers
+    assert sorted(producer(g, g.nodes[x.node].inputs[0]).op for x in peer) == ["down_proj"] * 2 + ["o_proj"] * 2
+    for x in peer:
+        node = g.nodes[x.node]
+        assert node.op == "all_reduce_residual" and x.fn in fp16_tp2.kernels
+        # attention_bias: o_proj's bias is added after the reduce; down_proj has none (a NULL argument)
+        bias = node.inputs[2] if producer(g, node.inputs[0]).op == "o_proj" else None
+        assert len(node.inputs) == (3 if bias else 2)
+        assert [a.ref for a in x.args[:4]] == [node.inputs[0], node.inputs[1], bias, node.outputs[0]]
+        assert (x.args[5].kind, x.args[5].ref) == ("workspace", "tp.peers")
+        # the peer kernel takes steps of up to 64 rows on a machine with peer access ...
+        assert x.runs({"T": 64, "B": 1}) and not x.runs({"T": 65, "B": 1})
+        assert not x.runs({"T": 1, "B": 1, NO_PEER_ACCESS: 1})
+        # ... and otherwise exactly one NCCL all-reduce of the partials, in place, then the kernel adds them
+        mine = [l for l in launches if l.node == x.node]
+        for scalars in ({"T": 65, "B": 1}, {"T": 1, "B": 1, NO_PEER_ACCESS: 1}, {"T": 65, "B": 1, NO_PEER_ACCESS: 1}):
+            nccl, local = [l for l in mine if l.runs(scalars)]
+            assert (nccl.kind, nccl.fn) == ("collective", "allreduce")
+            assert nccl.args[0].ref == nccl.args[1].ref == node.inputs[0]
+            assert [a.ref for a in nccl.args if a.kind == "const"] == [64, "float16"]  # whole hidden rows
+            assert local.kind == "kernel" and local.fn == x.fn and local.args[-1].ref == 1  # local: no peers
+    (gather,) = [x for x in launches if x.kind == "collective" and x.fn == "allgather"]
+    assert g.nodes[gather.node].op == "all_gather_vocab"
     after = launches[launches.index(gather) + 1]
     assert after.kind == "kernel" and after.fn.startswith("vocab_concat_") and after.node == gather.node
     assert after.fn in fp16_tp2.kernels
+
+
+def test_peer_mailbox_and_table_workspaces(fp16_tp2):
+    mailbox, table = fp16_tp2.workspace("tp.mailbox"), fp16_tp2.workspace("tp.peers")
+    assert mailbox.fill == "peer_mailbox" and table.fill == "peer_table" and table.source == "tp.mailbox"
+    assert table.nbytes == 8 * (1 + 2)  # this rank, then every rank's mailbox address
+    # flags and epochs, then 2 parity slots per rank of min(64, T) rows of 64 fp16
+    rows = min(64, fp16_tp2.graph.dims["T"])
+    assert mailbox.nbytes >= 2 * 2 * rows * 64 * 2 and mailbox.nbytes - 2 * 2 * rows * 64 * 2 < 1024
 
 
 def test_tp_plan_checks_and_its_decode_is_capturable(fp16_tp2):

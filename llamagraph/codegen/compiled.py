@@ -35,7 +35,7 @@ from llamagraph.ir import ACTIVATION, Graph, verify
 from llamagraph.ir.errors import GraphError, PlanError
 
 from .launch import (
-    ARG_KINDS, BUCKET_SCALARS, WORKSPACE_FILLS, Launch, Scaled, Workspace, launch_from_dict, launch_to_dict,
+    ARG_KINDS, BUCKET_SCALARS, KERNEL_KINDS, MACHINE, WORKSPACE_FILLS, Launch, Scaled, Workspace, launch_from_dict, launch_to_dict,
     workspace_from_dict, workspace_to_dict,
 )
 
@@ -63,7 +63,10 @@ class CompiledPlan:
     # ---- what it holds ----------------------------------------------------------------------
     def kernel_launches(self, phase: str) -> int:
         """Kernel launches of a step of ``phase`` that asks for no on-demand output."""
-        return sum(1 for launch in self.phases[phase] if launch.kind == "kernel" and not launch.on_demand)
+        # counted for a step of one token: of a collective's alternatives, the peer kernel (machine
+        # scalars are 0 unless an executor sets them)
+        return sum(1 for launch in self.phases[phase] if launch.kind in KERNEL_KINDS and not launch.on_demand
+                   and launch.runs({"T": 1, "B": 1}))
 
     def sizes(self) -> dict[str, int]:
         """Device bytes by region."""
@@ -100,7 +103,7 @@ class CompiledPlan:
         for phase, launches in self.phases.items():
             for k, launch in enumerate(launches):
                 here = f"{at}{phase} launch {k} ({launch.describe()})"
-                if launch.kind == "kernel" and launch.fn not in known:
+                if launch.kind in KERNEL_KINDS and launch.fn not in known:
                     raise PlanError(f"{here}: kernel {launch.fn!r} is not in {source}")
                 for j, a in enumerate(launch.args):
                     if a.kind not in ARG_KINDS:
@@ -224,7 +227,7 @@ def check_capturable(plan: CompiledPlan, phase: str) -> None:
     g = plan.graph
 
     def scalar_problem(name: str) -> str | None:
-        if name in BUCKET_SCALARS:
+        if name in BUCKET_SCALARS or name.startswith(MACHINE):
             return None
         return (f"step scalar {name!r} changes between replays of a captured graph and would be baked in at "
                 "capture; read it from device memory (a step input) instead")

@@ -101,6 +101,57 @@ def vocab_concat_launch(vocab: int, rows: int | str) -> Shape:
 
 
 # ---------------------------------------------------------------------------------------------
+# allreduce_residual (tensor parallelism): the one-shot peer-memory all-reduce + residual add
+# ---------------------------------------------------------------------------------------------
+
+PEER_BLOCKS = 32  # blocks of the peer all-reduce: every one waits on the peers' same block, so all
+PEER_THREADS = 256  # must be resident at once; a decode step's rows need few
+
+
+@dataclass(frozen=True)
+class PeerMailbox:
+    """The bytes of one rank's mailbox for the peer all-reduce (``allreduce_residual``): flags
+    u32 [2, ranks, blocks] and block epochs u32 [blocks], then two parity slots per source rank
+    of ``cap`` elements of ``dtype`` at ``data_offset``."""
+
+    ranks: int
+    cap: int  # elements per slot: the most rows the peer path takes times the row width
+    dtype: str
+
+    @property
+    def data_offset(self) -> int:
+        return _cdiv((2 * self.ranks + 1) * PEER_BLOCKS * 4, 256) * 256
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offset + 2 * self.ranks * self.cap * itemsize(self.dtype)
+
+
+def allreduce_residual(dtype: str, D: int, mailbox: PeerMailbox) -> Kernel:
+    """out = round(round(round(sum over the ranks of y) + bias) + r), the sum in fp32 in rank
+    order, over peer memory (see the template); or, with ``local``, out = y + bias + r.
+
+    Args: (const T* y, const T* r, const T* bias_or_null, T* out, int rows,
+           const u64* peers, int local). y, r, out: [rows, D] (out may alias y or r); bias: [D];
+    peers: [1 + ranks] u64 = this rank, then every rank's mailbox address (mailbox.nbytes each);
+    rows * D <= mailbox.cap unless ``local``.
+    """
+    _check_dtype(dtype)
+    _check_dim("D", D)
+    vec = _math_vec(dtype, D)
+    if mailbox.cap % D or mailbox.dtype != dtype:
+        raise ValueError(f"mailbox of {mailbox.cap} {mailbox.dtype} elements does not hold whole rows of {D} {dtype}")
+    name = f"allreduce_residual_{_tag(dtype)}_d{D}_r{mailbox.ranks}_c{mailbox.cap}"
+    src = render("allreduce_residual", name=name, dtype=dtype, D=D, vec=vec, ranks=mailbox.ranks, cap=mailbox.cap,
+                 data_offset=mailbox.data_offset, blocks=PEER_BLOCKS, threads=PEER_THREADS)
+    return Kernel(name, src)
+
+
+def allreduce_residual_launch() -> Shape:
+    return Shape((PEER_BLOCKS, 1, 1), (PEER_THREADS, 1, 1), 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # add_rmsnorm
 # ---------------------------------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ A ``value`` argument may carry a byte ``offset`` into the value (a chunk of rows
 are numbers or ``Scaled`` step scalars. ``when`` makes a launch conditional on step scalars
 (prefill picks cuBLAS or the GEMV by the row count this way).
 
+A ``peer_kernel`` launch is a generated kernel that waits for the same launch on the other
+tensor-parallel ranks (it reads and writes their memory directly); a runner driving several
+ranks issues it on every rank before the launches after it. Its ``when`` may read a machine
+scalar (``machine.<name>``): a fact about the executor that never changes while it lives (a
+machine without peer access takes the collective's NCCL launches instead), 0 unless the
+executor sets it.
+
 On-demand launches compute an output only a step that asks for it needs (the prompt's
 logprobs): their ``when`` holds ``wants(output)``, the step scalar ``wants.<output>`` that the
 executor sets to 1 when the step fetches that output and to 0 otherwise. A captured phase is
@@ -32,6 +39,9 @@ import numpy as np
 # Step scalars that are the same for every replay of a graph captured for one batch size.
 BUCKET_SCALARS = ("T", "B")
 WANTS = "wants."  # prefix of the on-demand step scalars: wants.<output value> is 1 when fetched
+MACHINE = "machine."  # prefix of the scalars an executor fixes for its lifetime (0 unless it sets them)
+NO_PEER_ACCESS = MACHINE + "no_peer_access"  # 1: the ranks cannot read each other's memory (use NCCL)
+KERNEL_KINDS = ("kernel", "peer_kernel")  # launches of a generated kernel of the plan
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ class Cond:
     bound: int
 
     def holds(self, scalars: dict[str, int]) -> bool:
-        v = scalars.get(self.scalar, 0) if self.scalar.startswith(WANTS) else scalars[self.scalar]
+        v = scalars.get(self.scalar, 0) if self.scalar.startswith((WANTS, MACHINE)) else scalars[self.scalar]
         return v <= self.bound if self.op == "<=" else v > self.bound
 
 
@@ -125,7 +135,7 @@ class Launch:
     fn: str  # kernel name in the plan's source, or a library function (kind "library")
     shape: Shape | None
     args: tuple[Arg, ...]
-    kind: str = "kernel"  # "kernel" | "library"
+    kind: str = "kernel"  # "kernel" | "peer_kernel" | "library" | "collective"
     when: tuple[Cond, ...] = ()  # every one must hold for the launch to run
     node: int = -1  # index of the graph node it computes (set when the plan is assembled)
     # the kernel waits for the kernel before it itself (lg_pdl_wait at its top): it may be launched
@@ -149,14 +159,16 @@ class Workspace:
     name: str
     nbytes: int
     # "scratch" (uninitialised) | "zeros" (zeroed once; its kernels leave it zeroed) | "table" (``data``,
-    # uploaded once) | "seq_tiles" (rebuilt every step)
+    # uploaded once) | "seq_tiles" (rebuilt every step) | "peer_mailbox" (zeroed once; its kernels keep
+    # their own state in it; the other ranks' kernels write into it) | "peer_table" (u64: this rank,
+    # then the address of workspace ``source`` on every rank, written by the executor)
     fill: str = "scratch"
     data: tuple = ()  # "table": float32 contents
     source: str = ""  # "seq_tiles": the step input it is built from
     rows: int = 0  # "seq_tiles": most rows per tile
 
 
-WORKSPACE_FILLS = ("scratch", "zeros", "table", "seq_tiles")
+WORKSPACE_FILLS = ("scratch", "zeros", "table", "seq_tiles", "peer_mailbox", "peer_table")
 
 
 def seq_tiles(seq_ids: np.ndarray, rows: int) -> np.ndarray:
@@ -219,6 +231,6 @@ def workspace_from_dict(d: dict) -> Workspace:
 
 
 __all__ = [
-    "Arg", "BUCKET_SCALARS", "Cond", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
+    "Arg", "BUCKET_SCALARS", "Cond", "KERNEL_KINDS", "MACHINE", "NO_PEER_ACCESS", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
     "const", "extent", "resolve", "seq_tiles", "step", "value", "wants", "workspace",
 ]

@@ -22,7 +22,7 @@ from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.errors import PlanError
 
 from . import attention, dense, sample
-from .launch import NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
+from .launch import NO_PEER_ACCESS, NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
 from .render import Kernel
 
 PHASES = ("decode", "prefill")
@@ -160,6 +160,34 @@ def lower_all_reduce(n: Node, c: Ctx) -> Lowered:
     # args: send, receive, rows, elements per row, dtype: NCCL sums rows * D elements
     return same_in_both([], [Launch("allreduce", None, (value(x), value(out), step(rows), const(D), const(dt)),
                                     kind="collective")])
+
+
+PEER_ROWS = 64  # most rows the peer all-reduce takes (the mailbox holds that many); NCCL takes more
+PEER_MAILBOX, PEER_TABLE = "tp.mailbox", "tp.peers"
+
+
+@lowering("all_reduce_residual")
+def lower_all_reduce_residual(n: Node, c: Ctx) -> Lowered:
+    y, r, *bias = n.inputs  # y: [rows, D] this rank's partial sums, r: [rows, D] the residual stream
+    (out,) = n.outputs
+    dt, D, rows = c.dtype(out), c.v(out).shape[1], c.rows(out)
+    cap_rows = min(PEER_ROWS, c.graph.dims[rows])
+    mailbox = dense.PeerMailbox(n.attrs["ranks"], cap_rows * D, dt)
+    k = dense.allreduce_residual(dt, D, mailbox)
+    spaces = [Workspace(PEER_MAILBOX, mailbox.nbytes, fill="peer_mailbox"),
+              Workspace(PEER_TABLE, 8 * (1 + mailbox.ranks), fill="peer_table", source=PEER_MAILBOX)]
+    b = value(bias[0]) if bias else NULL
+    shape = dense.allreduce_residual_launch()
+    # the decode rows, and prompts of up to cap_rows tokens: one kernel over peer memory
+    peer = Launch(k.name, shape, (value(y), value(r), b, value(out), step(rows), workspace(PEER_TABLE), const(0)),
+                  kind="peer_kernel", when=(Cond(NO_PEER_ACCESS, "<=", 0), Cond(rows, "<=", cap_rows)))
+    # no peer access, or more rows: NCCL sums the partials in place, then the kernel adds them (local)
+    nccl = [Launch("allreduce", None, (value(y), value(y), step(rows), const(D), const(dt)), kind="collective"),
+            run(k, shape, value(y), value(r), b, value(out), step(rows), NULL, const(1))]
+    alternatives = [peer]
+    for when in [(Cond(NO_PEER_ACCESS, ">", 0),), (Cond(NO_PEER_ACCESS, "<=", 0), Cond(rows, ">", cap_rows))]:
+        alternatives += [replace(launch, when=when) for launch in nccl]
+    return same_in_both([k], alternatives, spaces)
 
 
 @lowering("all_gather_vocab")

@@ -488,5 +488,33 @@ def _all_gather_vocab_ref(per_rank, attrs):
     return [[full] for _ in per_rank]
 
 
+def _all_reduce_residual_ref(per_rank, attrs):
+    # (partial [T, D], residual [T, D][, bias [D]]) per rank -> residual + bias + the sum of the
+    # partials, rounded as the unfused all_reduce -> bias_add -> residual chain stores each step
+    dtype = attrs["dtype"]
+    (total,) = _all_reduce_ref([[ins[0]] for ins in per_rank], attrs)[0]
+    out = rounded(total, dtype)
+    _, r, *bias = per_rank[0]
+    if bias:
+        out = rounded(out + bias[0], dtype)
+    return [[out + r] for _ in per_rank]
+
+
+def _all_reduce_residual_infer(ins, attrs):
+    y, r, *bias = ins
+    if r.shape != y.shape:
+        raise ValueError(f"residual {r.shape} != partial sums {y.shape}")
+    if bias and bias[0].shape != (y.shape[-1],):
+        raise ValueError(f"bias {bias[0].shape} != ({y.shape[-1]},)")
+    return [(y.shape, y.dtype)]
+
+
 register("all_reduce", _same, _all_reduce_ref, inplace={0: (0,)}, collective=True)
+register(
+    # (partial sums of a row-parallel projection, residual[, bias]) -> residual + bias + all_reduce(partial):
+    # the reduce with the residual add (and the projection's bias) after it, in one collective. The new
+    # stream may overwrite either input: a rank's peers read copies of its partial sums, not the value.
+    "all_reduce_residual", _all_reduce_residual_infer, _all_reduce_residual_ref, inplace={0: (1, 0)},
+    n_inputs=(2, 3), collective=True,
+)
 register("all_gather_vocab", _all_gather_vocab_infer, _all_gather_vocab_ref, collective=True)

@@ -11,6 +11,7 @@ from typing import Callable
 from llamagraph.ir import Graph, verify
 
 from .dce import dce
+from .fuse_all_reduce_residual import fuse_all_reduce_residual
 from .fuse_gate_up_silu import fuse_gate_up_silu
 from .fuse_gemm_bias import fuse_gemm_bias
 from .fuse_linear_residual import fuse_linear_residual
@@ -28,6 +29,9 @@ Pass = Callable[[Graph], Graph]
 # - shard_tensor_parallel first: every fusion works on the rank graph (a row-parallel projection
 #   is followed by its all_reduce, so the residual add no longer folds into it); it does nothing
 #   unless the compiler asked for tp > 1.
+# - fuse_all_reduce_residual right after it, before anything reads a residual add: it takes the
+#   residual add after each all_reduce (with the projection's bias), so, as in a one-GPU graph,
+#   the norms after them stay plain for fuse_norm_prologue and fuse_residual_rmsnorm finds nothing.
 # - fuse_linear_residual first: it takes every residual add fed by a projection (with its bias),
 #   so the norms after them stay plain and can move into the next GEMV's prologue.
 # - fuse_residual_rmsnorm before fuse_gemm_bias: where a residual add is left (linear_residual
@@ -44,6 +48,7 @@ Pass = Callable[[Graph], Graph]
 # - plan_memory last.
 PIPELINE: list[Pass] = [
     shard_tensor_parallel,
+    fuse_all_reduce_residual,
     fuse_linear_residual,
     fuse_residual_rmsnorm,
     fuse_gemm_bias,

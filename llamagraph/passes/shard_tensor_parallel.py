@@ -98,7 +98,7 @@ def shard_tensor_parallel(graph: Graph) -> Graph:
             for j in users[partial]:
                 user = out.nodes[j]
                 user.inputs = [total if i == partial else i for i in user.inputs]
-            nodes.append(_node(out, "all_reduce", [partial], [total], node.layer))
+            nodes.append(_node(out, "all_reduce", [partial], [total], node.layer, ranks=tp))
         elif node.op in HEAD_OPS:
             node.attrs.update(num_heads=Hl, num_kv_heads=KVl)
         elif node.op == "lm_head":

@@ -139,8 +139,10 @@ class CudaExecutor:
                     self.workspaces[w.name] = cp.asarray(np.asarray(w.data, np.float32))
                 elif w.fill == "scratch":
                     self.workspaces[w.name] = cp.empty(max(w.nbytes, 1), np.uint8)
-                elif w.fill == "zeros":
+                elif w.fill in ("zeros", "peer_mailbox"):
                     self.workspaces[w.name] = cp.zeros(max(w.nbytes, 1), np.uint8)
+                elif w.fill == "peer_table":
+                    self.workspaces[w.name] = cp.zeros(max(w.nbytes // 8, 1), np.uint64)
             self.out_host = {o: cp.cuda.alloc_pinned_memory(max(g.values[o].nbytes(g.dims), 1)) for o in g.outputs}
         self.stream.synchronize()
 
@@ -149,6 +151,8 @@ class CudaExecutor:
             base = self.inputs_dev.data.ptr + self.input_offsets[w.name] if w.fill in STEP_FILLS \
                 else self.workspaces[w.name].data.ptr
             self.addr[w.name] = np.uint64(base)
+        self.machine: dict[str, int] = {}  # machine.* scalars: fixed for the executor's life (launch.MACHINE)
+        self.set_peers(0, [self])  # alone: rank 0 of 1 (a tensor-parallel runner sets every rank's)
         # workspaces each phase reads that the host rebuilds before every step
         self.fills = {p: [w for w in step_filled if any(a.kind == "workspace" and a.ref == w.name
                                                         for launch in ls for a in launch.args)]
@@ -226,6 +230,16 @@ class CudaExecutor:
         if v.kind == INPUT:
             return np.uint64(self.inputs_dev.data.ptr + self.input_offsets[name])
         return np.uint64(self.persistent[v.attrs.get("alias", name)].data.ptr)
+
+    def set_peers(self, rank: int, ranks: list["CudaExecutor"]) -> None:
+        """Write every "peer_table" workspace: this executor's rank, then the address of the
+        table's source workspace on each rank (the other ranks' kernels write into it)."""
+        for w in self.plan.workspaces:
+            if w.fill == "peer_table":
+                table = [rank] + [int(ex.addr[w.source]) for ex in ranks]
+                table += [0] * (self.workspaces[w.name].size - len(table))  # (a plan for more ranks: unused)
+                self.workspaces[w.name].set(np.asarray(table, np.uint64), stream=self.stream)
+        self.stream.synchronize()
 
     def reset(self) -> None:
         with self.stream:
@@ -313,7 +327,7 @@ class CudaExecutor:
         executor's stream; return (phase, step scalars, the on-demand outputs wanted)."""
         cp, g = self.cp, self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
-        scalars = {"T": n_tokens, "B": n_seqs}
+        scalars = {"T": n_tokens, "B": n_seqs, **self.machine}
         wanted = {WANTS + name: 1 for name in fetch if name in self.on_demand}
         scalars.update(wanted)
         for name, arr in inputs.items():

@@ -20,9 +20,12 @@ describes the multi-process form that would.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.codegen.launch import NO_PEER_ACCESS
 from llamagraph.ir import BackendError
 
 from .cuda import CudaExecutor, _cupy
@@ -50,10 +53,34 @@ class CudaTensorParallel:
         self.comms = nccl.NcclCommunicator.initAll(list(range(tp)))
         for rank, comm in zip(self.ranks, self.comms):
             rank.comm = comm
+        # peer kernels (the all-reduce) read and write the other ranks' memory; without peer access
+        # between every pair (or with LLAMAGRAPH_P2P=0) the plan's NCCL alternatives run instead
+        self.peer_access = os.environ.get("LLAMAGRAPH_P2P", "1") != "0" and self._enable_peer_access()
+        for r, rank in enumerate(self.ranks):
+            with cp.cuda.Device(r):
+                rank.machine[NO_PEER_ACCESS] = 0 if self.peer_access else 1
+                rank.set_peers(r, self.ranks)
         self.graphs: dict[int, list] = {}  # batch size -> every rank's captured decode step
         # each phase's launch list cut at its collectives, once: [(first, end, collective index or None)]
         self.segments = {phase: _segments([launch for launch, _, _ in prepared])
                          for phase, prepared in self.ranks[0].prepared.items()}
+
+    def _enable_peer_access(self) -> bool:
+        """Let every rank's GPU address every other's memory; False where a pair cannot."""
+        rt = self.cp.cuda.runtime
+        n = len(self.ranks)
+        if not all(rt.deviceCanAccessPeer(r, q) for r in range(n) for q in range(n) if q != r):
+            return False
+        for r in range(n):
+            with self.cp.cuda.Device(r):
+                for q in range(n):
+                    if q != r:
+                        try:
+                            rt.deviceEnablePeerAccess(q)
+                        except rt.CUDARuntimeError as e:  # enabled already (an earlier runner in this process)
+                            if "PeerAccessAlreadyEnabled" not in str(e):
+                                raise
+        return True
 
     def close(self) -> None:
         """Release the communicators (also when the runner is garbage-collected).
@@ -123,14 +150,20 @@ class CudaTensorParallel:
                 with cp.cuda.Device(r):
                     for launch, fn, bound in lists[r][first:end]:
                         rank._issue(launch, fn, bound, scalars[r])
-            if collective is not None and lists[0][collective][0].runs(scalars[0]):
-                nccl.groupStart()
-                try:
-                    for r, rank in enumerate(self.ranks):
-                        with cp.cuda.Device(r):
-                            rank._issue(*lists[r][collective], scalars[r])
-                finally:
-                    nccl.groupEnd()
+            if collective is None or not lists[0][collective][0].runs(scalars[0]):
+                continue
+            if lists[0][collective][0].kind == "peer_kernel":  # a kernel that waits for its peers:
+                for r, rank in enumerate(self.ranks):  # on every rank before anything after it
+                    with cp.cuda.Device(r):
+                        rank._issue(*lists[r][collective], scalars[r])
+                continue
+            nccl.groupStart()
+            try:
+                for r, rank in enumerate(self.ranks):
+                    with cp.cuda.Device(r):
+                        rank._issue(*lists[r][collective], scalars[r])
+            finally:
+                nccl.groupEnd()
 
     def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
         """Every rank's graph of ``phase`` for one batch size, captured together."""
@@ -156,10 +189,12 @@ class CudaTensorParallel:
 
 def _segments(launches: list) -> list[tuple[int, int, int | None]]:
     """(first, end, collective): launches[first:end] are kernels, then launch ``collective`` (None
-    after the last collective)."""
+    after the last collective): an NCCL call or a peer kernel, which every rank must have issued
+    before any rank's next launch (a rank's queue could otherwise fill with launches stuck behind
+    a peer kernel that waits for a rank not yet called)."""
     out, first = [], 0
     for i, launch in enumerate(launches):
-        if launch.kind == "collective":
+        if launch.kind in ("collective", "peer_kernel"):
             out.append((first, i, i))
             first = i + 1
     out.append((first, len(launches), None))

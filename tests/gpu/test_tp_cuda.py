@@ -41,7 +41,29 @@ def test_tp2_matches_tp1_and_greedy_tokens_agree(hf_model, name, dtype):
     for k, (a, b) in enumerate(zip(_steps(one), _steps(two))):
         for s in range(2):
             assert rel_err(b[s], a[s]) <= 3e-2, f"step {k} sequence {s}"
-    assert two.generate(PROMPTS, 32) == one.generate(PROMPTS, 32)  # greedy-32
+    greedy_one, greedy_two = one.generate(PROMPTS, 32), two.generate(PROMPTS, 32)
+    if dtype == "float16":
+        assert greedy_two == greedy_one  # greedy-32, as the issue asks of fp16
+    else:
+        _diverge_only_at_near_ties(one, two, greedy_one, greedy_two)
+
+
+def _diverge_only_at_near_ties(one, two, greedy_one, greedy_two):
+    """bf16 keeps 8 bits of mantissa, so two plans that round differently may pick different
+    tokens where a random model's top two logits (nearly) tie. Where the greedy tokens first
+    differ, the gap between the two tokens' logits must be within the difference between the
+    plans' logits at that step (and no larger than bf16 rounding of the logits)."""
+    for s, (a, b) in enumerate(zip(greedy_one, greedy_two)):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            continue
+        logits = []
+        for plan in (one, two):
+            plan.reset()
+            logits.append(plan.run([PROMPTS[s] + a[:k]])[0])
+        gap = abs(logits[0][a[k]] - logits[0][b[k]])
+        noise = np.abs(logits[1] - logits[0]).max()
+        assert gap <= 2 * noise and gap <= 2 ** -7 * np.abs(logits[0]).max() * 4, (s, k, gap, noise)
 
 
 @two_gpus
@@ -95,10 +117,13 @@ def test_tp2_random_weights_equal_tp1_random_weights():
     assert rel_err(b[0], a[0]) <= 1e-4 and rel_err(b[1], a[1]) <= 1e-4
 
 
-def test_tp1_runs_through_nccl_on_one_gpu(hf_model):
-    """The NCCL path with one rank (a clique of one): the rank graph with its all_reduce and
-    all_gather_vocab nodes, the tensor-parallel runner, collectives inside the captured graph, on
-    any machine with a GPU; the same numbers as the plan without collectives."""
+@pytest.mark.parametrize("p2p", ["1", "0"])
+def test_tp1_runs_through_nccl_on_one_gpu(hf_model, monkeypatch, p2p):
+    """The collective path with one rank (a clique of one): the rank graph with its
+    all_reduce_residual and all_gather_vocab nodes, the tensor-parallel runner, collectives inside
+    the captured graph, on any machine with a GPU; the same numbers as the plan without
+    collectives. LLAMAGRAPH_P2P=0: the all-reduces take their NCCL alternative."""
+    monkeypatch.setenv("LLAMAGRAPH_P2P", p2p)
     from llamagraph.compiler import build_unfused, lower
     from llamagraph.ir import ModelConfig, load_config
     from llamagraph.passes import run_pipeline
@@ -109,8 +134,9 @@ def test_tp1_runs_through_nccl_on_one_gpu(hf_model):
     graph = build_unfused(load_config(model), dtype="float16", max_batch=2, max_seq=48)
     graph.meta["tp"] = 1  # the shard pass runs: one rank holding everything
     compiled = lower(run_pipeline(graph), model)
-    assert {"all_reduce", "all_gather_vocab"} <= set(compiled.graph.op_counts())
+    assert {"all_reduce_residual", "all_gather_vocab"} <= set(compiled.graph.op_counts())
     runner = CudaTensorParallel(compiled, [load_weights(compiled.graph, model)])
+    assert runner.peer_access == (p2p == "1")
     plan = llamagraph.api.Plan(compiled, ModelConfig(**compiled.graph.meta["config"]), runner)
     ref = llamagraph.compile(model, dtype="float16", max_batch=2, max_seq=48, backend="cuda")
     for a, b in zip(_steps(ref), _steps(plan)):
@@ -126,3 +152,98 @@ def test_tp_needs_as_many_gpus(hf_model):
         if n >= 8:
             pytest.skip("has 8 GPUs")
         llamagraph.compile(cfg, "random", tp=8, backend="cuda", max_seq=32)
+
+
+@two_gpus
+def test_tp2_peer_all_reduce_and_its_nccl_alternative_agree(hf_model, monkeypatch):
+    """The same tp2 plan with the all-reduce over peer memory (decode, and prompts of up to 64
+    tokens) and with NCCL everywhere (LLAMAGRAPH_P2P=0); a prefill of 85 packed tokens takes NCCL in both."""
+    model = hf_model("bias", dtype="float16")
+    sizes = dict(dtype="float16", max_batch=2, max_seq=64, backend="cuda", tp=2)
+    peer = llamagraph.compile(model, **sizes)
+    monkeypatch.setenv("LLAMAGRAPH_P2P", "0")
+    nccl = llamagraph.compile(model, **sizes)
+    assert peer.executor.peer_access and not nccl.executor.peer_access
+    one = llamagraph.compile(model, **{**sizes, "tp": 1})
+    for a, b, c in zip(_steps(peer, 12), _steps(nccl, 12), _steps(one, 12)):
+        for s in range(2):
+            assert rel_err(a[s], b[s]) <= 1e-2 and rel_err(a[s], c[s]) <= 3e-2
+    long = [[(7 * i) % 96 for i in range(40)], [(5 * i + 3) % 96 for i in range(45)]]
+    for plan in (peer, nccl, one):
+        plan.reset()
+    a, b, c = peer.run(long), nccl.run(long), one.run(long)
+    for s in range(2):
+        assert rel_err(a[s], b[s]) <= 1e-2 and rel_err(a[s], c[s]) <= 3e-2
+    assert peer.generate(PROMPTS, 16) == one.generate(PROMPTS, 16)
+    peer.executor.close()
+    nccl.executor.close()
+
+
+@two_gpus
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_peer_all_reduce_kernel_against_numpy(dtype):
+    """The allreduce_residual kernel alone on two GPUs: random partials, residual and bias, the
+    output poisoned first; several calls in a row (the epochs and parity slots turn over), rows
+    from 1 to the mailbox's 64, with and without a bias; and the local (no peer) form."""
+    import cupy as cp
+
+    from llamagraph.codegen import dense
+    from llamagraph.codegen.launch import Shape
+    from llamagraph.codegen.render import module_source
+    from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
+    from llamagraph.runtime.calls import launch_kernel
+    from llamagraph.runtime.cuda import load_module
+
+    D, ranks, cap_rows = 256, 2, 64
+    mailbox = dense.PeerMailbox(ranks, cap_rows * D, dtype)
+    k = dense.allreduce_residual(dtype, D, mailbox)
+    storage = DTYPES[dtype].storage
+    shape = dense.allreduce_residual_launch()
+    dev = []
+    for r in range(ranks):
+        with cp.cuda.Device(r):
+            for q in range(ranks):
+                if q != r:
+                    try:
+                        cp.cuda.runtime.deviceEnablePeerAccess(q)
+                    except cp.cuda.runtime.CUDARuntimeError:
+                        pass  # enabled already
+            fn = load_module(module_source([k]), f"sm_{cp.cuda.Device().compute_capability}").get_function(k.name)
+            dev.append({"fn": fn, "box": cp.zeros(mailbox.nbytes, np.uint8), "stream": cp.cuda.Stream(non_blocking=True)})
+    for r in range(ranks):
+        with cp.cuda.Device(r):
+            table = [r] + [d["box"].data.ptr for d in dev]
+            dev[r]["table"] = cp.asarray(np.asarray(table, np.uint64))
+    rng = np.random.default_rng(0)
+
+    def rounded(x):
+        return to_float32(to_storage(x, dtype), dtype)
+
+    for call, (rows, with_bias, local) in enumerate([(1, True, False), (3, False, False), (64, True, False),
+                                                     (1, False, False), (17, True, False), (5, True, True)]):
+        ys = [rounded(rng.standard_normal((rows, D)).astype(np.float32)) for _ in range(ranks)]
+        res = rounded(rng.standard_normal((rows, D)).astype(np.float32))
+        bias = rounded(rng.standard_normal(D).astype(np.float32))
+
+        def expected(total):  # as the unfused all_reduce -> bias_add -> residual chain stores each step
+            out = rounded(total)
+            return rounded(rounded(out + bias) + res) if with_bias else rounded(out + res)
+        outs = []
+        for r in range(ranks):
+            with cp.cuda.Device(r):
+                d = dev[r]
+                y, rr = cp.asarray(to_storage(ys[r], dtype)), cp.asarray(to_storage(res, dtype))
+                b = cp.asarray(to_storage(bias, dtype)) if with_bias else None
+                out = cp.full((rows, D), np.iinfo(np.uint16).max if storage == np.uint16 else np.nan, storage)  # poison
+                d["keep"] = (y, rr, b, out)
+                launch_kernel(d["fn"], Shape(shape.grid, shape.block, 0),
+                              [y, rr, b if b is not None else np.uint64(0), out, rows,
+                               np.uint64(0) if local else d["table"], 1 if local else 0], d["stream"])
+                outs.append(out)
+        for r in range(ranks):
+            with cp.cuda.Device(r):
+                dev[r]["stream"].synchronize()
+                got = to_float32(cp.asnumpy(outs[r]), dtype)
+                expect = expected(ys[r] if local else ys[0] + ys[1])  # local: each rank's own sums
+                assert np.array_equal(got, expect), (call, r, np.abs(got - expect).max())
+
