@@ -7,7 +7,8 @@
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda] [--tp N]
     llamagraph bench CONFIG --random-weights [--batch B[,B...]] [--prompt-len P] [--gen-len G]
                      [--tp N [--no-tp1]] [--peers gptfast,hf,compile] [--json PATH]
-    llamagraph profile CONFIG --random-weights [--batch B] [--context N] [--dtype D] [-o OUT.html] [--json OUT.json]
+    llamagraph profile CONFIG --random-weights [--batch B] [--context N] [--dtype D] [--tp N] [-o OUT.html]
+                       [--json OUT.json]
     llamagraph chat MODEL|PLAN_DIR [--weights PATH] [--system TEXT] [--max-new-tokens N]
                           [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend cuda] [--tp N]
                           (turns on stdin)
@@ -565,6 +566,8 @@ def add_profile(sub) -> None:
                    help="cached tokens per sequence the profiled step attends over (default 128)")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
     add_quant_options(p)
+    add_tp_option(p, extra="; each launch is timed with every rank running it (on rank 0's clock), and the "
+                           "totals give the all-reduce time per step")
     p.add_argument("-o", "--output", metavar="OUT.html", default="profile.html", help="the picture (default profile.html)")
     p.add_argument("--json", metavar="OUT.json", help="also write every figure as JSON")
     p.set_defaults(func=cmd_profile)
@@ -580,7 +583,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     load_config(args.config)  # a bad config fails before any GPU work
     CudaExecutor.check_available()
     result = profile(args.config, batch=args.batch, context=args.context, dtype=args.dtype,
-                     progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr), **quant_kwargs(args))
+                     progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr), tp=args.tp,
+                     **quant_kwargs(args))
     print(result.table())
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(result.html())

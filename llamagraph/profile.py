@@ -101,6 +101,11 @@ class ProfileResult:
     replay_us: float  # one replay of the captured decode step
     step_bytes: int  # bench's floor bytes for the step
     rows: list[KernelRow] = field(default_factory=list)
+    tp: int = 1  # ranks: the rows are rank 0's launches, each timed with every rank running it
+
+    @property
+    def collective_rows(self) -> list[KernelRow]:
+        return [r for r in self.rows if OPS[r.op].collective]
 
     @property
     def kernels_us(self) -> float:
@@ -116,19 +121,29 @@ class ProfileResult:
         return 100 * (self.step_bytes / (self.copy_gb_s * 1e9)) / (self.replay_us * 1e-6)
 
     def totals(self) -> dict:
-        return {"kernels": len(self.rows), "kernels_us": self.kernels_us, "replay_us": self.replay_us,
-                "kernel_bytes": self.kernel_bytes, "step_bytes": self.step_bytes,
-                "replay_gb_s": self.step_bytes / (self.replay_us * 1e-6) / 1e9, "pct_floor": self.pct_floor}
+        out = {"kernels": len(self.rows), "kernels_us": self.kernels_us, "replay_us": self.replay_us,
+               "kernel_bytes": self.kernel_bytes, "step_bytes": self.step_bytes,
+               "replay_gb_s": self.step_bytes / (self.replay_us * 1e-6) / 1e9, "pct_floor": self.pct_floor}
+        if self.tp > 1:
+            out["collectives"] = len(self.collective_rows)
+            out["collectives_us"] = sum(r.us for r in self.collective_rows)
+        return out
 
     def header(self) -> str:
+        ranks = (f"; tensor parallel over {self.tp} GPUs: rank 0's launches (each timed with every rank running it), "
+                 "bytes and floor per GPU") if self.tp > 1 else ""
         return (f"{self.config}: decode step, batch {self.batch}, context {self.context}, {self.dtype}, {self.device}; "
-                f"copy bandwidth {self.copy_gb_s:.0f} GB/s")
+                f"copy bandwidth {self.copy_gb_s:.0f} GB/s{ranks}")
 
     def totals_line(self) -> str:
         t = self.totals()
-        return (f"total: {t['kernels']} kernels, {t['kernels_us']:.1f} us summed alone; graph replay "
+        line = (f"total: {t['kernels']} kernels, {t['kernels_us']:.1f} us summed alone; graph replay "
                 f"{t['replay_us']:.1f} us; step moves {t['step_bytes'] / 1e6:.2f} MB "
                 f"({t['replay_gb_s']:.0f} GB/s over the replay) -> {t['pct_floor']:.1f}% of floor")
+        if self.tp > 1:
+            line += (f"\nall-reduce and gather: {t['collectives']} collectives, {t['collectives_us']:.1f} us per step "
+                     f"summed alone ({100 * t['collectives_us'] / t['replay_us']:.1f}% of the replay)")
+        return line
 
     def table(self) -> str:
         lines = [self.header(),
@@ -141,7 +156,7 @@ class ProfileResult:
 
     def to_dict(self) -> dict:
         return {"config": self.config, "batch": self.batch, "context": self.context, "dtype": self.dtype,
-                "device": self.device, "copy_gb_s": self.copy_gb_s, "totals": self.totals(),
+                "device": self.device, "copy_gb_s": self.copy_gb_s, "tp": self.tp, "totals": self.totals(),
                 "rows": [asdict(r) for r in self.rows]}
 
     def to_json(self) -> str:
@@ -165,13 +180,37 @@ def _time_graph(cp, graph, stream, reps: int) -> float:
     return 1e3 * cp.cuda.get_elapsed_time(start, stop) / reps
 
 
+def _time_ranks(cp, runner, graphs, reps: int, replays: int = 1) -> float:
+    """Microseconds per repetition of every rank's captured graph (``reps`` repetitions of the
+    timed work) replayed together ``replays`` times, on rank 0's clock, after one warm-up replay."""
+    def replay():
+        for r, (rank, graph) in enumerate(zip(runner.ranks, graphs)):
+            with cp.cuda.Device(r):
+                graph.launch(rank.stream)
+
+    stream = runner.ranks[0].stream
+    replay()
+    with cp.cuda.Device(0):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+    for _ in range(replays):
+        replay()
+    with cp.cuda.Device(0):
+        stop.record(stream)
+    runner.synchronize()
+    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / (reps * replays)
+
+
 def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "float16", seed: int = 0,
-            progress: bool = False, log=None, quantize: str | None = None, group_size: int | None = None) -> ProfileResult:
+            progress: bool = False, log=None, quantize: str | None = None, group_size: int | None = None,
+            tp: int = 1) -> ProfileResult:
     """Profile one decode step of ``config`` on random weights on the GPU.
 
     Prefills ``context - 1`` random tokens per sequence and runs one decode step (the graph is
     captured), so the profiled step attends over ``context`` cached tokens per sequence; then
-    times each of its launches alone and one replay of the whole step (see the module doc)."""
+    times each of its launches alone and one replay of the whole step (see the module doc).
+    With ``tp`` > 1 the plan runs over that many GPUs: each launch is captured and replayed on
+    every rank at once (a collective needs them all) and timed on rank 0."""
     import cupy as cp
 
     import llamagraph
@@ -183,45 +222,58 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
     bw = copy_bandwidth()
     say(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=context, backend="cuda",
-                              seed=seed, progress=progress, quantize=quantize, group_size=group_size)
-    ex = plan.executor
+                              seed=seed, progress=progress, quantize=quantize, group_size=group_size, tp=tp)
+    runner = plan.executor if tp > 1 else None  # the tensor-parallel runner, whose ranks are executors
+    ex = runner.ranks[0] if runner else plan.executor
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context - 1)).tolist()
     plan.generate(prompts, 2)  # prefill, then one decode step (captured): its inputs stay on the device
-    if batch not in ex.graphs:
+    if batch not in (runner or ex).graphs:
         raise RuntimeError("the decode step was not captured as a graph")
-    # a captured decode launch reads no step scalar but T and B (check_capturable proved it)
-    captured = {"T": batch, "B": batch}
+    # a captured decode launch reads no step scalar but T and B (check_capturable proved it), and the
+    # executor's machine scalars
+    captured = {"T": batch, "B": batch, **ex.machine}
+    ranks = [{"T": batch, "B": batch, **rank.machine} for rank in runner.ranks] if runner else []
     graph, stream = plan.graph, ex.stream
-    launches = [launch for launch in ex.plan.phases["decode"] if not launch.on_demand and launch.runs(captured)]
-    say(f"timing {len(launches)} decode launches")
+    launches = [(i, launch) for i, launch in enumerate(ex.plan.phases["decode"])
+                if not launch.on_demand and launch.runs(captured)]
+    say(f"timing {len(launches)} decode launches" + (f" on {tp} GPUs" if runner else ""))
 
     result = ProfileResult(str(config), batch, context, dtype,
                            cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode(), bw / 1e9,
-                           0.0, decode_step_bytes(graph, cfg, batch, context))
+                           0.0, decode_step_bytes(graph, cfg, batch, context), tp=tp)
     after_layers = False
     with stream:
-        for i, launch in enumerate(launches):
-            stream.begin_capture()
-            try:
-                for _ in range(REPS):
-                    ex.launch(launch, captured)
-            finally:
-                one = stream.end_capture()
-            us = _time_graph(cp, one, stream, REPS)
+        for i, (index, launch) in enumerate(launches):
+            if runner:
+                graphs = runner.capture(lambda: [runner.issue("decode", index, ranks) for _ in range(REPS)])
+                us = _time_ranks(cp, runner, graphs, REPS)
+            else:
+                stream.begin_capture()
+                try:
+                    for _ in range(REPS):
+                        ex.launch(launch, captured)
+                finally:
+                    one = stream.end_capture()
+                us = _time_graph(cp, one, stream, REPS)
             node = graph.nodes[launch.node]
             after_layers = after_layers or node.layer is not None
             nbytes = launch_bytes(graph, launch, batch, context)
             gb_s = nbytes / (us * 1e-6) / 1e9 if us > 0 else float("nan")
             result.rows.append(KernelRow(i, node.layer, layer_label(node.layer, after_layers), node.op, node.name,
                                          launch.fn, us, nbytes, gb_s, 100 * gb_s / (bw / 1e9)))
-        step = ex.graphs[batch]
-        for _ in range(5):
-            step.launch(stream)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        for _ in range(REPLAYS):
-            step.launch(stream)
-        stop.record(stream)
-        stop.synchronize()
-        result.replay_us = 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
+        if runner:
+            result.replay_us = _time_ranks(cp, runner, runner.graphs[batch], 1, REPLAYS)
+        else:
+            step = ex.graphs[batch]
+            for _ in range(5):
+                step.launch(stream)
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            for _ in range(REPLAYS):
+                step.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            result.replay_us = 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
+    if runner:
+        runner.close()
     return result

@@ -161,7 +161,7 @@ def test_compile_dump_dir(tmp_path, capsys):
         lines = (dump / f"{k:02d}_{name}.txt").read_text().splitlines()
         assert lines[0] == f"# after {name}"
         assert lines[1].startswith("# ") and len(lines[1]) > 3  # the change note
-    note = (dump / "02_fuse_linear_residual.txt").read_text()
+    note = (dump / f"{stages.index('fuse_linear_residual'):02d}_fuse_linear_residual.txt").read_text()
     assert "# linear_residual: 0 -> 32" in note and "# residual: 32 -> 0" in note
     assert "arena" in (dump / f"{len(stages) - 1:02d}_plan_memory.txt").read_text().splitlines()[1]
     assert f"{len(stages)} files in {dump}" in report
@@ -241,7 +241,8 @@ BAD_INPUTS = [
      "'vocab_size' is -1"),
     ("bad-dtype", lambda t: ["compile", _tiny(t), "--dtype", "float64"], "--dtype: invalid choice: 'float64'"),
     ("unknown-after", lambda t: ["dump", _tiny(t), "--after", "fuse_everything"],
-     "unknown pass 'fuse_everything'; valid names: build, shard_tensor_parallel, fuse_linear_residual"),
+     "unknown pass 'fuse_everything'; valid names: build, shard_tensor_parallel, fuse_all_reduce_residual, "
+     "fuse_linear_residual"),
     ("zero-max-batch", lambda t: ["compile", _tiny(t), "--max-batch", "0"], "--max-batch: must be a positive integer"),
     ("negative-max-batch", lambda t: ["compile", _tiny(t), "--max-batch=-4"], "--max-batch: must be a positive integer, got '-4'"),
     ("max-seq-not-int", lambda t: ["dump", _tiny(t), "--max-seq", "lots"], "--max-seq: must be a positive integer, got 'lots'"),

@@ -154,3 +154,23 @@ def test_profile_requires_random_weights(config_path, capsys):
 def test_profile_context_below_two_is_refused(config_path, capsys):
     assert main(["profile", config_path, "--random-weights", "--context", "1"]) == 2
     assert "--context" in capsys.readouterr().err
+
+
+def test_tp_totals_give_the_collective_time_per_step():
+    from llamagraph.profile import KernelRow, ProfileResult
+
+    rows = [KernelRow(0, 0, "layer 0", "o_proj", "l0.o", "gemv", 4.0, 100, 25.0, 1.0),
+            KernelRow(1, 0, "layer 0", "all_reduce_residual", "l0.o.sum", "allreduce_residual", 3.0, 10, 3.3, 0.1),
+            KernelRow(2, None, "head", "all_gather_vocab", "logits", "allgather", 5.0, 10, 2.0, 0.1)]
+    res = ProfileResult("c.json", 1, 16, "float16", "GPU", 4000.0, 20.0, 1000, rows, tp=2)
+    t = res.totals()
+    assert t["collectives"] == 2 and t["collectives_us"] == 8.0
+    assert "all-reduce and gather: 2 collectives, 8.0 us per step summed alone (40.0% of the replay)" in res.totals_line()
+    assert "tensor parallel over 2 GPUs" in res.header() and res.to_dict()["tp"] == 2
+    one = ProfileResult("c.json", 1, 16, "float16", "GPU", 4000.0, 20.0, 1000, rows[:1])
+    assert "collectives" not in one.totals() and "all-reduce" not in one.totals_line()
+
+
+def test_profile_bad_tp_is_a_usage_error(config_path, capsys):
+    rc = main(["profile", config_path, "--random-weights", "--tp", "0"])
+    assert rc == 2 and "--tp" in capsys.readouterr().err

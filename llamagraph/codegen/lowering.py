@@ -180,7 +180,7 @@ def lower_all_reduce_residual(n: Node, c: Ctx) -> Lowered:
     shape = dense.allreduce_residual_launch()
     # the decode rows, and prompts of up to cap_rows tokens: one kernel over peer memory
     peer = Launch(k.name, shape, (value(y), value(r), b, value(out), step(rows), workspace(PEER_TABLE), const(0)),
-                  kind="peer_kernel", when=(Cond(NO_PEER_ACCESS, "<=", 0), Cond(rows, "<=", cap_rows)))
+                  kind="peer_kernel", when=(Cond(NO_PEER_ACCESS, "<=", 0), Cond(rows, "<=", cap_rows)), early=True)
     # no peer access, or more rows: NCCL sums the partials in place, then the kernel adds them (local)
     nccl = [Launch("allreduce", None, (value(y), value(y), step(rows), const(D), const(dt)), kind="collective"),
             run(k, shape, value(y), value(r), b, value(out), step(rows), NULL, const(1))]

@@ -50,7 +50,8 @@ def assemble(attrs: dict, parts: list[np.ndarray], shard=None, rank: int = 0) ->
     xp = array_module(parts[0])  # numpy, or cupy where the GPU draws random weights
     arr = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
     order = row_order(attrs)
-    return arr if order is None else xp.ascontiguousarray(arr[xp.asarray(order)])
+    # (a row-parallel slice of one part is a strided view: executors take contiguous arrays)
+    return xp.ascontiguousarray(arr if order is None else arr[xp.asarray(order)])
 
 
 def stacked_row(attrs: dict, row: int) -> int:

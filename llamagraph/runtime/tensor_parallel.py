@@ -143,7 +143,7 @@ class CudaTensorParallel:
     # launching ------------------------------------------------------------------------------------
     def launch_phase(self, phase: str, scalars: list[dict[str, int]]) -> None:
         """Every launch of ``phase`` on every rank, kernels rank by rank between collectives."""
-        cp, nccl = self.cp, self.nccl
+        cp = self.cp
         lists = [rank.prepared[phase] for rank in self.ranks]
         for first, end, collective in self.segments[phase]:
             for r, rank in enumerate(self.ranks):  # the kernels before the collective, rank by rank
@@ -152,39 +152,51 @@ class CudaTensorParallel:
                         rank._issue(launch, fn, bound, scalars[r])
             if collective is None or not lists[0][collective][0].runs(scalars[0]):
                 continue
-            if lists[0][collective][0].kind == "peer_kernel":  # a kernel that waits for its peers:
-                for r, rank in enumerate(self.ranks):  # on every rank before anything after it
-                    with cp.cuda.Device(r):
-                        rank._issue(*lists[r][collective], scalars[r])
-                continue
-            nccl.groupStart()
-            try:
-                for r, rank in enumerate(self.ranks):
-                    with cp.cuda.Device(r):
-                        rank._issue(*lists[r][collective], scalars[r])
-            finally:
-                nccl.groupEnd()
+            self.issue(phase, collective, scalars)
 
-    def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
-        """Every rank's graph of ``phase`` for one batch size, captured together."""
+    def issue(self, phase: str, index: int, scalars: list[dict[str, int]]) -> None:
+        """Launch ``index`` of ``phase`` on every rank: a kernel rank by rank (a peer kernel waits
+        on the GPU for the others), an NCCL call inside one group."""
         cp = self.cp
-        self.launch_phase(phase, scalars)  # once outside capture: lazy initialisation (NCCL's too)
+        lists = [rank.prepared[phase] for rank in self.ranks]
+        group = lists[0][index][0].kind == "collective"
+        if group:
+            self.nccl.groupStart()
+        try:
+            for r, rank in enumerate(self.ranks):
+                with cp.cuda.Device(r):
+                    rank._issue(*lists[r][index], scalars[r])
+        finally:
+            if group:
+                self.nccl.groupEnd()
+
+    def synchronize(self) -> None:
         for r, rank in enumerate(self.ranks):
-            with cp.cuda.Device(r):
+            with self.cp.cuda.Device(r):
                 rank.stream.synchronize()
+
+    def capture(self, issue) -> list:
+        """Every rank's stream captured at once while ``issue()`` issues work on them: one graph per rank."""
+        cp = self.cp
         begun = []
         try:
             for r, rank in enumerate(self.ranks):
                 with cp.cuda.Device(r):
                     rank.stream.begin_capture(mode=cp.cuda.runtime.streamCaptureModeRelaxed)
                     begun.append(r)
-            self.launch_phase(phase, scalars)
+            issue()
         finally:
             graphs = []
             for r in begun:
                 with cp.cuda.Device(r):
                     graphs.append(self.ranks[r].stream.end_capture())
         return graphs
+
+    def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
+        """Every rank's graph of ``phase`` for one batch size, captured together."""
+        self.launch_phase(phase, scalars)  # once outside capture: lazy initialisation (NCCL's too)
+        self.synchronize()
+        return self.capture(lambda: self.launch_phase(phase, scalars))
 
 
 def _segments(launches: list) -> list[tuple[int, int, int | None]]:

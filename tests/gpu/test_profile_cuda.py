@@ -47,3 +47,35 @@ def test_profile_tiny_decode_step(tmp_path, capsys):
     page = html.read_text()
     assert page.count('class="bar"') == len(rows)
     assert page.count('class="group"') == 4  # embedding, layer 0, layer 1, head
+
+
+def _gpus() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+@pytest.mark.skipif("_gpus() < 2", reason="needs two GPUs")
+def test_profile_tp2_times_every_rank_launch_and_the_all_reduces(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**TINY, "num_attention_heads": 4, "num_key_value_heads": 2, "model_type": "llama",
+                               "architectures": ["LlamaForCausalLM"]}))
+    js = tmp_path / "p.json"
+    rc = main(["profile", str(cfg), "--random-weights", "--batch", str(BATCH), "--context", str(CONTEXT),
+               "--tp", "2", "-o", str(tmp_path / "p.html"), "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tensor parallel over 2 GPUs" in out
+    assert re.search(r"^all-reduce and gather: \d+ collectives, [\d.]+ us per step", out, re.M), out
+    data = json.loads(js.read_text())
+    rows = data["rows"]
+    plan = llamagraph.compile(str(cfg), "random", max_batch=BATCH, max_seq=CONTEXT, tp=2)
+    launches = [x for x in plan.compiled.phases["decode"] if not x.on_demand and x.runs({"T": BATCH, "B": BATCH})]
+    assert [r["kernel"] for r in rows] == [x.fn for x in launches]
+    reduces = [r for r in rows if r["op"] == "all_reduce_residual"]
+    assert len(reduces) == 2 * TINY["num_hidden_layers"] and all(r["us"] > 0 for r in reduces)
+    assert data["tp"] == 2 and data["totals"]["collectives"] == len(reduces) + 1  # and the vocab gather
+    assert 0 < data["totals"]["collectives_us"] < data["totals"]["kernels_us"]
+    assert all(r["us"] > 0 for r in rows) and data["totals"]["replay_us"] > 0
