@@ -141,7 +141,7 @@ class ProfileResult:
                 f"{t['replay_us']:.1f} us; step moves {t['step_bytes'] / 1e6:.2f} MB "
                 f"({t['replay_gb_s']:.0f} GB/s over the replay) -> {t['pct_floor']:.1f}% of floor")
         if self.tp > 1:
-            line += (f"\nall-reduce and gather: {t['collectives']} collectives, {t['collectives_us']:.1f} us per step "
+            line += (f"\nall-reduce and gather: {t['collectives']} launches of collective ops, {t['collectives_us']:.1f} us per step "
                      f"summed alone ({100 * t['collectives_us'] / t['replay_us']:.1f}% of the replay)")
         return line
 

@@ -165,7 +165,7 @@ def test_tp_totals_give_the_collective_time_per_step():
     res = ProfileResult("c.json", 1, 16, "float16", "GPU", 4000.0, 20.0, 1000, rows, tp=2)
     t = res.totals()
     assert t["collectives"] == 2 and t["collectives_us"] == 8.0
-    assert "all-reduce and gather: 2 collectives, 8.0 us per step summed alone (40.0% of the replay)" in res.totals_line()
+    assert "all-reduce and gather: 2 launches of collective ops, 8.0 us per step summed alone (40.0% of the replay)" in res.totals_line()
     assert "tensor parallel over 2 GPUs" in res.header() and res.to_dict()["tp"] == 2
     one = ProfileResult("c.json", 1, 16, "float16", "GPU", 4000.0, 20.0, 1000, rows[:1])
     assert "collectives" not in one.totals() and "all-reduce" not in one.totals_line()
