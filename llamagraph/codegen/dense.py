@@ -110,9 +110,9 @@ PEER_THREADS = 256  # must be resident at once; a decode step's rows need few
 
 @dataclass(frozen=True)
 class PeerMailbox:
-    """The bytes of one rank's mailbox for the peer all-reduce (``allreduce_residual``): flags
-    u32 [2, ranks, blocks] and block epochs u32 [blocks], then two parity slots per source rank
-    of ``cap`` elements of ``dtype`` at ``data_offset``."""
+    """The bytes of one rank's mailbox for the peer all-reduce (``allreduce_residual``): block
+    epochs u32 [blocks], then two parity slots per source rank of ``cap`` elements of ``dtype``,
+    each 32-bit word of them stored beside its epoch (8 bytes), at ``data_offset``."""
 
     ranks: int
     cap: int  # elements per slot: the most rows the peer path takes times the row width
@@ -120,11 +120,11 @@ class PeerMailbox:
 
     @property
     def data_offset(self) -> int:
-        return _cdiv((2 * self.ranks + 1) * PEER_BLOCKS * 4, 256) * 256
+        return _cdiv(PEER_BLOCKS * 4, 256) * 256
 
     @property
     def nbytes(self) -> int:
-        return self.data_offset + 2 * self.ranks * self.cap * itemsize(self.dtype)
+        return self.data_offset + 2 * self.ranks * (self.cap * itemsize(self.dtype) // 4) * 8
 
 
 def allreduce_residual(dtype: str, D: int, mailbox: PeerMailbox) -> Kernel:
@@ -134,16 +134,17 @@ def allreduce_residual(dtype: str, D: int, mailbox: PeerMailbox) -> Kernel:
     Args: (const T* y, const T* r, const T* bias_or_null, T* out, int rows,
            const u64* peers, int local). y, r, out: [rows, D] (out may alias y or r); bias: [D];
     peers: [1 + ranks] u64 = this rank, then every rank's mailbox address (mailbox.nbytes each);
-    rows * D <= mailbox.cap unless ``local``.
+    rows * D <= mailbox.cap unless ``local``. Rows are moved in 32-bit words: D * itemsize % 4 == 0.
     """
     _check_dtype(dtype)
     _check_dim("D", D)
-    vec = _math_vec(dtype, D)
+    if (D * itemsize(dtype)) % 4:
+        raise ValueError(f"allreduce_residual moves 32-bit words: a row of {D} {dtype} is not whole words")
     if mailbox.cap % D or mailbox.dtype != dtype:
         raise ValueError(f"mailbox of {mailbox.cap} {mailbox.dtype} elements does not hold whole rows of {D} {dtype}")
     name = f"allreduce_residual_{_tag(dtype)}_d{D}_r{mailbox.ranks}_c{mailbox.cap}"
-    src = render("allreduce_residual", name=name, dtype=dtype, D=D, vec=vec, ranks=mailbox.ranks, cap=mailbox.cap,
-                 data_offset=mailbox.data_offset, blocks=PEER_BLOCKS, threads=PEER_THREADS)
+    src = render("allreduce_residual", name=name, dtype=dtype, D=D, itemsize=itemsize(dtype), ranks=mailbox.ranks,
+                 cap=mailbox.cap, data_offset=mailbox.data_offset, blocks=PEER_BLOCKS, threads=PEER_THREADS)
     return Kernel(name, src)
 
 
