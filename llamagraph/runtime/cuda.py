@@ -344,6 +344,14 @@ class CudaExecutor:
                                     cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
         return phase, scalars, wanted
 
+    def stage_like(self, other: "CudaExecutor", scalars: dict[str, int]) -> dict[str, int]:
+        """Stage the step ``other`` (an executor of the same plan, on another device) has just staged:
+        copy its pinned host inputs to this device on this executor's stream; this step's scalars."""
+        cp = self.cp
+        cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, other.inputs_host.ptr, self.input_bytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+        return {**scalars, **self.machine}
+
     def collect(self, fetch: list[str], scalars: dict[str, int]) -> dict[str, np.ndarray]:
         """Copy the ``fetch``ed values to the host after the step's work on the stream."""
         cp, g = self.cp, self.graph

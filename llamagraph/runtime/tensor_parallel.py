@@ -47,6 +47,7 @@ class CudaTensorParallel:
         for r in range(tp):
             with cp.cuda.Device(r):
                 self.ranks.append(CudaExecutor(plan, weights[r], progress=progress))
+        assert len({rank.input_bytes for rank in self.ranks}) == 1  # one plan: one input layout (stage_like)
         from cupy.cuda import nccl
 
         self.nccl = nccl
@@ -119,12 +120,12 @@ class CudaTensorParallel:
         """One step on every rank; rank 0's ``fetch``ed values (after the collectives every rank
         holds the same logits and tokens)."""
         cp = self.cp
-        staged = []
-        for r, rank in enumerate(self.ranks):
+        with cp.cuda.Device(0):  # the inputs are packed once, in rank 0's pinned buffer, and copied to every rank
+            phase, first, wanted = self.ranks[0].stage(inputs, n_tokens, n_seqs, fetch)
+        scalars = [first]
+        for r, rank in enumerate(self.ranks[1:], 1):
             with cp.cuda.Device(r):
-                staged.append(rank.stage(inputs, n_tokens, n_seqs, fetch))
-        phase, _, wanted = staged[0]
-        scalars = [s for _, s, _ in staged]
+                scalars.append(rank.stage_like(self.ranks[0], first))
         if phase in self.plan.captured and not wanted:
             graphs = self.graphs.get(n_seqs)
             if graphs is None:
@@ -134,9 +135,9 @@ class CudaTensorParallel:
                     graph.launch(rank.stream)
         else:
             self.launch_phase(phase, scalars)
-        for r, rank in enumerate(self.ranks[1:], 1):
-            with cp.cuda.Device(r):
-                rank.stream.synchronize()
+        # Rank 0's results are every rank's (after the gather); the other ranks are not waited for:
+        # their next work is ordered on their streams, and they have read rank 0's pinned inputs,
+        # which the next step rewrites, before their part in this step's collectives let rank 0 finish.
         with cp.cuda.Device(0):
             return self.ranks[0].collect(fetch, scalars[0])
 
