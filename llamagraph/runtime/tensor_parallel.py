@@ -4,9 +4,12 @@ Every rank is an ordinary ``CudaExecutor`` of the same planned rank graph, bound
 of the weights (``Value.shard``) on its own device and stream, and holding its own NCCL
 communicator (``cupy.cuda.nccl``, one clique made by ``NcclCommunicator.initAll``). A step walks
 the phase's launch list once, in segments cut at the collectives: each rank issues the kernels
-of a segment on its stream, then the collective is issued for every rank inside one NCCL group
-(one thread driving several devices must group its calls, or the first rank's call would wait
-for ranks not yet called). A decode step is captured this way too: every rank's stream is in
+of a segment on its stream, then the collective is issued for every rank: an NCCL call inside one
+NCCL group (one thread driving several devices must group its calls, or the first rank's call
+would wait for ranks not yet called), or a peer kernel (the all-reduce) rank by rank. A peer
+kernel reads and writes the other ranks' memory directly (peer access, enabled here; the
+``peer_table`` workspace of each rank lists every rank's mailbox); where a pair of GPUs cannot,
+the machine scalar ``no_peer_access`` switches the plan to its NCCL alternatives. A decode step is captured this way too: every rank's stream is in
 capture at once (relaxed mode, as several captures are open in one thread), so each rank's
 graph holds its kernels and its NCCL calls, and a step replays N graphs.
 
