@@ -212,3 +212,28 @@ def test_compute_sanitizer_memcheck_clean(hf_model, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "SANITIZER-RUN-OK" in res.stdout
     assert "ERROR SUMMARY: 0 errors" in res.stdout + res.stderr
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_compute_sanitizer_racecheck_clean(hf_model, tmp_path):
+    """Shared-memory hazards of a prefill (tensor-core attention: head_dim 16, fewer tile copies than
+    threads, the case that once wrote past its tile) and a decode step."""
+    d = hf_model("bias", dtype="float16")
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import llamagraph\n"
+        f"plan = llamagraph.compile({d!r}, dtype='float16', max_batch=2, max_seq=64, backend='cuda')\n"
+        "plan.run([list(range(1, 40)), list(range(5, 60))])\n"
+        "plan.run([[3], [4]])\n"
+        "print('SANITIZER-RUN-OK')\n"
+    )
+    env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run(
+        ["compute-sanitizer", "--tool", "racecheck", "--report-api-errors", "no", "--error-exitcode", "7",
+         sys.executable, str(script)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "SANITIZER-RUN-OK" in res.stdout
+    assert "RACECHECK SUMMARY: 0 hazards" in res.stdout + res.stderr
+
