@@ -82,9 +82,10 @@ def build_unfused(cfg: ModelConfig, *, dtype: str = "float16", max_batch: int = 
     tp = positive_int("tp", tp)
     if tp > 1:
         check_tp(cfg.to_dict(), tp)
-        if spec:
-            raise ConfigError(f"quantize {quantize!r} with tp {tp}: quantized weights are not sharded yet; "
-                              "use one or the other")
+        if getattr(cfg, "quantization", None):
+            raise ConfigError(f"tp {tp}: this checkpoint is {cfg.quantization['method']} int4 (config.json "
+                              "quantization_config); its packed weights are not sharded yet: use tp 1, or quantize "
+                              "a float checkpoint at compile time")
     graph = build_graph(cfg, dtype=dtype, max_batch=max_batch, max_seq=max_seq, max_tokens=max_tokens)
     if spec:
         q = getattr(cfg, "quantization", None)

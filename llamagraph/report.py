@@ -28,6 +28,7 @@ from llamagraph.codegen.lowering import PEER_ROWS
 from llamagraph.compiler import build_unfused, checkpoint_quantization, lower
 from llamagraph.ir import WEIGHT, Graph, ModelConfig, load_config
 from llamagraph.ir.dtypes import itemsize
+from llamagraph.ir.dtypes import nbytes as dtype_nbytes
 from llamagraph.ir.memory import buffers
 from llamagraph.passes import run_pipeline
 
@@ -168,13 +169,18 @@ def unsharded_weight_bytes(graph: Graph) -> int:
         if v.kind != WEIGHT:
             continue
         parts = v.attrs.get("parts")
+        if "quant_of" in v.attrs:  # a quantized weight's scales / zeros: cut as their weight is
+            w = graph.values[v.attrs["quant_of"]]
+            whole = sum(math.prod(shape) for _, shape in w.attrs.get("parts", ())) or math.prod(w.shape)
+            total += v.nbytes(graph.dims) * whole // math.prod(w.shape)
+            continue
         if not parts:
             total += v.nbytes(graph.dims)
             continue
         for name, shape in parts:
             if name not in seen:
                 seen.add(name)
-                total += itemsize(v.dtype) * math.prod(shape)
+                total += dtype_nbytes(v.dtype, shape)  # (int4 codes: two to a byte)
     return total
 
 

@@ -341,9 +341,10 @@ def test_bad_tp_is_a_one_line_error(key, value, error, word):
 
 
 def test_what_a_tp_plan_refuses_is_one_line():
+    gptq = {**CFG, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "format": "gptq"}}
     with pytest.raises(ConfigError) as e:
-        llamagraph.compile(CFG, "random", tp=2, quantize="int8", **GOOD_COMPILE)
-    assert "quantize 'int8' with tp 2" in _one_line(e.value)
+        llamagraph.compile(gptq, "random", tp=2, **GOOD_COMPILE)
+    assert "tp 2: this checkpoint is gptq int4" in _one_line(e.value)
     tp1 = llamagraph.compile(CFG, "random", **GOOD_COMPILE)
     with pytest.raises(WeightError) as e:
         llamagraph.compile(CFG, llamagraph.random_weights(tp1.graph), tp=2, **GOOD_COMPILE)

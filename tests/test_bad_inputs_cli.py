@@ -663,7 +663,6 @@ BAD_TP_ARGUMENTS = [
     ("tp-word", ["compile", TINYLLAMA, "--tp", "two"], "argument --tp: must be a positive integer, got 'two'"),
     ("tp-float", ["dump", TINYLLAMA, "--tp", "2.0"], "argument --tp: must be a positive integer, got '2.0'"),
     ("tp-10**9", ["bench", TINYLLAMA, "--random-weights", "--tp", str(10**9)], "argument --tp: must be at most"),
-    ("tp-quantize", RUN + ["--tp", "2", "--quantize", "int4"], "quantize 'int4' with tp 2"),
     ("tp-heads", ["compile", TINYLLAMA, "--tp", "3"], "num_attention_heads 32 is not divisible by 3"),
     ("no-tp1-alone", ["bench", TINYLLAMA, "--random-weights", "--no-tp1"], "argument --no-tp1: only with --tp N > 1"),
 ]

@@ -390,11 +390,11 @@ def test_numpy_integer_tp_is_taken():
     assert plan.graph.meta["tp"] == 2 and type(plan.graph.meta["tp"]) is int
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantize_with_tp_is_refused(scheme):
+def test_a_gptq_checkpoint_with_tp_is_refused():
+    gptq = config(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "format": "gptq"})
     with pytest.raises(ConfigError) as e:
-        llamagraph.compile(config(), "random", tp=2, quantize=scheme, **SIZES)
-    assert "\n" not in str(e.value) and scheme in str(e.value) and "tp 2" in str(e.value)
+        llamagraph.compile(gptq, "random", tp=2, **SIZES)
+    assert "\n" not in str(e.value) and "tp 2: this checkpoint is gptq int4" in str(e.value)
 
 
 def test_a_weights_dict_with_tp_is_refused():
@@ -513,3 +513,44 @@ def test_tp_runner_cuts_a_launch_list_at_its_collectives():
     order = [i for first, end, c in cut for i in [*range(first, end), *([c] if c is not None else [])]]
     assert order == list(range(len(kinds)))
     assert _segments([]) == [(0, 0, None)]
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-time quantization with tp: each rank quantizes its own slice
+# ---------------------------------------------------------------------------------------------
+
+def test_tp_int4_with_groups_inside_the_slices_is_the_tp1_model():
+    """Groups of 32 along K never cross a rank's slice (O's K 32, down's 96 per rank), so every
+    rank holds exactly the tp1 plan's codes, scales and zeros for its rows and columns."""
+    one = llamagraph.compile(config(), "random", quantize="int4", group_size=32, **SIZES)
+    two = llamagraph.compile(config(), "random", quantize="int4", group_size=32, tp=2, **SIZES)
+    assert two.graph.values["l0.o.w"].quant.scheme == "int4" and two.graph.values["l0.o.w"].shape == (64, 32)
+    a, b = one.run(PROMPTS), two.run(PROMPTS)
+    assert rel_err(b[0], a[0]) <= 1e-5 and rel_err(b[1], a[1]) <= 1e-5
+    assert two.generate(PROMPTS, 6) == one.generate(PROMPTS, 6)
+
+
+def test_tp_int8_quantizes_each_rank_slice():
+    """Every rank's int8 codes times its row scales give back its own float slice within half a
+    step (the scales are over the slice's K, not the whole row's)."""
+    quant = compile_plan(config(), tp=2, quantize="int8", **SIZES).graph
+    plain = compile_plan(config(), tp=2, **SIZES).graph
+    for rank in range(2):
+        codes, floats = random_weights(quant, seed=0, rank=rank), random_weights(plain, seed=0, rank=rank)
+        for name in ("l0.o.w", "l0.down.w", "l1.qkv.w", "lm_head.w"):
+            q = quant.values[name].quant
+            deq = codes[name].astype(np.float32) * codes[q.scales].astype(np.float32)[:, None]
+            err = np.abs(deq - floats[name])
+            assert (err <= codes[q.scales][:, None] * 0.5 * (1 + 1e-4) + 1e-7).all(), (rank, name)
+    one = llamagraph.compile(config(), "random", quantize="int8", **SIZES)
+    two = llamagraph.compile(config(), "random", quantize="int8", tp=2, **SIZES)
+    a, b = one.run(PROMPTS), two.run(PROMPTS)
+    assert rel_err(b[0], a[0]) <= 3e-2 and rel_err(b[1], a[1]) <= 3e-2  # finer scales, nearly the same model
+
+
+def test_tp_int4_group_that_crosses_a_slice_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        compile_plan(config(), tp=2, quantize="int4", group_size=64, **SIZES)  # O's K per rank is 32
+    msg = str(e.value)
+    assert "\n" not in msg and "group_size 64 does not divide K=32 (each of 2 ranks' slice)" in msg
+

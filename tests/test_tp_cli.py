@@ -182,13 +182,23 @@ def test_bad_tp_values_are_usage_errors(tmp_path, capsys, command, value):
     assert out == "" and not (tmp_path / "out").exists()
 
 
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "format": "gptq"}
+
+
 @pytest.mark.parametrize("command", ["compile", "dump", "run", "bench"])
-def test_tp_with_quantize_is_the_compilers_one_line_error(tmp_path, capsys, command):
+def test_tp_with_a_gptq_checkpoint_is_the_compilers_one_line_error(tmp_path, capsys, command):
     """bench included: refused before any GPU work (no GPU is patched in here)."""
-    rc, out, err = cli(capsys, *COMMANDS[command](write_config(tmp_path), tmp_path / "out"), "--tp", 2,
-                       "--quantize", "int8")
-    one_error_line(rc, err, "quantize 'int8' with tp 2")
+    cfg = write_config(tmp_path, quantization_config=GPTQ)
+    rc, out, err = cli(capsys, *COMMANDS[command](cfg, tmp_path / "out"), "--tp", 2)
+    one_error_line(rc, err, "tp 2: this checkpoint is gptq int4", "not sharded yet")
     assert not (tmp_path / "out").exists()
+
+
+def test_tp_with_compile_time_quantization_compiles_and_reports_both(tmp_path, capsys):
+    rc, report, err = cli(capsys, "compile", write_config(tmp_path), "-o", tmp_path / "out", "--max-seq", 32,
+                          "--tp", 2, "--quantize", "int4", "--group-size", 32)
+    assert rc == 0, err
+    assert "tensor parallel:" in report and "int4" in report
 
 
 @pytest.mark.parametrize("command", ["compile", "dump", "run", "bench"])

@@ -16,7 +16,10 @@ the loader fills them when it quantizes (or repacks) that weight. Their rows fol
 row order (``row_order``): quantizing rows commutes with permuting them.
 
 It runs after the fusions (so the fused weights are quantized whole) and DCE (which keeps values
-a node reads; scales and zeros are read through the weight's layout).
+a node reads; scales and zeros are read through the weight's layout). In a tensor-parallel rank
+graph a weight's shape is one rank's slice, so each rank quantizes its own slice: int4 groups
+never cross a slice, and int8's row scales are over the slice's K (a row-parallel weight's scales
+differ from the one-GPU plan's).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ def quantize_weights(graph: Graph) -> Graph:
         else:
             group_size = K if spec["group_size"] == -1 else spec["group_size"]  # -1: one group per row
             if K % group_size:
-                raise ConfigError(f"int4 group_size {group_size} does not divide K={K} of weight '{name}' "
+                # (a row-parallel weight of a tp plan: K is one rank's slice, and its groups stay inside it)
+                sliced = f" (each of {v.shard.ranks} ranks' slice)" if v.shard is not None and v.shard.axis == 1 else ""
+                raise ConfigError(f"int4 group_size {group_size} does not divide K={K}{sliced} of weight '{name}' "
                                   f"[{N}, {K}]; choose a group size that divides {K}")
             G = K // group_size
             scales = out.add_value(name + ".scales", (N, G), act, WEIGHT, role="scales", **common)
