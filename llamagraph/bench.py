@@ -130,7 +130,9 @@ def engine_label(engine: str, scheme: str | None, dtype: str, tp: int = 1) -> st
     if engine == "llamagraph_unquantized":
         return f"llamagraph {dtype} (CUDA graphs)"
     if engine == "llamagraph" and tp > 1:
-        return f"llamagraph tp{tp} (CUDA graphs)"
+        return f"llamagraph {scheme + ' ' if scheme else ''}tp{tp} (CUDA graphs)"
+    if engine == "llamagraph_tp1" and scheme:
+        return f"llamagraph {scheme} tp1 (CUDA graphs)"
     if scheme is None:
         return ROWS[engine]
     return {"llamagraph": f"llamagraph {scheme} (CUDA graphs)",
@@ -235,11 +237,11 @@ class BenchReport:
             row = f"{r.name:<{self.NAME_WIDTH}}" + "".join(f" {f(b, r):>{w}}" for _, w, f in cols)
             lines.append(row + (f"  ({r.note})" if r.note else ""))
         ours = b.result("llamagraph")
-        q = f" {self.quantize}" if self.quantize else f" tp{self.tp}" if self.tp > 1 else ""
+        q = (f" {self.quantize}" if self.quantize else "") + (f" tp{self.tp}" if self.tp > 1 else "")
         base = b.result("llamagraph_unquantized")
         tp1 = b.result("llamagraph_tp1")
         if ours and tp1:
-            lines.append(f"llamagraph{q} vs llamagraph tp1: decode {_fmt(b.ratio(ours, tp1.engine), '.2f', 'x')} "
+            lines.append(f"llamagraph{q} vs llamagraph{' ' + self.quantize if self.quantize else ''} tp1: decode {_fmt(b.ratio(ours, tp1.engine), '.2f', 'x')} "
                          f"(floor {_fmt(b.base_step_bytes / b.step_bytes if b.base_step_bytes else None, '.2f', 'x')}: "
                          "bytes read per GPU per step)")
         if ours and base:
@@ -839,25 +841,26 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
     def floor(step_bytes: int, b: int) -> float:
         return b / (step_bytes / bw)
 
-    def baseline(rep: BatchReport, engine: str, run: bool = True) -> None:
-        """The unquantized / tp1 plan of the same shape, in the same run: its row (when ``run``) and
-        its floor (the floor of the rows on one GPU in their dtype)."""
+    def baseline(rep: BatchReport, engine: str, run: bool = True, scheme: str | None = None) -> None:
+        """The unquantized plan, or the tp1 plan (quantized as the tp plan is), of the same shape, in
+        the same run: its row (when ``run``) and its floor (the floor of the rows on one GPU)."""
         b = rep.batch
         base_graph = None
+        quant = dict(quantize=scheme, group_size=group_size if scheme else None)
         if run:
-            log(f"{engine_label(engine, None, dtype)}, batch {b}:")
+            log(f"{engine_label(engine, scheme, dtype)}, batch {b}:")
             try:
                 base, base_graph = bench_llamagraph(cfg, prompts[:b], gen_len, dtype, backend, progress,
-                                                    engine=engine)
+                                                    engine=engine, **quant)
             except LlamagraphError as e:  # e.g. a 70B fp16 plan does not fit the GPU its int4 / tp plan runs on
                 base = _failed(engine, e)
-                base.label = engine_label(engine, None, dtype)
+            base.label = engine_label(engine, scheme, dtype)
             rep.results.append(base)
             log(f"  {_summary(base)}")
         if base_graph is None:
             from llamagraph.compiler import compile_graph
 
-            base_graph = compile_graph(cfg, dtype=dtype, max_batch=b, max_seq=prompt_len + gen_len)
+            base_graph = compile_graph(cfg, dtype=dtype, max_batch=b, max_seq=prompt_len + gen_len, **quant)
         rep.base_step_bytes = decode_step_bytes(base_graph, cfg, b, context)
         rep.base_floor_tok_s = floor(rep.base_step_bytes, b)
 
@@ -869,10 +872,10 @@ def bench(config: str, *, batch: int | list[int] = 1, prompt_len: int = 128, gen
         step_bytes = decode_step_bytes(graph, cfg, b, context)  # per GPU for a tp plan: its rank graph's
         rep = BatchReport(b, step_bytes, floor(step_bytes, b), [ours])
         log(f"  {_summary(ours)}")
-        if quantize:
+        if tp > 1:  # (quantized too: against the same quantized plan on one GPU)
+            baseline(rep, "llamagraph_tp1", run=tp1, scheme=quantize)
+        elif quantize:
             baseline(rep, "llamagraph_unquantized")
-        elif tp > 1:
-            baseline(rep, "llamagraph_tp1", run=tp1)
         report.batches.append(rep)
     by_engine: dict[str, list[Result]] = {}
     if "gptfast" in peers:

@@ -299,3 +299,29 @@ def test_cli_passes_quantize_and_group_size_to_bench(monkeypatch, capsys, argv, 
     assert {k: seen.get(k) for k in ("quantize", "group_size") if seen.get(k) is not None} == expected
     assert capsys.readouterr().out == fake_quantized_report().table() + "\n"
 
+
+
+def test_bench_quantized_tp_compares_with_the_same_quantized_plan_at_tp1(tiny_config, monkeypatch):
+    """--quantize with --tp: the tp1 row is the quantized plan on one GPU (not the float plan),
+    its floor that plan's bytes, and the table says 'int4 tp2 vs int4 tp1'."""
+    calls = []
+
+    def fake(cfg, prompts, gen_len, dtype, backend="cuda", progress=False, quantize=None, group_size=None,
+             engine="llamagraph", tp=1):
+        calls.append((engine, quantize, group_size, tp))
+        g = compile_graph(cfg, dtype=dtype, max_batch=len(prompts), max_seq=len(prompts[0]) + gen_len,
+                          quantize=quantize, group_size=group_size, tp=tp)
+        return Result(engine, 300.0 if tp > 1 else 200.0, 1.0, 1000.0, 5.0, 1.0, 0.1, scheme=quantize,
+                      label=engine_label(engine, quantize, dtype, tp), tp=tp), g
+
+    monkeypatch.setattr(bench_mod, "bench_llamagraph", fake)
+    rep = bench(tiny_config, batch=1, prompt_len=6, gen_len=3, dtype="float32", peers=(), device="cpu",
+                log=lambda m: None, quantize="int4", group_size=32, tp=2)
+    assert calls == [("llamagraph", "int4", 32, 2), ("llamagraph_tp1", "int4", 32, 1)]
+    (b,) = rep.batches
+    cfg = load_config(tiny_config)
+    one = compile_graph(cfg, dtype="float32", max_batch=1, max_seq=9, quantize="int4", group_size=32)
+    assert b.base_step_bytes == decode_step_bytes(one, cfg, 1, 6 + 3 / 2)
+    table = rep.table()
+    assert "llamagraph int4 tp2 (CUDA graphs)" in table and "llamagraph int4 tp1 (CUDA graphs)" in table
+    assert "llamagraph int4 tp2 vs llamagraph int4 tp1: decode 1.50x" in table
