@@ -507,8 +507,9 @@ def test_tp_runner_cuts_a_launch_list_at_its_collectives():
 
     from llamagraph.runtime.tensor_parallel import _segments
 
-    kinds = ["kernel", "collective", "kernel", "kernel", "collective", "collective", "kernel"]
+    kinds = ["kernel", "collective", "kernel", "kernel", "peer_kernel", "collective", "kernel"]
     cut = _segments([SimpleNamespace(kind=k) for k in kinds])
+    # a peer kernel cuts like an NCCL call: every rank issues it before any rank's next launch
     assert cut == [(0, 1, 1), (2, 4, 4), (5, 5, 5), (6, 7, None)]
     order = [i for first, end, c in cut for i in [*range(first, end), *([c] if c is not None else [])]]
     assert order == list(range(len(kinds)))
