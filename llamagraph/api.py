@@ -70,7 +70,8 @@ def compile(
       (default 128; -1 for one group per row). A GPTQ / AWQ checkpoint is int4 on its own.
     tp: tensor-parallel ranks. The graph each rank runs holds 1/tp of every projection (heads,
       FFN columns, vocabulary) with all-reduces after O and down; the CUDA backend runs rank r on
-      GPU r with NCCL, the reference backend simulates the ranks in one process. ``run`` and
+      GPU r (all-reduces over peer memory, or NCCL), the reference backend simulates the ranks in
+      one process. ``run`` and
       ``generate`` are unchanged.
     """
     _check_binding(weights, backend, seed)
@@ -134,16 +135,16 @@ def _bind_ranks(compiled: CompiledPlan, cfg: ModelConfig, weights, backend: str,
                           "not a dict: each rank cuts its shard from the checkpoint's tensors")
     if backend == "cuda":
         from llamagraph.runtime.cuda import CudaExecutor
-        from llamagraph.runtime.tensor_parallel import CudaTensorParallel
 
         CudaExecutor.check_available()
-        return CudaTensorParallel(compiled, [resolve_weights(compiled.graph, cfg, compiled.model, weights, seed,
-                                                             backend, rank) for rank in range(tp)],
-                                  progress=progress)
+    per_rank = [resolve_weights(compiled.graph, cfg, compiled.model, weights, seed, backend, rank) for rank in range(tp)]
+    if backend == "cuda":
+        from llamagraph.runtime.tensor_parallel import CudaTensorParallel
+
+        return CudaTensorParallel(compiled, per_rank, progress=progress)
     from llamagraph.runtime.reference import TensorParallelReference
 
-    return TensorParallelReference(compiled, [resolve_weights(compiled.graph, cfg, compiled.model, weights, seed,
-                                                              backend, rank) for rank in range(tp)])
+    return TensorParallelReference(compiled, per_rank)
 
 
 def resolve_weights(graph: Graph, cfg: ModelConfig, model, weights, seed: int, backend: str = "reference",

@@ -325,7 +325,7 @@ class CudaExecutor:
     def stage(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> tuple:
         """Write the step inputs (and step-filled workspaces) and copy them to the device on the
         executor's stream; return (phase, step scalars, the on-demand outputs wanted)."""
-        cp, g = self.cp, self.graph
+        g = self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
         scalars = {"T": n_tokens, "B": n_seqs, **self.machine}
         wanted = {WANTS + name: 1 for name in fetch if name in self.on_demand}
@@ -340,17 +340,20 @@ class CudaExecutor:
             off = self.input_offsets[w.name]
             self.inputs_host_np[off : off + raw.size] = raw
             scalars[w.name + ".n"] = len(table)
-        cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, self.inputs_host.ptr, self.input_bytes,
-                                    cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+        self._upload_inputs(self.inputs_host)
         return phase, scalars, wanted
 
     def stage_like(self, other: "CudaExecutor", scalars: dict[str, int]) -> dict[str, int]:
         """Stage the step ``other`` (an executor of the same plan, on another device) has just staged:
         copy its pinned host inputs to this device on this executor's stream; this step's scalars."""
-        cp = self.cp
-        cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, other.inputs_host.ptr, self.input_bytes,
-                                    cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+        self._upload_inputs(other.inputs_host)
         return {**scalars, **self.machine}
+
+    def _upload_inputs(self, host) -> None:
+        """The step-input region from pinned ``host`` memory, one copy on the executor's stream."""
+        cp = self.cp
+        cp.cuda.runtime.memcpyAsync(self.inputs_dev.data.ptr, host.ptr, self.input_bytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
 
     def collect(self, fetch: list[str], scalars: dict[str, int]) -> dict[str, np.ndarray]:
         """Copy the ``fetch``ed values to the host after the step's work on the stream."""

@@ -96,13 +96,10 @@ class CudaTensorParallel:
         comms, self.comms = getattr(self, "comms", []), []
         if not comms:
             return
-        cp = self.cp
-        for r, rank in enumerate(self.ranks):
-            with cp.cuda.Device(r):
-                rank.stream.synchronize()
+        self.synchronize()
         self.graphs.clear()  # captured graphs hold NCCL calls on these communicators
         for r, comm in enumerate(comms):
-            with cp.cuda.Device(r):
+            with self.cp.cuda.Device(r):
                 comm.abort()
         for rank in self.ranks:
             rank.comm = None

@@ -189,29 +189,36 @@ def test_user_errors_on_gpu(hf_model):
         plan.run([[1, 96]])
 
 
+def _sanitized(tool: str, script: str, tmp_path) -> str:
+    """Run ``script`` (Python source ending with print('SANITIZER-RUN-OK')) under compute-sanitizer's
+    ``tool``; its exit must be clean; return everything it printed."""
+    path = tmp_path / "step.py"
+    path.write_text(script)
+    env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run(
+        # --report-api-errors no: cuda-bindings probes driver entry points (cuGetProcAddress) that
+        # this driver lacks; those host API results are not memory errors
+        ["compute-sanitizer", "--tool", tool, "--report-api-errors", "no", "--error-exitcode", "7",
+         sys.executable, str(path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "SANITIZER-RUN-OK" in res.stdout
+    return res.stdout + res.stderr
+
+
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
 def test_compute_sanitizer_memcheck_clean(hf_model, tmp_path):
     d = hf_model("bias", dtype="float16")
-    script = tmp_path / "step.py"
-    script.write_text(
+    out = _sanitized("memcheck", (
         "import llamagraph\n"
         f"plan = llamagraph.compile({d!r}, dtype='float16', max_batch=2, max_seq=32, backend='cuda')\n"
         f"plan.run({PROMPTS!r})\n"
         "plan.run([[3], [4]])\n"
         "plan.generate([[1, 2, 3]], 3, temperature=1.0, top_p=0.9)\n"
         "print('SANITIZER-RUN-OK')\n"
-    )
-    env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run(
-        # --report-api-errors no: cuda-bindings probes driver entry points (cuGetProcAddress) that
-        # this driver lacks; those host API results are not memory errors
-        ["compute-sanitizer", "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "7",
-         sys.executable, str(script)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "SANITIZER-RUN-OK" in res.stdout
-    assert "ERROR SUMMARY: 0 errors" in res.stdout + res.stderr
+    ), tmp_path)
+    assert "ERROR SUMMARY: 0 errors" in out
 
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
@@ -219,21 +226,11 @@ def test_compute_sanitizer_racecheck_clean(hf_model, tmp_path):
     """Shared-memory hazards of a prefill (tensor-core attention: head_dim 16, fewer tile copies than
     threads, the case that once wrote past its tile) and a decode step."""
     d = hf_model("bias", dtype="float16")
-    script = tmp_path / "step.py"
-    script.write_text(
+    out = _sanitized("racecheck", (
         "import llamagraph\n"
         f"plan = llamagraph.compile({d!r}, dtype='float16', max_batch=2, max_seq=64, backend='cuda')\n"
         "plan.run([list(range(1, 40)), list(range(5, 60))])\n"
         "plan.run([[3], [4]])\n"
         "print('SANITIZER-RUN-OK')\n"
-    )
-    env = dict(os.environ, LLAMAGRAPH_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run(
-        ["compute-sanitizer", "--tool", "racecheck", "--report-api-errors", "no", "--error-exitcode", "7",
-         sys.executable, str(script)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "SANITIZER-RUN-OK" in res.stdout
-    assert "RACECHECK SUMMARY: 0 hazards" in res.stdout + res.stderr
-
+    ), tmp_path)
+    assert "RACECHECK SUMMARY: 0 hazards" in out
