@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.codegen.launch import ADVANCE
 from llamagraph.compiler import compile_plan
 from llamagraph.ir import ConfigError, Graph, InputError, ModelConfig, WeightError
 
@@ -276,26 +277,73 @@ class Plan:
                             lengths=None if append else [0] * batch, logprobs=logprobs, echo=echo and logprobs)
         if echo and logprobs:  # token j's logprob is row j-1's logprob of its successor
             lps = [[0.0] + fed.prompt_logprobs[b][:-1].tolist() for b in range(batch)]
+
+        def take(slot: int, tok: int, logprob: float) -> bool:
+            """Record ``slot``'s new token; whether the sequence goes on."""
+            if tok in stops:
+                return False
+            out[slot].append(tok)
+            lps[slot].append(logprob)
+            new[slot] += 1
+            step_of[slot] += 1
+            if on_token is not None:
+                on_token(slot, tok)
+            return new[slot] < max_new_tokens
+
         active = list(range(batch)) if max_new_tokens else []
         while active:
-            still = []
-            for k, slot in enumerate(active):
-                tok = int(fed.next_token[k])
-                if tok in stops:
-                    continue
-                out[slot].append(tok)
-                lps[slot].append(float(fed.next_logprob[k]))
-                new[slot] += 1
-                step_of[slot] += 1
-                if on_token is not None:
-                    on_token(slot, tok)
-                if new[slot] < max_new_tokens:
-                    still.append(slot)
-            active = still
+            active = [slot for k, slot in enumerate(active)
+                      if take(slot, int(fed.next_token[k]), float(fed.next_logprob[k]))]
+            if active and self._can_run_ahead():
+                self._decode_ahead(active, params.per_row(active, step_of), max_new_tokens - new[active[0]],
+                                   logprobs, take, [out[slot][-1] for slot in active])
+                break
             if active:
                 feed = {slot: [out[slot][-1]] for slot in active}
                 fed = self._forward_slots(feed, params.per_row(active, step_of), want_logits=False, logprobs=logprobs)
         return (out, lps) if logprobs else out
+
+    def _can_run_ahead(self) -> bool:
+        """Whether decode steps can be pipelined: an executor that replays decode + advance (the
+        reference executors run its meaning step by step) and a plan that captures both phases
+        (plans saved before the advance phase have none).
+        ``LLAMAGRAPH_AHEAD=0`` turns it off (for A/B runs)."""
+        return hasattr(self.executor, "decode_ahead") and {"decode", ADVANCE} <= set(self.compiled.captured) \
+            and os.environ.get("LLAMAGRAPH_AHEAD", "1") != "0"
+
+    def _decode_ahead(self, rows: list[int], sampling: "RowParams", steps: int, logprobs: bool, take,
+                      last: list[int]) -> None:
+        """Decode ``steps`` more tokens for the sequences in ``rows`` (slots, each fed its ``last``
+        token first), pipelined: the device feeds each sampled token back itself (the plan's advance
+        phase), so the host queues the next steps while it reads this one's tokens. ``take(slot,
+        token, logprob)`` records each token and says whether its sequence goes on.
+
+        A sequence that stops keeps its row until the batch ends (the steps already queued hold
+        it; a batch of the rest would be another graph): its later tokens are dropped, and the KV
+        rows they write lie past its held length, which never reads them. So every kept token is
+        the one the step-by-step loop gives. When every sequence has stopped, the queued steps are
+        waited for and dropped. At most ``steps`` steps run, so no row passes the positions
+        ``generate`` checked against max_seq."""
+        lengths = list(self.lengths)
+        step = [Segment(slot, [tok], lengths[slot]) for slot, tok in zip(rows, last)]
+        inputs = self.step_inputs(step, sampling, lengths, None, logprobs)
+        fetch = [self.next_token_name] + ([self.next_logprob_name] if logprobs else [])
+        alive = set(rows)
+        ahead = self.executor.decode_ahead(inputs, len(rows), fetch, steps)
+        try:
+            for got in ahead:
+                for k, slot in enumerate(rows):
+                    if slot in alive:
+                        lengths[slot] += 1  # its token of this step went into its cache
+                        lp = float(got[self.next_logprob_name][k]) if logprobs else 0.0
+                        if not take(slot, int(got[self.next_token_name][k]), lp):
+                            alive.discard(slot)
+                if not alive:
+                    break
+        finally:
+            ahead.close()  # waits for the steps still queued
+            self.lengths = lengths  # what each sequence's cache holds (the steps run so far)
+            self.state += 1
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, on_text=None, model_dir: str | None = None,
              **sampling) -> str:

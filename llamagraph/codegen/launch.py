@@ -42,6 +42,9 @@ WANTS = "wants."  # prefix of the on-demand step scalars: wants.<output value> i
 MACHINE = "machine."  # prefix of the scalars an executor fixes for its lifetime (0 unless it sets them)
 NO_PEER_ACCESS = MACHINE + "no_peer_access"  # 1: the ranks cannot read each other's memory (use NCCL)
 KERNEL_KINDS = ("kernel", "peer_kernel")  # launches of a generated kernel of the plan
+# the phase that turns a decode step's inputs into the next decode step's on the device (its sampled
+# tokens fed back), captured behind the decode phase for pipelined generation
+ADVANCE = "advance"
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,6 @@ def workspace_from_dict(d: dict) -> Workspace:
 
 
 __all__ = [
-    "Arg", "BUCKET_SCALARS", "Cond", "KERNEL_KINDS", "MACHINE", "NO_PEER_ACCESS", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
+    "ADVANCE", "Arg", "BUCKET_SCALARS", "Cond", "KERNEL_KINDS", "MACHINE", "NO_PEER_ACCESS", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
     "const", "extent", "resolve", "seq_tiles", "step", "value", "wants", "workspace",
 ]

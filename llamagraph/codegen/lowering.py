@@ -22,7 +22,7 @@ from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.errors import PlanError
 
 from . import attention, dense, sample
-from .launch import NO_PEER_ACCESS, NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
+from .launch import ADVANCE, NO_PEER_ACCESS, NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
 from .render import Kernel
 
 PHASES = ("decode", "prefill")
@@ -573,4 +573,25 @@ def lower_graph(graph: Graph) -> LoweredGraph:
                 spaces[ws.name] = ws if have is None or ws.nbytes > have.nbytes else have
             elif have != ws:
                 raise AssertionError(f"two different workspaces are both named {ws.name}")
+    advance = lower_advance(graph)
+    if advance is not None:
+        k, launch = advance
+        kernels.setdefault(k.name, k)
+        phases[ADVANCE] = [launch]
     return LoweredGraph(list(kernels.values()), phases, list(spaces.values()))
+
+
+ADVANCE_INPUTS = ("tokens", "positions", "seq_ids", "seq_lens", "sample.step")
+
+
+def lower_advance(graph: Graph):
+    """The "advance" phase: one kernel after a decode step that feeds each row's sampled token
+    back as the next step's input (``sample.advance_decode``). Captured behind the decode phase it
+    makes a graph whose replays generate token after token with no host work between them, so
+    the host can run ahead (``Plan.generate``). None for a graph without a sampler."""
+    if not all(name in graph.values for name in ADVANCE_INPUTS) or \
+            not any(v.role == "next_token" for v in graph.values.values()):
+        return None
+    k = sample.advance_decode()
+    args = [value(graph.with_role("next_token"))] + [value(name) for name in ADVANCE_INPUTS] + [step("B")]
+    return k, Launch(k.name, sample.advance_decode_launch("B"), tuple(args), node=-1, early=True)

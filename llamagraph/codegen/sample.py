@@ -5,6 +5,8 @@ The numpy reference it implements is ``llamagraph.ir.ops.sample_row``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .launch import Shape, extent
 from .render import Kernel, render
 
@@ -50,3 +52,32 @@ def token_logprobs(V: int) -> Kernel:
 
 def token_logprobs_launch(rows: int) -> Shape:
     return Shape((extent(rows), 1, 1), (LOGPROB_THREADS, 1, 1), 0)
+
+
+ADVANCE_THREADS = 128
+
+
+def advance_decode() -> Kernel:
+    """A decode step's inputs moved on to the next step's, on the device (pipelined generation).
+
+    Arguments: next_token int32 [B], tokens int32 [B], positions int32 [B], seq_ids int32 [B],
+    seq_lens int32 [slots], sample_step int32 [B], B. Row b: tokens[b] = next_token[b],
+    positions[b] += 1, seq_lens[seq_ids[b]] += 1, sample_step[b] += 1 (``advance_decode_ref``).
+    """
+    name = "advance_decode"
+    return Kernel(name, render("advance_decode", name=name, threads=ADVANCE_THREADS))
+
+
+def advance_decode_launch(n_rows: int | str) -> Shape:
+    return Shape((extent(n_rows, 1, ADVANCE_THREADS), 1, 1), (ADVANCE_THREADS, 1, 1), 0)
+
+
+def advance_decode_ref(inputs: dict) -> dict:
+    """The numpy meaning of ``advance_decode`` on a decode step's inputs (a dict of arrays by
+    graph input name, with ``next_token``): the next decode step's inputs."""
+    out = {k: np.array(v, copy=True) for k, v in inputs.items()}
+    out["tokens"] = np.asarray(inputs["next_token"], np.int32).copy()
+    out["positions"] = inputs["positions"] + 1
+    np.add.at(out["seq_lens"], inputs["seq_ids"], 1)
+    out["sample.step"] = inputs["sample.step"] + 1
+    return out

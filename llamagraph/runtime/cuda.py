@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import STEP_FILLS, WANTS, Arg, Launch
+from llamagraph.codegen.launch import ADVANCE, STEP_FILLS, WANTS, Arg, Launch
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, WeightError
 from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
@@ -110,6 +110,7 @@ class CudaExecutor:
         self.graph = g = plan.graph
         self.arch = f"sm_{cp.cuda.Device().compute_capability}"
         self.early = early_launch_supported(cp.cuda.Device().compute_capability)  # programmatic dependent launch
+        self.device_id = cp.cuda.Device().id
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._check_memory(weights)  # one clear line rather than an allocation failing half-way
         module = load_module(plan.source, self.arch)
@@ -159,6 +160,8 @@ class CudaExecutor:
                       for p, ls in plan.phases.items()}
         self.prepared = {p: [self._prepare(launch) for launch in ls] for p, ls in plan.phases.items()}
         self.graphs = {}  # batch size -> captured decode step
+        self.ahead_graphs = {}  # batch size -> captured decode step + advance (decode_ahead)
+        self.rings: dict[tuple[str, int], object] = {}  # (value, slot) -> pinned buffer of decode_ahead
         # outputs computed only by steps that fetch them (launches gated by wants.<output>)
         self.on_demand = {launch.on_demand for ls in plan.phases.values() for launch in ls if launch.on_demand}
 
@@ -292,13 +295,17 @@ class CudaExecutor:
         for launch, fn, bound in self.prepared[phase]:
             self._issue(launch, fn, bound, scalars)
 
-    def _capture(self, scalars: dict[str, int]):
-        """Capture the decode phase for one batch size (its T and B are fixed per graph)."""
-        # launch once outside capture so every lazy initialisation happens before capturing
+    def _capture(self, scalars: dict[str, int], phases: tuple[str, ...] = ("decode",)):
+        """Capture the decode phase (followed by ``phases[1:]``) for one batch size (its T and B
+        are fixed per graph)."""
+        # launch decode once outside capture so every lazy initialisation happens before capturing
+        # (it rewrites what the captured step will: the step's outputs and its KV-cache rows; the
+        # advance phase is not run here, as it would move the staged inputs on)
         self.launch_phase("decode", scalars)
         self.stream.begin_capture()
         try:
-            self.launch_phase("decode", scalars)
+            for phase in phases:
+                self.launch_phase(phase, scalars)
         finally:
             g = self.stream.end_capture()
         return g
@@ -357,18 +364,86 @@ class CudaExecutor:
 
     def collect(self, fetch: list[str], scalars: dict[str, int]) -> dict[str, np.ndarray]:
         """Copy the ``fetch``ed values to the host after the step's work on the stream."""
+        for name in fetch:
+            if name not in self.out_host:  # not a graph output: a pinned host buffer on first fetch
+                self.out_host[name] = self.cp.cuda.alloc_pinned_memory(max(self.graph.values[name].nbytes(self.graph.dims), 1))
+        self.copy_out(fetch, scalars, self.out_host)
+        self.stream.synchronize()
+        return self.read_out(fetch, scalars, self.out_host)
+
+    def copy_out(self, fetch: list[str], scalars: dict[str, int], host: dict) -> None:
+        """Queue copies of the ``fetch``ed values into the pinned buffers ``host`` (by name)."""
         cp, g = self.cp, self.graph
-        with self.stream:
-            for name in fetch:
-                if name not in self.out_host:  # not a graph output: a pinned host buffer on first fetch
-                    self.out_host[name] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))
-                nbytes = g.values[name].nbytes(scalars)
-                cp.cuda.runtime.memcpyAsync(self.out_host[name].ptr, int(self.addr[name]), nbytes,
-                                            cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
-            self.stream.synchronize()
+        for name in fetch:
+            cp.cuda.runtime.memcpyAsync(host[name].ptr, int(self.addr[name]), g.values[name].nbytes(scalars),
+                                        cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+
+    def read_out(self, fetch: list[str], scalars: dict[str, int], host: dict) -> dict[str, np.ndarray]:
+        """The ``fetch``ed values from the pinned buffers ``host``, once their copies are done."""
         out = {}
         for name in fetch:
-            v = g.values[name]
+            v = self.graph.values[name]
             shape = v.concrete_shape(scalars)
-            out[name] = np.frombuffer(self.out_host[name], DTYPES[v.dtype].storage, int(np.prod(shape))).reshape(shape).copy()
+            out[name] = np.frombuffer(host[name], DTYPES[v.dtype].storage, int(np.prod(shape))).reshape(shape).copy()
         return out
+
+    # ---- pipelined decode -------------------------------------------------------------------------
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int,
+                     depth: int | None = None):
+        """``steps`` decode steps, the first from ``inputs``, each later one from the step before:
+        its sampled tokens fed back on the device (the plan's advance phase). Yields each step's
+        ``fetch``ed values in order, while up to ``depth`` steps are in flight. Closing the
+        generator early waits for the steps already issued (their results are dropped)."""
+        phase, scalars, wanted = self.stage(inputs, n_seqs, n_seqs, fetch)
+        if phase != "decode" or wanted:
+            raise ValueError("decode_ahead runs decode steps (one token per sequence) with no on-demand output")
+        graph = self.ahead_graphs.get(n_seqs)
+        if graph is None:
+            with self.stream:
+                graph = self.ahead_graphs[n_seqs] = self._capture(scalars, ("decode", ADVANCE))
+
+        def launch() -> None:
+            graph.launch(self.stream)
+        yield from run_ahead(self, launch, self.stream.synchronize, fetch, scalars, steps, depth)
+
+
+AHEAD_DEPTH = 3  # decode steps in flight in decode_ahead: the host reads one while two more run
+
+
+def run_ahead(ex: CudaExecutor, launch, synchronize, fetch: list[str], scalars: dict[str, int], steps: int,
+              depth: int | None = None):
+    """Issue ``steps`` replays with ``launch()``, each followed by copies of ``ex``'s ``fetch``ed
+    values into a ring of pinned buffers and an event; yield each step's values once its event has
+    passed, keeping at most ``depth`` steps in flight. ``synchronize()`` waits for every stream
+    the steps run on (when the generator finishes or is closed)."""
+    from collections import deque
+
+    cp, g = ex.cp, ex.graph
+    depth = max(1, AHEAD_DEPTH if depth is None else int(depth))
+    ring = []
+    for slot in range(depth):
+        bufs = {}
+        for name in fetch:
+            key = (name, slot)
+            if key not in ex.rings:
+                ex.rings[key] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))
+            bufs[name] = ex.rings[key]
+        ring.append(bufs)
+    pending: deque = deque()
+    issued = 0
+    try:
+        while issued < steps or pending:
+            while issued < steps and len(pending) < depth:
+                launch()
+                slot = issued % depth  # free: the step that used it last has been read
+                with cp.cuda.Device(ex.device_id):  # the caller may have another device current
+                    ex.copy_out(fetch, scalars, ring[slot])
+                    event = cp.cuda.Event(block=False, disable_timing=True)
+                    event.record(ex.stream)
+                pending.append((slot, event))
+                issued += 1
+            slot, event = pending.popleft()
+            event.synchronize()
+            yield ex.read_out(fetch, scalars, ring[slot])
+    finally:
+        synchronize()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
+from llamagraph.codegen.sample import advance_decode_ref
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, OPS, Graph
 from llamagraph.ir.dtypes import DTYPES, to_float32, to_storage
 from llamagraph.ir.quant import dequantize
@@ -38,6 +39,9 @@ class ReferenceExecutor:
     def reset(self) -> None:
         for arr in self.persistent.values():
             arr[...] = 0
+
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None):
+        return decode_by_advancing(self, inputs, n_seqs, fetch, steps)
 
     def _storage(self, name: str, dims: dict[str, int]) -> np.ndarray:
         v = self.graph.values[name]
@@ -104,6 +108,9 @@ class TensorParallelReference:
         for rank in self.ranks:
             rank.reset()
 
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None):
+        return decode_by_advancing(self, inputs, n_seqs, fetch, steps)
+
     def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
         dims = [rank.feed(inputs, n_tokens, n_seqs) for rank in self.ranks][0]
         for node in self.graph.nodes:
@@ -118,3 +125,14 @@ class TensorParallelReference:
                 for rank in self.ranks:
                     rank.write(node, op.reference(rank.read(node, dims), node.attrs), dims)
         return self.ranks[0].fetch(fetch, dims)
+
+
+def decode_by_advancing(executor, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int):
+    """``CudaExecutor.decode_ahead``'s meaning, step by step: ``steps`` decode steps, each after
+    the first fed the inputs the plan's advance phase makes of the step before
+    (``advance_decode_ref``: its sampled tokens, one position on). Yields each step's values."""
+    token = executor.graph.with_role("next_token")
+    for _ in range(steps):
+        got = executor.step(inputs, n_seqs, n_seqs, list(dict.fromkeys(fetch + [token])))
+        inputs = advance_decode_ref({**inputs, "next_token": got[token]})
+        yield {name: got[name] for name in fetch}

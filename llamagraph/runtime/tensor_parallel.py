@@ -28,10 +28,10 @@ import os
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import NO_PEER_ACCESS
+from llamagraph.codegen.launch import ADVANCE, NO_PEER_ACCESS
 from llamagraph.ir import BackendError
 
-from .cuda import CudaExecutor, _cupy
+from .cuda import CudaExecutor, _cupy, run_ahead
 
 
 class CudaTensorParallel:
@@ -65,6 +65,7 @@ class CudaTensorParallel:
                 rank.machine[NO_PEER_ACCESS] = 0 if self.peer_access else 1
                 rank.set_peers(r, self.ranks)
         self.graphs: dict[int, list] = {}  # batch size -> every rank's captured decode step
+        self.ahead_graphs: dict[int, list] = {}  # batch size -> every rank's decode + advance (decode_ahead)
         # each phase's launch list cut at its collectives, once: [(first, end, collective index or None)]
         self.segments = {phase: _segments([launch for launch, _, _ in prepared])
                          for phase, prepared in self.ranks[0].prepared.items()}
@@ -98,6 +99,7 @@ class CudaTensorParallel:
             return
         self.synchronize()
         self.graphs.clear()  # captured graphs hold NCCL calls on these communicators
+        self.ahead_graphs.clear()
         for r, comm in enumerate(comms):
             with self.cp.cuda.Device(r):
                 comm.abort()
@@ -140,6 +142,29 @@ class CudaTensorParallel:
         # which the next step rewrites, before their part in this step's collectives let rank 0 finish.
         with cp.cuda.Device(0):
             return self.ranks[0].collect(fetch, scalars[0])
+
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int,
+                     depth: int | None = None):
+        """``CudaExecutor.decode_ahead`` on every rank: each rank's graph of decode + advance
+        moves its own inputs on (every rank samples the same tokens); rank 0's values are yielded."""
+        cp = self.cp
+        with cp.cuda.Device(0):
+            phase, first, wanted = self.ranks[0].stage(inputs, n_seqs, n_seqs, fetch)
+        if phase != "decode" or wanted:
+            raise ValueError("decode_ahead runs decode steps (one token per sequence) with no on-demand output")
+        scalars = [first]
+        for r, rank in enumerate(self.ranks[1:], 1):
+            with cp.cuda.Device(r):
+                scalars.append(rank.stage_like(self.ranks[0], first))
+        graphs = self.ahead_graphs.get(n_seqs)
+        if graphs is None:
+            graphs = self.ahead_graphs[n_seqs] = self._capture("decode", scalars, ("decode", ADVANCE))
+
+        def launch() -> None:
+            for r, (rank, graph) in enumerate(zip(self.ranks, graphs)):
+                with cp.cuda.Device(r):
+                    graph.launch(rank.stream)
+        yield from run_ahead(self.ranks[0], launch, self.synchronize, fetch, first, steps, depth)
 
     # launching ------------------------------------------------------------------------------------
     def launch_phase(self, phase: str, scalars: list[dict[str, int]]) -> None:
@@ -193,11 +218,16 @@ class CudaTensorParallel:
                     graphs.append(self.ranks[r].stream.end_capture())
         return graphs
 
-    def _capture(self, phase: str, scalars: list[dict[str, int]]) -> list:
-        """Every rank's graph of ``phase`` for one batch size, captured together."""
+    def _capture(self, phase: str, scalars: list[dict[str, int]], phases: tuple[str, ...] | None = None) -> list:
+        """Every rank's graph of ``phase`` (or of ``phases`` in turn, the first being ``phase``) for
+        one batch size, captured together."""
         self.launch_phase(phase, scalars)  # once outside capture: lazy initialisation (NCCL's too)
         self.synchronize()
-        return self.capture(lambda: self.launch_phase(phase, scalars))
+
+        def issue() -> None:
+            for p in phases or (phase,):
+                self.launch_phase(p, scalars)
+        return self.capture(issue)
 
 
 def _segments(launches: list) -> list[tuple[int, int, int | None]]:

@@ -113,15 +113,70 @@ def test_saved_plan_runs_on_the_gpu(hf_model, tmp_path):
     assert loaded.generate(PROMPTS, 8, temperature=0.7, seed=3) == fresh.generate(PROMPTS, 8, temperature=0.7, seed=3)
 
 
-def test_decode_graphs_per_batch_size(hf_model):
+@pytest.mark.parametrize("ahead", ["0", "1"], ids=["step_by_step", "pipelined"])
+def test_decode_graphs_per_batch_size(hf_model, monkeypatch, ahead):
+    monkeypatch.setenv("LLAMAGRAPH_AHEAD", ahead)
     d = hf_model("gqa")
     plan = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64, backend="cuda")
     ref = llamagraph.compile(d, dtype="float32", max_batch=2, max_seq=64)
-    # different stop points shrink the batch from 2 to 1 mid-generation
+    # different stop points: step by step, the batch shrinks from 2 to 1 mid-generation; pipelined,
+    # the stopped row runs on in the queued steps and its tokens are dropped
     full = plan.generate(PROMPTS, 12)
     stop = full[1][4]
     assert plan.generate(PROMPTS, 12, stop_tokens=[stop]) == ref.generate(PROMPTS, 12, stop_tokens=[stop])
-    assert set(plan.executor.graphs) >= {1, 2}
+    graphs = plan.executor.graphs if ahead == "0" else plan.executor.ahead_graphs
+    assert set(graphs) >= ({1, 2} if ahead == "0" else {2})
+
+
+def test_advance_kernel_against_reference(hf_model):
+    """The advance phase on the device against ``advance_decode_ref``: 3 of 4 slots in the step,
+    random tokens, positions, lengths and sampler steps (no zeros to pass by accident)."""
+    from llamagraph.api import Segment, Sampling
+    from llamagraph.codegen.launch import ADVANCE
+    from llamagraph.codegen.sample import advance_decode_ref
+
+    plan = llamagraph.compile(hf_model("gqa"), dtype="float16", max_batch=4, max_seq=64, backend="cuda")
+    ex, rng = plan.executor, np.random.default_rng(7)
+    lengths = [int(x) for x in rng.integers(3, 40, 4)]
+    rows = [3, 0, 2]
+    step = [Segment(s, [int(rng.integers(1, 90))], lengths[s]) for s in rows]
+    params = Sampling(0.5, 3, 0.9, 1).per_row(rows, [int(x) for x in rng.integers(1, 50, 4)])
+    inputs = plan.step_inputs(step, params, lengths)
+    nxt = rng.integers(1, 90, 3).astype(np.int32)
+    names = ["tokens", "positions", "seq_ids", "seq_lens", "sample.step", "last_index", "sample.seed"]
+    _, scalars, _ = ex.stage(inputs, 3, 3, [])
+    ex.cp.cuda.runtime.memcpyAsync(int(ex.addr[plan.next_token_name]), nxt.ctypes.data, nxt.nbytes,
+                                   ex.cp.cuda.runtime.memcpyHostToDevice, ex.stream.ptr)
+    ex.stream.synchronize()
+    ex.launch_phase(ADVANCE, scalars)
+    got = ex.collect(names, scalars)
+    want = advance_decode_ref({**inputs, "next_token": nxt})
+    for name in names:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not np.array_equal(got["seq_lens"], inputs["seq_lens"])
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=40, top_p=0.95, seed=11)],
+                         ids=["greedy", "sampled"])
+def test_pipelined_generate_matches_step_by_step(hf_model, monkeypatch, sampling):
+    """The same tokens whether the host waits for each decode step or queues steps ahead while the
+    device feeds its tokens back; stops at different steps; then the batch continues (append)."""
+    d = hf_model("gqa", dtype="float16")
+    plan = llamagraph.compile(d, dtype="float16", max_batch=3, max_seq=96, backend="cuda")
+    prompts = [[1, 5, 9, 3], [4, 4], [7, 8, 2, 60, 11]]
+    monkeypatch.setenv("LLAMAGRAPH_AHEAD", "0")
+    free = plan.generate(prompts, 24, **sampling)
+    stops = [free[0][5], free[2][11]]
+    runs = []
+    for ahead in ("0", "1"):
+        monkeypatch.setenv("LLAMAGRAPH_AHEAD", ahead)
+        toks = plan.generate(prompts, 24, stop_tokens=stops, **sampling)
+        lengths = list(plan.lengths)
+        more = plan.generate([[3], [5], [6]], 10, append=True, **sampling)
+        runs.append((toks, lengths, more))
+    assert runs[1] == runs[0]
+    assert any(len(t) < 24 for t in runs[0][0])
+    assert set(plan.executor.ahead_graphs) == {3}
 
 
 def test_sampling_seeded_and_topk1_is_greedy(hf_model):

@@ -265,3 +265,20 @@ def test_tp2_quantized_matches_tp1(hf_model, scheme, group):
         assert two.generate(PROMPTS, 32) == one.generate(PROMPTS, 32)
     two.executor.close()
 
+
+
+@two_gpus
+def test_tp2_pipelined_generate_matches_step_by_step(hf_model, monkeypatch):
+    """tp 2: every rank's graph of decode + advance feeds its own tokens back; the tokens are those
+    of the step-by-step loop, greedy and sampled, with a stop."""
+    plan = llamagraph.compile(hf_model("gqa", dtype="float16"), dtype="float16", max_batch=2, max_seq=64,
+                              backend="cuda", tp=2)
+    for sampling in (dict(), dict(temperature=0.8, top_k=40, seed=3)):
+        monkeypatch.setenv("LLAMAGRAPH_AHEAD", "0")
+        free = plan.generate(PROMPTS, 20, **sampling)
+        runs = []
+        for ahead in ("0", "1"):
+            monkeypatch.setenv("LLAMAGRAPH_AHEAD", ahead)
+            runs.append((plan.generate(PROMPTS, 20, stop_tokens=[free[1][6]], **sampling), list(plan.lengths)))
+        assert runs[1] == runs[0], sampling
+    assert set(plan.executor.ahead_graphs) == {2}
