@@ -226,7 +226,10 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
     runner = plan.executor if tp > 1 else None  # the tensor-parallel runner, whose ranks are executors
     ex = runner.ranks[0] if runner else plan.executor
     prompts = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, context - 1)).tolist()
-    plan.generate(prompts, 2)  # prefill, then one decode step (captured): its inputs stay on the device
+    # prefill, then one decode step (captured), step by step: its inputs stay on the device as staged
+    # (generate's pipelined steps would leave them moved on to the next position, past max_seq)
+    plan.run(prompts)
+    plan.run([[int(t)] for t in np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, batch)])
     if batch not in (runner or ex).graphs:
         raise RuntimeError("the decode step was not captured as a graph")
     # a captured decode launch reads no step scalar but T and B (check_capturable proved it), and the
