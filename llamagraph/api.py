@@ -329,7 +329,8 @@ class Plan:
         inputs = self.step_inputs(step, sampling, lengths, None, logprobs)
         fetch = [self.next_token_name] + ([self.next_logprob_name] if logprobs else [])
         alive = set(rows)
-        ahead = self.executor.decode_ahead(inputs, len(rows), fetch, steps)
+        greedy = not logprobs and bool((sampling.temperature <= 0).all())
+        ahead = self.executor.decode_ahead(inputs, len(rows), fetch, steps, greedy=greedy)
         try:
             for got in ahead:
                 for k, slot in enumerate(rows):
@@ -465,7 +466,10 @@ class Plan:
         inputs = self.step_inputs(step, sampling, lengths, targets, logprobs)
         fetch = [self.next_token_name] + ([self.logits_name] if want_logits else []) + \
             ([self.next_logprob_name] if logprobs else []) + ([self.token_logprobs_name] if targets is not None else [])
-        return self.executor.step(inputs, len(inputs["tokens"]), len(step), fetch)
+        # a step that needs only greedy tokens (no logits, no logprobs) may skip gathering a
+        # vocabulary split over tensor-parallel ranks (the plan's decode_greedy phase)
+        greedy = not want_logits and not logprobs and targets is None and bool((sampling.temperature <= 0).all())
+        return self.executor.step(inputs, len(inputs["tokens"]), len(step), fetch, greedy=greedy)
 
     def step_inputs(self, step: list[Segment], sampling: "RowParams", lengths: list[int],
                     targets: np.ndarray | None = None, logprobs: bool = False) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numbers
 import os
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import ADVANCE
+from llamagraph.codegen.launch import ADVANCE, DECODE_GREEDY
 from llamagraph.codegen.lowering import lower_graph
 from llamagraph.codegen.render import module_source
 from llamagraph.ir import ConfigError, Graph, ModelConfig, build_graph, load_config
@@ -142,7 +142,8 @@ def graph_after(model, after: str | None = None, **sizes) -> Graph:
 def lower(graph: Graph, model: str | None = None) -> CompiledPlan:
     """Lower a planned graph into a checked plan: kernels, launch lists, workspaces."""
     low = lower_graph(graph)
-    captured = tuple(p for p in ("decode", ADVANCE) if p in low.phases)  # advance: replayed behind decode
+    # advance: replayed behind decode (or decode_greedy)
+    captured = tuple(p for p in ("decode", DECODE_GREEDY, ADVANCE) if p in low.phases)
     plan = CompiledPlan(graph=graph, source=module_source(low.kernels), kernels=[k.name for k in low.kernels],
                         workspaces=low.workspaces, phases=low.phases, captured=captured, model=model)
     plan.check()  # consistent, and every captured phase graph-safe

@@ -126,3 +126,33 @@ def test_pipelined_generate_streams_every_token_in_order(hf_model, monkeypatch):
     got = plan.generate([[1, 2], [3, 4]], 7, on_token=lambda s, t: seen.append((s, t)))
     assert [t for s, t in seen if s == 0] == got[0] and [t for s, t in seen if s == 1] == got[1]
     assert len(seen) == 14
+
+
+def test_tp_plan_has_a_greedy_decode_phase_without_the_logits_gather(hf_model):
+    """tp 2: decode_greedy runs every rank's candidates through the all-gather instead of the
+    logits: no vocab_concat and no sampler; the same kernel count as decode. tp 1 has no such phase."""
+    from llamagraph.codegen.launch import DECODE_GREEDY
+
+    two = llamagraph.compile(hf_model("odd_vocab"), dtype="float16", max_batch=2, max_seq=32, tp=2)
+    c = two.compiled
+    dec, greedy = c.phases["decode"], c.phases[DECODE_GREEDY]
+    assert DECODE_GREEDY in c.captured
+    fns = [launch.fn for launch in greedy]
+    assert not any(f.startswith(("vocab_concat", "sample_")) for f in fns)
+    assert any(f.startswith("vocab_argmax_partial") for f in fns) and any(f.startswith("vocab_argmax_combine") for f in fns)
+    gathers = [launch for launch in greedy if launch.fn == "allgather"]
+    assert len(gathers) == 1 and gathers[0].args[3].ref == 64  # (value, index) of 32 slices per row, not 49 logits
+    assert c.kernel_launches(DECODE_GREEDY) == c.kernel_launches("decode")
+    assert [f for f in fns if not f.startswith("vocab_argmax") and f != "allgather"] == \
+        [launch.fn for launch in dec if not launch.fn.startswith(("vocab_concat", "sample_")) and launch.fn != "allgather"]
+    assert "vocab_argmax_combine_r2_c49_v97_s32" in c.kernels  # the padding row past 97 is not a candidate
+    one = llamagraph.compile(hf_model("odd_vocab"), dtype="float16", max_batch=2, max_seq=32)
+    assert DECODE_GREEDY not in one.compiled.phases
+
+
+def test_vocab_argmax_kernels_compile():
+    from llamagraph.codegen.render import module_source
+    from llamagraph.codegen.sample import vocab_argmax_combine, vocab_argmax_partial
+
+    src = module_source([vocab_argmax_partial(64128), vocab_argmax_combine(2, 64128, 128256)])
+    assert compile_source(src, "sm_90", jobs=1).cubin

@@ -45,6 +45,9 @@ KERNEL_KINDS = ("kernel", "peer_kernel")  # launches of a generated kernel of th
 # the phase that turns a decode step's inputs into the next decode step's on the device (its sampled
 # tokens fed back), captured behind the decode phase for pipelined generation
 ADVANCE = "advance"
+# decode for a step that needs only greedy tokens and no logits: a plan whose vocabulary is split over
+# tensor-parallel ranks gathers every rank's candidates instead of the logits (absent otherwise)
+DECODE_GREEDY = "decode_greedy"
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,6 @@ def workspace_from_dict(d: dict) -> Workspace:
 
 
 __all__ = [
-    "ADVANCE", "Arg", "BUCKET_SCALARS", "Cond", "KERNEL_KINDS", "MACHINE", "NO_PEER_ACCESS", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
+    "ADVANCE", "Arg", "DECODE_GREEDY", "BUCKET_SCALARS", "Cond", "KERNEL_KINDS", "MACHINE", "NO_PEER_ACCESS", "WANTS", "Extent", "Launch", "NULL", "STEP_FILLS", "Scaled", "Shape", "Workspace",
     "const", "extent", "resolve", "seq_tiles", "step", "value", "wants", "workspace",
 ]

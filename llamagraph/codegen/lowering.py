@@ -22,7 +22,7 @@ from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.errors import PlanError
 
 from . import attention, dense, sample
-from .launch import ADVANCE, NO_PEER_ACCESS, NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
+from .launch import ADVANCE, DECODE_GREEDY, NO_PEER_ACCESS, NULL, Cond, Launch, Shape, Workspace, const, step, value, wants, workspace
 from .render import Kernel
 
 PHASES = ("decode", "prefill")
@@ -38,6 +38,7 @@ class Lowered:
     decode: list[Launch]
     prefill: list[Launch]
     workspaces: list[Workspace] = field(default_factory=list)
+    greedy: list[Launch] | None = None  # its launches in the decode_greedy phase (None: those of decode)
 
 
 @dataclass
@@ -200,8 +201,26 @@ def lower_all_gather_vocab(n: Node, c: Ctx) -> Lowered:
     # args: send, receive, rows, elements per row and rank, dtype: every rank's rows * chunk elements, rank-major
     gather = Launch("allgather", None, (value(local), workspace(ws.name), step(rows), const(chunk), const("float32")),
                     kind="collective")
-    return same_in_both([k], [gather, run(k, dense.vocab_concat_launch(vocab, rows), workspace(ws.name), value(out),
-                                          step(rows))], [ws])
+    low = same_in_both([k], [gather, run(k, dense.vocab_concat_launch(vocab, rows), workspace(ws.name), value(out),
+                                         step(rows))], [ws])
+    # decode_greedy (a step that needs only greedy tokens): no logits are gathered; each rank finds
+    # its chunk's candidates and only those are (the sampler's lowering picks the token from them)
+    part = sample.vocab_argmax_partial(chunk)
+    mine, every = _argmax_pairs(n.name, ranks, c.graph.dims[rows])
+    width = 2 * sample.ARGMAX_SLICES  # floats per row: (value, index) per slice
+    low.kernels.append(part)
+    low.workspaces += [mine, every]
+    low.greedy = [replace(run(part, sample.vocab_argmax_partial_launch(rows), value(local), workspace(mine.name),
+                              step(rows)), early=True),
+                  Launch("allgather", None, (workspace(mine.name), workspace(every.name), step(rows), const(width),
+                                             const("float32")), kind="collective")]
+    return low
+
+
+def _argmax_pairs(gather_node: str, ranks: int, rows: int) -> tuple[Workspace, Workspace]:
+    """A rank's greedy candidates [rows, slices] float2, and every rank's [ranks, rows, slices]."""
+    one = rows * sample.ARGMAX_SLICES * 8
+    return Workspace(f"{gather_node}.argmax", one), Workspace(f"{gather_node}.argmax_all", ranks * one)
 
 
 @lowering("gather_last")
@@ -487,8 +506,25 @@ def lower_topk_sample(n: Node, c: Ctx) -> Lowered:
     token, logprob = n.outputs
     k = sample.sample(c.v(logits).shape[1])
     rows = c.rows(token)
-    return same_in_both([k], [replace(run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs),
-                                          value(token), value(logprob), step(rows)), early=True)])
+    low = same_in_both([k], [replace(run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs),
+                                         value(token), value(logprob), step(rows)), early=True)])
+    gather = _producer(c, logits)
+    if gather is not None and gather.op == "all_gather_vocab":  # vocabulary-parallel logits (tensor parallel)
+        # decode_greedy: the token from every rank's gathered candidates, not from whole logits
+        ranks, vocab = gather.attrs["ranks"], gather.attrs["vocab"]
+        combine = sample.vocab_argmax_combine(ranks, c.v(gather.inputs[0]).shape[1], vocab)
+        _, every = _argmax_pairs(gather.name, ranks, c.graph.dims[rows])
+        low.kernels.append(combine)
+        low.greedy = [replace(run(combine, sample.vocab_argmax_combine_launch(rows), workspace(every.name),
+                                  value(token), value(logprob), step(rows)), early=True)]
+    return low
+
+
+def _producer(c: Ctx, name: str) -> Node | None:
+    for node in c.graph.nodes:
+        if name in node.outputs:
+            return node
+    return None
 
 
 LOGPROB_CHUNK = 128  # rows of fp32 logits the prompt logprobs hold at once: [chunk, V], not [T, V]
@@ -557,6 +593,8 @@ def lower_graph(graph: Graph) -> LoweredGraph:
     kernels: dict[str, Kernel] = {}
     phases: dict[str, list[Launch]] = {p: [] for p in PHASES}
     spaces: dict[str, Workspace] = {}
+    greedy: list[list[Launch]] = []
+    any_greedy = False
     for i, node in enumerate(graph.nodes):
         fn = LOWERINGS.get(node.op)
         if fn is None:
@@ -567,12 +605,16 @@ def lower_graph(graph: Graph) -> LoweredGraph:
                 raise AssertionError(f"two different kernels are both named {k.name}")
         phases["decode"] += [replace(launch, node=i) for launch in low.decode]
         phases["prefill"] += [replace(launch, node=i) for launch in low.prefill]
+        greedy.append([replace(launch, node=i) for launch in (low.decode if low.greedy is None else low.greedy)])
+        any_greedy = any_greedy or low.greedy is not None
         for ws in low.workspaces:
             have = spaces.get(ws.name)
             if have is None or (ws.fill == "scratch" and have.fill == "scratch"):
                 spaces[ws.name] = ws if have is None or ws.nbytes > have.nbytes else have
             elif have != ws:
                 raise AssertionError(f"two different workspaces are both named {ws.name}")
+    if any_greedy:  # a step whose every row is greedy and that returns no logits (tensor parallel)
+        phases[DECODE_GREEDY] = [launch for launches in greedy for launch in launches]
     advance = lower_advance(graph)
     if advance is not None:
         k, launch = advance

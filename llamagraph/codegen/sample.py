@@ -81,3 +81,33 @@ def advance_decode_ref(inputs: dict) -> dict:
     np.add.at(out["seq_lens"], inputs["seq_ids"], 1)
     out["sample.step"] = inputs["sample.step"] + 1
     return out
+
+
+# ---- greedy decoding over a vocabulary split across ranks (tensor parallelism) ---------------------
+ARGMAX_SLICES = 32  # blocks per row of a rank's chunk: the chunk is read by many SMs at once
+ARGMAX_THREADS = 256
+
+
+def vocab_argmax_partial(chunk: int) -> Kernel:
+    """Each rank's greedy candidates: logits fp32 [n, chunk] -> pairs float2 [n, ARGMAX_SLICES]
+    (value, local index) of each slice's first maximum. Args: (logits, pairs, n)."""
+    name = f"vocab_argmax_partial_c{chunk}_s{ARGMAX_SLICES}"
+    return Kernel(name, render("vocab_argmax", name=name, part="partial", chunk=chunk, slices=ARGMAX_SLICES,
+                               threads=ARGMAX_THREADS))
+
+
+def vocab_argmax_partial_launch(n_rows: int | str) -> Shape:
+    return Shape((ARGMAX_SLICES, extent(n_rows), 1), (ARGMAX_THREADS, 1, 1), 0)
+
+
+def vocab_argmax_combine(ranks: int, chunk: int, vocab: int) -> Kernel:
+    """The greedy token from every rank's gathered pairs [ranks, n, ARGMAX_SLICES]: the first
+    maximum over the whole vocabulary (as the sampler's greedy choice). Args: (pairs, out int32 [n],
+    logprob fp32 [n] (set to 0), n)."""
+    name = f"vocab_argmax_combine_r{ranks}_c{chunk}_v{vocab}_s{ARGMAX_SLICES}"
+    return Kernel(name, render("vocab_argmax", name=name, part="combine", ranks=ranks, chunk=chunk, vocab=vocab,
+                               slices=ARGMAX_SLICES, threads=ARGMAX_THREADS))
+
+
+def vocab_argmax_combine_launch(n_rows: int | str) -> Shape:
+    return Shape((extent(n_rows), 1, 1), (ARGMAX_THREADS, 1, 1), 0)

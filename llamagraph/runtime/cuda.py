@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import ADVANCE, STEP_FILLS, WANTS, Arg, Launch
+from llamagraph.codegen.launch import ADVANCE, DECODE_GREEDY, STEP_FILLS, WANTS, Arg, Launch
 from llamagraph.ir import ACTIVATION, INPUT, KV_CACHE, WEIGHT, BackendError, WeightError
 from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
@@ -296,12 +296,12 @@ class CudaExecutor:
             self._issue(launch, fn, bound, scalars)
 
     def _capture(self, scalars: dict[str, int], phases: tuple[str, ...] = ("decode",)):
-        """Capture the decode phase (followed by ``phases[1:]``) for one batch size (its T and B
-        are fixed per graph)."""
-        # launch decode once outside capture so every lazy initialisation happens before capturing
+        """Capture a decode phase (``phases[0]``: decode or decode_greedy; followed by
+        ``phases[1:]``) for one batch size (its T and B are fixed per graph)."""
+        # launch it once outside capture so every lazy initialisation happens before capturing
         # (it rewrites what the captured step will: the step's outputs and its KV-cache rows; the
         # advance phase is not run here, as it would move the staged inputs on)
-        self.launch_phase("decode", scalars)
+        self.launch_phase(phases[0], scalars)
         self.stream.begin_capture()
         try:
             for phase in phases:
@@ -311,29 +311,35 @@ class CudaExecutor:
         return g
 
     # ---- stepping -----------------------------------------------------------------------------
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str],
+             greedy: bool = False) -> dict[str, np.ndarray]:
         """Run one step and return the ``fetch``ed values, cut to this step's rows.
 
         Any value with an address can be fetched (graph outputs, activations, the KV cache);
         an intermediate activation holds its own data only in a plan compiled with
-        ``keep_values=True`` (otherwise later nodes may have reused its buffer)."""
-        phase, scalars, wanted = self.stage(inputs, n_tokens, n_seqs, fetch)
+        ``keep_values=True`` (otherwise later nodes may have reused its buffer). ``greedy``: every
+        row is greedy and no logits are fetched (the plan's decode_greedy phase runs, if it has one)."""
+        phase, scalars, wanted = self.stage(inputs, n_tokens, n_seqs, fetch, greedy)
         with self.stream:
             if phase in self.plan.captured and not wanted:  # captures leave on-demand launches out
-                graph = self.graphs.get(n_seqs)
+                key = graph_key(phase, n_seqs)
+                graph = self.graphs.get(key)
                 if graph is None:
-                    graph = self.graphs[n_seqs] = self._capture(scalars)
+                    graph = self.graphs[key] = self._capture(scalars, (phase,))
                 graph.launch(self.stream)
             else:
                 self.launch_phase(phase, scalars)
         return self.collect(fetch, scalars)
 
     # one step in pieces, so that a tensor-parallel runner can interleave its ranks
-    def stage(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> tuple:
+    def stage(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str],
+              greedy: bool = False) -> tuple:
         """Write the step inputs (and step-filled workspaces) and copy them to the device on the
         executor's stream; return (phase, step scalars, the on-demand outputs wanted)."""
         g = self.graph
         phase = "decode" if n_tokens == n_seqs else "prefill"
+        if phase == "decode" and greedy and DECODE_GREEDY in self.plan.phases:
+            phase = DECODE_GREEDY
         scalars = {"T": n_tokens, "B": n_seqs, **self.machine}
         wanted = {WANTS + name: 1 for name in fetch if name in self.on_demand}
         scalars.update(wanted)
@@ -389,22 +395,28 @@ class CudaExecutor:
 
     # ---- pipelined decode -------------------------------------------------------------------------
     def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int,
-                     depth: int | None = None):
+                     depth: int | None = None, greedy: bool = False):
         """``steps`` decode steps, the first from ``inputs``, each later one from the step before:
         its sampled tokens fed back on the device (the plan's advance phase). Yields each step's
         ``fetch``ed values in order, while up to ``depth`` steps are in flight. Closing the
         generator early waits for the steps already issued (their results are dropped)."""
-        phase, scalars, wanted = self.stage(inputs, n_seqs, n_seqs, fetch)
-        if phase != "decode" or wanted:
+        phase, scalars, wanted = self.stage(inputs, n_seqs, n_seqs, fetch, greedy)
+        if phase not in ("decode", DECODE_GREEDY) or wanted:
             raise ValueError("decode_ahead runs decode steps (one token per sequence) with no on-demand output")
-        graph = self.ahead_graphs.get(n_seqs)
+        key = graph_key(phase, n_seqs)
+        graph = self.ahead_graphs.get(key)
         if graph is None:
             with self.stream:
-                graph = self.ahead_graphs[n_seqs] = self._capture(scalars, ("decode", ADVANCE))
+                graph = self.ahead_graphs[key] = self._capture(scalars, (phase, ADVANCE))
 
         def launch() -> None:
             graph.launch(self.stream)
         yield from run_ahead(self, launch, self.stream.synchronize, fetch, scalars, steps, depth)
+
+
+def graph_key(phase: str, n_seqs: int):
+    """The key of a captured graph: its batch size, with the phase when it is not decode."""
+    return n_seqs if phase == "decode" else (phase, n_seqs)
 
 
 AHEAD_DEPTH = 3  # decode steps in flight in decode_ahead: the host reads one while two more run

@@ -40,7 +40,8 @@ class ReferenceExecutor:
         for arr in self.persistent.values():
             arr[...] = 0
 
-    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None):
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None,
+                     greedy: bool = False):
         return decode_by_advancing(self, inputs, n_seqs, fetch, steps)
 
     def _storage(self, name: str, dims: dict[str, int]) -> np.ndarray:
@@ -58,8 +59,10 @@ class ReferenceExecutor:
             return self.weights[name]
         return to_float32(self._storage(name, dims), self.graph.values[name].dtype)
 
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
-        """Run one step and return the ``fetch``ed values, cut to this step's rows.
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str],
+             greedy: bool = False) -> dict[str, np.ndarray]:
+        """Run one step and return the ``fetch``ed values, cut to this step's rows (``greedy``
+        changes nothing here: the CUDA executors' decode_greedy phase computes the same tokens).
 
         Any activation, step input or KV cache can be fetched; an intermediate activation holds
         its own data only in a plan compiled with ``keep_values=True`` (otherwise later nodes
@@ -108,10 +111,12 @@ class TensorParallelReference:
         for rank in self.ranks:
             rank.reset()
 
-    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None):
+    def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int, depth=None,
+                     greedy: bool = False):
         return decode_by_advancing(self, inputs, n_seqs, fetch, steps)
 
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str],
+             greedy: bool = False) -> dict[str, np.ndarray]:
         dims = [rank.feed(inputs, n_tokens, n_seqs) for rank in self.ranks][0]
         for node in self.graph.nodes:
             op = OPS[node.op]

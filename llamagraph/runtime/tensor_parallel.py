@@ -28,10 +28,10 @@ import os
 import numpy as np
 
 from llamagraph.codegen.compiled import CompiledPlan
-from llamagraph.codegen.launch import ADVANCE, NO_PEER_ACCESS
+from llamagraph.codegen.launch import ADVANCE, DECODE_GREEDY, NO_PEER_ACCESS
 from llamagraph.ir import BackendError
 
-from .cuda import CudaExecutor, _cupy, run_ahead
+from .cuda import CudaExecutor, _cupy, graph_key, run_ahead
 
 
 class CudaTensorParallel:
@@ -118,20 +118,22 @@ class CudaTensorParallel:
             with self.cp.cuda.Device(r):
                 rank.reset()
 
-    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str]) -> dict[str, np.ndarray]:
+    def step(self, inputs: dict[str, np.ndarray], n_tokens: int, n_seqs: int, fetch: list[str],
+             greedy: bool = False) -> dict[str, np.ndarray]:
         """One step on every rank; rank 0's ``fetch``ed values (after the collectives every rank
-        holds the same logits and tokens)."""
+        holds the same logits and tokens). ``greedy``: as ``CudaExecutor.step``."""
         cp = self.cp
         with cp.cuda.Device(0):  # the inputs are packed once, in rank 0's pinned buffer, and copied to every rank
-            phase, first, wanted = self.ranks[0].stage(inputs, n_tokens, n_seqs, fetch)
+            phase, first, wanted = self.ranks[0].stage(inputs, n_tokens, n_seqs, fetch, greedy)
         scalars = [first]
         for r, rank in enumerate(self.ranks[1:], 1):
             with cp.cuda.Device(r):
                 scalars.append(rank.stage_like(self.ranks[0], first))
         if phase in self.plan.captured and not wanted:
-            graphs = self.graphs.get(n_seqs)
+            key = graph_key(phase, n_seqs)
+            graphs = self.graphs.get(key)
             if graphs is None:
-                graphs = self.graphs[n_seqs] = self._capture(phase, scalars)
+                graphs = self.graphs[key] = self._capture(phase, scalars)
             for r, (rank, graph) in enumerate(zip(self.ranks, graphs)):
                 with cp.cuda.Device(r):
                     graph.launch(rank.stream)
@@ -144,21 +146,22 @@ class CudaTensorParallel:
             return self.ranks[0].collect(fetch, scalars[0])
 
     def decode_ahead(self, inputs: dict[str, np.ndarray], n_seqs: int, fetch: list[str], steps: int,
-                     depth: int | None = None):
+                     depth: int | None = None, greedy: bool = False):
         """``CudaExecutor.decode_ahead`` on every rank: each rank's graph of decode + advance
         moves its own inputs on (every rank samples the same tokens); rank 0's values are yielded."""
         cp = self.cp
         with cp.cuda.Device(0):
-            phase, first, wanted = self.ranks[0].stage(inputs, n_seqs, n_seqs, fetch)
-        if phase != "decode" or wanted:
+            phase, first, wanted = self.ranks[0].stage(inputs, n_seqs, n_seqs, fetch, greedy)
+        if phase not in ("decode", DECODE_GREEDY) or wanted:
             raise ValueError("decode_ahead runs decode steps (one token per sequence) with no on-demand output")
         scalars = [first]
         for r, rank in enumerate(self.ranks[1:], 1):
             with cp.cuda.Device(r):
                 scalars.append(rank.stage_like(self.ranks[0], first))
-        graphs = self.ahead_graphs.get(n_seqs)
+        key = graph_key(phase, n_seqs)
+        graphs = self.ahead_graphs.get(key)
         if graphs is None:
-            graphs = self.ahead_graphs[n_seqs] = self._capture("decode", scalars, ("decode", ADVANCE))
+            graphs = self.ahead_graphs[key] = self._capture(phase, scalars, (phase, ADVANCE))
 
         def launch() -> None:
             for r, (rank, graph) in enumerate(zip(self.ranks, graphs)):

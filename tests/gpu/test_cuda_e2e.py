@@ -82,7 +82,7 @@ def test_graph_replay_bit_identical_to_eager(hf_model):
     ex.cp.cuda.Device().synchronize()  # the executor's stream does not wait for the default stream
     plan.lengths = lengths
     ex.graphs.clear()
-    ex._capture = lambda scalars: _EagerGraph(ex, scalars)
+    ex._capture = lambda scalars, phases=("decode",): _EagerGraph(ex, scalars)
     eager = plan.run([[DECODE[0][0]], [DECODE[1][0]]])
     assert np.array_equal(replayed, eager)
     assert np.array_equal(replay_arena, ex.arena.get())

@@ -281,4 +281,40 @@ def test_tp2_pipelined_generate_matches_step_by_step(hf_model, monkeypatch):
             monkeypatch.setenv("LLAMAGRAPH_AHEAD", ahead)
             runs.append((plan.generate(PROMPTS, 20, stop_tokens=[free[1][6]], **sampling), list(plan.lengths)))
         assert runs[1] == runs[0], sampling
-    assert set(plan.executor.ahead_graphs) == {2}
+    # greedy steps ran decode_greedy (no logits gathered), sampled ones decode
+    assert set(plan.executor.ahead_graphs) == {2, ("decode_greedy", 2)}
+
+
+def test_vocab_argmax_kernels_against_numpy():
+    """decode_greedy's two kernels (one GPU is enough: the ranks' chunks are arrays here): the first
+    maximum over the whole vocabulary, ties across slices and ranks to the lower row, the last
+    chunk's padding row never chosen even when it holds the largest value."""
+    import cupy as cp
+
+    from llamagraph.codegen.render import module_source
+    from llamagraph.codegen.sample import (
+        ARGMAX_SLICES, vocab_argmax_combine, vocab_argmax_combine_launch, vocab_argmax_partial,
+        vocab_argmax_partial_launch,
+    )
+    from llamagraph.runtime.calls import launch_kernel
+
+    ranks, chunk, vocab, n = 2, 5000, 9999, 4
+    part, comb = vocab_argmax_partial(chunk), vocab_argmax_combine(ranks, chunk, vocab)
+    mod = cp.RawModule(code=module_source([part, comb]), backend="nvrtc", options=("--std=c++17",))
+    rng = np.random.default_rng(3)
+    chunks = [rng.standard_normal((n, chunk)).astype(np.float32) - 10 for _ in range(ranks)]
+    chunks[1][:, chunk - 1] = 100.0  # padding row 9999 (past the vocabulary) holds the largest value
+    chunks[0][1, [7, 4000]] = 5.0  # a tie inside rank 0, across slices
+    chunks[1][1, 3] = 5.0  # and with rank 1
+    chunks[1][2, [10, 20]] = 7.0  # a tie inside rank 1 only
+    every = cp.full((ranks, n, ARGMAX_SLICES, 2), np.nan, np.float32)  # poisoned
+    for r, x in enumerate(chunks):
+        pairs = cp.full((n, ARGMAX_SLICES, 2), np.nan, np.float32)
+        launch_kernel(mod.get_function(part.name), vocab_argmax_partial_launch(n).at({}), (cp.asarray(x), pairs, n))
+        every[r] = pairs
+    out, lp = cp.full(n, -7, np.int32), cp.full(n, np.nan, np.float32)
+    launch_kernel(mod.get_function(comb.name), vocab_argmax_combine_launch(n).at({}), (every, out, lp, n))
+    want = np.concatenate(chunks, axis=1)[:, :vocab].argmax(axis=1)
+    assert want[1] == 7 and want[2] == chunk + 10
+    np.testing.assert_array_equal(out.get(), want)
+    np.testing.assert_array_equal(lp.get(), 0.0)
