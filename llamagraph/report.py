@@ -266,6 +266,8 @@ def kernel_lines(plan: CompiledPlan) -> list[str]:
         f"kernels per decode step: {plan.kernel_launches('decode')} ({len(g.nodes)} nodes, "
         f"{plan.kernel_launches('decode') / max(1, g.meta['config']['num_layers']):.1f} per layer)",
         f"decode: {len(dec)} launches, captured as one CUDA graph per batch size",
+        *([f"decode_greedy: {len(plan.phases['decode_greedy'])} launches, for steps that need only greedy tokens "
+           "(each rank's candidates gathered, not the logits)"] if "decode_greedy" in plan.phases else []),
         *([f"advance: {len(plan.phases['advance'])} launch, replayed behind decode when generate runs steps ahead "
            "(feeds the sampled tokens back on the device)"] if "advance" in plan.phases else []),
         f"prefill: {len(pre)} launches ({sum(1 for x in pre if x.kind == 'library')} cuBLAS; "
