@@ -39,10 +39,16 @@ def dequantized_int4(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def write_dequantized(model_dir: str, out_dir: str, scheme: str, group: int = 128) -> str:
     """A copy of an HF checkpoint whose linear weights (and an untied lm_head) are replaced by w'."""
+    return write_linear_weights(model_dir, out_dir, lambda w: dequantized_int8(w) if scheme == "int8"
+                                else dequantized_int4(w, group))
+
+
+def write_linear_weights(model_dir: str, out_dir: str, fn) -> str:
+    """A copy of an HF checkpoint whose linear weights (and an untied lm_head) w are replaced by fn(w)."""
     sd = {k: v.clone() for k, v in models.hf_state_dict(model_dir).items()}
     for name, w in sd.items():
         if name.endswith(LINEAR_SUFFIXES) or name == "lm_head.weight":
-            sd[name] = (dequantized_int8(w) if scheme == "int8" else dequantized_int4(w, group)).to(w.dtype)
+            sd[name] = fn(w).to(w.dtype)
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(model_dir):
         if f.endswith(".json"):
