@@ -6,7 +6,8 @@ and binds it to weights and an executor; ``load`` does the same for a plan saved
 compiled plan, the config and the executor. Sequences live in KV-cache slots
 0..batch-1. ``run`` packs every sequence's new tokens into steps of at most ``max_tokens``
 tokens (no padding); ``generate`` prefills and then decodes one token per sequence per step,
-sampling on the device.
+sampling on the device; on the CUDA backend its decode steps are pipelined (the device feeds each
+sampled token back itself, so the host queues steps ahead of the tokens it reads).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ launch may be conditional on one (``llamagraph.codegen.launch``).
 A step with one token per sequence runs the "decode" phase, captured into a CUDA graph the
 first time each batch size is seen and replayed after that (the plan proved the phase
 graph-safe when it was compiled); any other step runs "prefill" eagerly, library calls
-(cuBLAS) included. A step that fetches an on-demand output (``wants.<output>``) runs its
+(cuBLAS) included. ``decode_ahead`` replays decode followed by the plan's "advance" phase (the
+sampled tokens fed back as the next step's inputs) several steps ahead of the host. A step that fetches an on-demand output (``wants.<output>``) runs its
 phase eagerly with those launches switched on.
 """
 
