@@ -279,13 +279,15 @@ def test_compute_sanitizer_memcheck_clean(hf_model, tmp_path):
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
 def test_compute_sanitizer_racecheck_clean(hf_model, tmp_path):
     """Shared-memory hazards of a prefill (tensor-core attention: head_dim 16, fewer tile copies than
-    threads, the case that once wrote past its tile) and a decode step."""
+    threads, the case that once wrote past its tile), a decode step, and pipelined sampled decode
+    steps (the sampler's shared histograms; the advance kernel)."""
     d = hf_model("bias", dtype="float16")
     out = _sanitized("racecheck", (
         "import llamagraph\n"
         f"plan = llamagraph.compile({d!r}, dtype='float16', max_batch=2, max_seq=64, backend='cuda')\n"
         "plan.run([list(range(1, 40)), list(range(5, 60))])\n"
         "plan.run([[3], [4]])\n"
+        "plan.generate([[1, 2, 3], [4, 5]], 4, temperature=0.8, top_k=20, top_p=0.9)\n"
         "print('SANITIZER-RUN-OK')\n"
     ), tmp_path)
     assert "RACECHECK SUMMARY: 0 hazards" in out
