@@ -32,7 +32,7 @@ def test_advance_phase_is_one_kernel_captured_behind_decode(hf_model, tmp_path):
     names = [a.ref for a in launch.args]
     assert names == [plan.next_token_name, "tokens", "positions", "seq_ids", "seq_lens", "sample.step", "B"]
     assert plan.compiled.captured == ("decode", ADVANCE)  # proved graph-safe by the plan check
-    assert plan.compiled.kernel_launches("decode") == plan.compiled.kernel_launches("decode")  # decode unchanged
+    assert launch.fn not in [x.fn for x in plan.compiled.phases["decode"]]  # not a decode launch: not counted there
     assert 'extern "C" __global__ void __launch_bounds__(128)\nadvance_decode(' in plan.compiled.source
     plan.compiled.save(str(tmp_path / "p"))
     loaded = CompiledPlan.load(str(tmp_path / "p"))

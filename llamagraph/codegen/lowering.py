@@ -508,7 +508,8 @@ def lower_topk_sample(n: Node, c: Ctx) -> Lowered:
     rows = c.rows(token)
     low = same_in_both([k], [replace(run(k, sample.sample_launch(rows), *(value(i) for i in n.inputs),
                                          value(token), value(logprob), step(rows)), early=True)])
-    gather = _producer(c, logits)
+    at = c.graph.producers().get(logits)
+    gather = c.graph.nodes[at] if at is not None else None
     if gather is not None and gather.op == "all_gather_vocab":  # vocabulary-parallel logits (tensor parallel)
         # decode_greedy: the token from every rank's gathered candidates, not from whole logits
         ranks, vocab = gather.attrs["ranks"], gather.attrs["vocab"]
@@ -519,12 +520,6 @@ def lower_topk_sample(n: Node, c: Ctx) -> Lowered:
                                   value(token), value(logprob), step(rows)), early=True)]
     return low
 
-
-def _producer(c: Ctx, name: str) -> Node | None:
-    for node in c.graph.nodes:
-        if name in node.outputs:
-            return node
-    return None
 
 
 LOGPROB_CHUNK = 128  # rows of fp32 logits the prompt logprobs hold at once: [chunk, V], not [T, V]

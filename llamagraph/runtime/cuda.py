@@ -433,15 +433,17 @@ def run_ahead(ex: CudaExecutor, launch, synchronize, fetch: list[str], scalars: 
 
     cp, g = ex.cp, ex.graph
     depth = max(1, AHEAD_DEPTH if depth is None else int(depth))
-    ring = []
-    for slot in range(depth):
-        bufs = {}
-        for name in fetch:
-            key = (name, slot)
-            if key not in ex.rings:
-                ex.rings[key] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))
-            bufs[name] = ex.rings[key]
-        ring.append(bufs)
+    ring, events = [], []  # per slot: pinned buffers by value name, and the event after their copies
+    with cp.cuda.Device(ex.device_id):  # events belong to the device whose stream records them
+        for slot in range(depth):
+            bufs = {}
+            for name in fetch:
+                key = (name, slot)
+                if key not in ex.rings:
+                    ex.rings[key] = cp.cuda.alloc_pinned_memory(max(g.values[name].nbytes(g.dims), 1))
+                bufs[name] = ex.rings[key]
+            ring.append(bufs)
+            events.append(cp.cuda.Event(block=False, disable_timing=True))
     pending: deque = deque()
     issued = 0
     try:
@@ -451,12 +453,11 @@ def run_ahead(ex: CudaExecutor, launch, synchronize, fetch: list[str], scalars: 
                 slot = issued % depth  # free: the step that used it last has been read
                 with cp.cuda.Device(ex.device_id):  # the caller may have another device current
                     ex.copy_out(fetch, scalars, ring[slot])
-                    event = cp.cuda.Event(block=False, disable_timing=True)
-                    event.record(ex.stream)
-                pending.append((slot, event))
+                    events[slot].record(ex.stream)
+                pending.append(slot)
                 issued += 1
-            slot, event = pending.popleft()
-            event.synchronize()
+            slot = pending.popleft()
+            events[slot].synchronize()
             yield ex.read_out(fetch, scalars, ring[slot])
     finally:
         synchronize()
