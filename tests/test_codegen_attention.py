@@ -241,11 +241,11 @@ def test_prefill_mma_names_encode_every_constant():
 
 
 def test_decode_chunking_and_workspace():
-    assert A.decode_chunking(4096) == (64, 64)
-    assert A.decode_chunking(1000) == (64, 16)
-    assert A.decode_chunking(131072) == (64, 64)
+    assert A.decode_chunking(4096) == (32, 64)
+    assert A.decode_chunking(1000) == (32, 32)
+    assert A.decode_chunking(131072) == (32, 64)
     assert A.decode_chunking(4096, chunk=256) == (256, 16)
-    assert A.decode_chunking(4096, max_splits=8) == (64, 8)
+    assert A.decode_chunking(4096, max_splits=8) == (32, 8)
     assert A.attention_decode_workspace_bytes(8, 32, 128, 4096) == 8 * 32 * 64 * 130 * 4
     split, combine = A.attention_decode_launch(3, 32, 8, 128, 4096)
     assert split.grid == (8, 3, 64) and split.block == (128, 1, 1)

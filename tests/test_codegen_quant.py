@@ -9,6 +9,7 @@ Numerics are the GPU tests' business (tests/gpu/test_kernels_quant_gemv.py).
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 
@@ -204,16 +205,25 @@ def test_a_quantized_plan_lowers_and_compiles(scheme, group, dtype):
 
 
 def test_quantized_decode_kernels_wait_before_reading_activations():
-    """Programmatic dependent launch: before lg_pdl_wait a quantized GEMV only prefetches weights
-    (codes, scales, zeros)."""
-    plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize="int4", group_size=32)
-    names = {x.fn for x in plan.phases["decode"] if x.fn.startswith("gemv_")}
-    assert names and all("_i4g32_" in n for n in names)
-    for name in names:
-        entry = plan.source.split(f"{name}(", 2)[-1]
-        entry = entry[: entry.index("\n}\n")]
-        before = entry[entry.index("{") + 1: entry.index("lg_pdl_wait();")]
-        assert "prefetch_w(" in before and "_impl::run" not in before and "[" not in before, name
+    """Programmatic dependent launch: before lg_pdl_wait a quantized GEMV reads weights only: it
+    requests its first batch of codes (and their scales and zeros) and prefetches later ones; x, the
+    residual and the output only after the wait."""
+    for scheme, group in (("int4", 32), ("int8", None)):
+        plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize=scheme, group_size=group)
+        names = {x.fn for x in plan.phases["decode"] if x.fn.startswith("gemv_")}
+        assert names and all(f"_{dense.GemvQuant(scheme, group).tag()}_" in n for n in names)
+        for name in names:
+            entry = plan.source.split(f"{name}(", 2)[-1]
+            entry = entry[: entry.index("\n}\n")]
+            assert "lg_pdl_wait" not in entry and "[" not in entry[: entry.index("_impl::run(")], name  # run() waits
+            impl = plan.source.split(f"namespace {name}_impl {{", 1)[1]
+            body = impl[impl.index("__device__ __forceinline__ void run("):]
+            body = body[body.index(") {") + 3:]
+            before = body[: body.index("lg_pdl_wait();")]
+            before = "\n".join(line.split("//")[0] for line in before.splitlines() if "__shared__" not in line)
+            assert "load_codes(ca, 0, " in before, name
+            # no activation pointer (x, res, out, the staged slab) is touched before the wait
+            assert not re.search(r"(?<![.\w])(x|x4|res|out|s_rstd|stage|row_rstd|batch)(?!\w)", before), name
 
 
 def test_a_quantized_lm_head_serves_the_prompt_logprobs():

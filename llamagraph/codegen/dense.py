@@ -215,13 +215,16 @@ class GemvTuning:
     warps:  warps per block. 16-bit: the block's 16 output columns split K over this many warps.
             fp32: output columns per block (one warp each).
     unroll: 16-byte W loads per W row and lane issued before the first is used.
+    pipeline: quantized 16-bit W only: two batches of codes in registers, the next one's loads in
+            flight while this one's codes are dequantized (twice the code registers of one batch).
     """
 
     warps: int
     unroll: int
+    pipeline: bool = False
 
     def tag(self) -> str:
-        return f"w{self.warps}u{self.unroll}"
+        return f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "")
 
 
 @dataclass(frozen=True)
@@ -271,12 +274,12 @@ class GemvQuant:
 
 
 def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str = "none",
-                        prologue: str = "none", quant: GemvQuant | None = None) -> GemvTuning:
+                        prologue: str = "none", quant: GemvQuant | None = None, has_bias: bool = False) -> GemvTuning:
     """Enough bytes in flight per SM to cover HBM latency, within a register budget that keeps
     two 256-thread blocks resident per SM (checked by tests through ptxas -v)."""
     nt = _cdiv(row_tile, 8)
     if quant is not None:
-        return _quant_tuning(dtype, K, row_tile, epilogue, quant)
+        return _quant_tuning(dtype, N, K, row_tile, epilogue, quant, has_bias)
     if dtype == "float32":
         unroll = 4 if row_tile <= 4 else 2 if row_tile <= 8 else 1
         per_lane = _cdiv(K // 4, 32)  # float4 chunks of a W row per lane
@@ -290,25 +293,44 @@ def gemv_default_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str
     return GemvTuning(warps=8, unroll=max(1, min(unroll, per_warp)))
 
 
-def _quant_tuning(dtype: str, K: int, row_tile: int, epilogue: str, quant: GemvQuant) -> GemvTuning:
+SMS = 132  # streaming multiprocessors of the GPUs the tuning is measured on (H100 SXM, H200)
+
+
+def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quant: GemvQuant,
+                  has_bias: bool = False) -> GemvTuning:
     """Quantized W: U steps of 16-byte code chunks per warp and W row in flight.
 
-    16-bit: U = 4 steps x 2 rows x 16 B = 128 B of codes per lane (MT = 1; MT = 2 takes U = 2), ~64 KB
-    per SM with four 128-thread blocks; the block's x slab in shared memory grows with U and the row
-    tile, so int4 16-row tiles take U = 2. fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
+    16-bit: U = 4 steps x 2 rows x 16 B = 128 B of codes per lane (MT = 1; MT = 2 takes U = 2); the
+    block's x slab in shared memory grows with U and the row tile, so int4 16-row tiles take U = 2.
+    A block requests its first batch of codes before it waits for the kernel before it, and with
+    ``pipeline`` the next batch's while it dequantizes one. Measured on the H100 (decode steps of the
+    8B int4 and 7B int8 plans, tools/bench_quant.sh):
+      int8, batch 1: 8 warps, two batches of 4 (gate/up: 2) steps in flight: 7% off the 7B step
+            against 4 warps with one batch;
+      int4, batch 1: where the grid fits two 8-warp blocks per SM (o_proj, down_proj), 8 warps take
+            the codes of a 4096-column row in one batch, longer rows in pipelined batches of 2 steps:
+            6% off the 8B step; wider grids (qkv, gate/up, the LM head) keep 4 warps x U = 4 (2 for
+            gate/up), whose four blocks per SM take the grid in fewer waves.
+    fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
         return GemvTuning(warps=8, unroll=max(1, min(2 if row_tile == 1 else 1, per_lane)))
     mt = 2 if epilogue == "silu_mul" else 1
-    unroll = 4 if mt == 1 else 2
-    if quant.scheme == "int4" and row_tile > 8:
-        unroll = min(unroll, 2)
-    # 4 warps split K: a thread dequantizes twice the codes it would with 8, so the block's fixed work
-    # (pointers, the x slab's barriers, the reduction) weighs half as much; 4 blocks fit an SM
-    warps = 4
     steps = _cdiv(K // quant.chunk_k, 4)
+    warps, unroll, pipeline = 4, 4 if mt == 1 else 2, False
+    if quant.scheme == "int8" and row_tile == 1:
+        warps, pipeline = 8, True
+    elif quant.scheme == "int4":
+        if row_tile > 8 or (has_bias and row_tile > 1):
+            unroll = 2
+        n_blocks = _cdiv(N // mt, 16)
+        if row_tile == 1 and mt == 1 and n_blocks <= 2 * SMS:
+            warps = 8
+            if steps > warps * 4:  # more than one batch of 4 steps: pipelined batches of 2
+                unroll, pipeline = 2, True
     per_warp = _cdiv(steps, warps)
-    return GemvTuning(warps=warps, unroll=max(1, min(unroll, per_warp)))
+    unroll = max(1, min(unroll, per_warp))
+    return GemvTuning(warps=warps, unroll=unroll, pipeline=pipeline and per_warp > unroll)
 
 
 def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None) -> int:
@@ -386,6 +408,8 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
         raise ValueError(f"gemv row_tile must be in [1, {MAX_ROW_TILE}], got {row_tile}")
     if tuning.warps not in (1, 2, 4, 8, 16, 32) or not 1 <= tuning.unroll <= 16:
         raise ValueError(f"bad gemv tuning {tuning}")
+    if tuning.pipeline and (quant is None or dtype == "float32"):
+        raise ValueError(f"gemv tuning {tuning}: pipelined codes are for quantized 16-bit GEMVs only")
 
 
 def gemv(
@@ -429,7 +453,7 @@ def gemv(
     out_dtype = out_dtype or dtype
     if quant is not None and not isinstance(quant, GemvQuant):
         raise ValueError(f"gemv quant must be a GemvQuant, got {quant!r}")
-    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant)
+    default = gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
     tuning = tuning or default
     _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue, rope, quant)
     name = f"gemv_{_tag(dtype)}"
@@ -462,6 +486,7 @@ def gemv(
         has_bias=has_bias,
         warps=tuning.warps,
         unroll=tuning.unroll,
+        pipeline=tuning.pipeline,
         # ask ptxas for 2 resident blocks of 256 threads: without a minimum it schedules for
         # occupancy and sinks each W load next to its use, leaving 2-3 loads in flight per warp
         min_blocks=max(1, 512 // (32 * tuning.warps)),
@@ -485,10 +510,11 @@ def gemv_launch(
     tuning: GemvTuning | None = None,
     prologue: str = "none",
     quant: GemvQuant | None = None,
+    has_bias: bool = False,
 ) -> Shape:
     """Grid over output columns; the row count does not change it (row tiles loop inside).
     A quantized 16-bit GEMV asks for its x slab as dynamic shared memory."""
-    tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant)
+    tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
     return Shape((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1),

@@ -308,7 +308,8 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
         table = _inv_freq({"head_dim": spec.HD, "theta": spec.theta, "scaling": spec.scaling})
         workspaces.append(table)
         args += [value(pos), value(sid), value(lens), workspace(table.name), value(kc), value(vc)]
-    decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue, prologue=prologue, quant=quant), *args),
+    decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue, prologue=prologue, quant=quant,
+                                                            has_bias=bool(g.bias)), *args),
                      early=True)
 
     small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)

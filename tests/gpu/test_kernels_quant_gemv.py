@@ -45,13 +45,18 @@ CASES = {
     "rms_silu": (2 * 200, 2560, "silu_mul", "rmsnorm", False, None, 8),  # rms_gate_up_silu
     "rms_logits": (1000, 512, "none", "rmsnorm", False, "float32", 16),  # rms_lm_head: fp32 logits
     "tiny": (2 * 192, 64, "silu_mul", "rmsnorm", True, None, 4),  # K below one int4 step
+    # batch-1 decode tiles: int8 pipelines 5 batches of 2 steps (8 warps)
+    "rms_silu_decode": (2 * 136, 5120, "silu_mul", "rmsnorm", False, None, 1),
 }
-RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16)]  # (N, K, bias, row_tile)
+# (N, K, bias, row_tile); the row tiles of 1: int4's 8-warp blocks with one batch of codes (K 2560) and
+# pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
+RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1)]
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 16),
     (4, 4, 32, 128, "rotate_half", {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16},
      True, 4),
+    (4, 2, 64, 256, "rotate_half", None, True, 1),  # a batch-1 decode tile, reloading its codes per row
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -159,7 +164,8 @@ def test_quantized_gemv(dtype, scheme, group, case):
         (codes, scales, zeros), w = _weight(rng, N, K, dtype, scheme, group)
         out = poisoned((rows + SPARE, n_out), out_dt)
         extra = [dev(nw, dtype)] if pro == "rmsnorm" else []
-        run(k, dense.gemv_launch(dtype, N, K, rt, epi, prologue=pro, quant=q), dev(x, dtype), codes, scales, zeros,
+        run(k, dense.gemv_launch(dtype, N, K, rt, epi, prologue=pro, quant=q, has_bias=bias), dev(x, dtype), codes,
+            scales, zeros,
             dev(b, dtype) if bias else NULL, out, rows, *extra)
         attrs = {"eps": EPS, "dtype": dtype}
         if pro == "rmsnorm":
@@ -172,7 +178,7 @@ def test_quantized_gemv(dtype, scheme, group, case):
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
-@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}")
+@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}")
 @pytest.mark.parametrize("in_place", [False, True])
 def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
     N, K, bias, rt = case
@@ -188,14 +194,15 @@ def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
         res = randn(rng, (rows, N), dtype, scale=4.0)
         res_d = dev(np.concatenate([res, np.full((SPARE, N), np.nan, np.float32)]), dtype)
         out = res_d if in_place else poisoned((rows + SPARE, N), dtype)
-        run(k, dense.gemv_launch(dtype, N, K, rt, "residual", quant=q), dev(x, dtype), codes, scales, zeros,
+        run(k, dense.gemv_launch(dtype, N, K, rt, "residual", quant=q, has_bias=bias), dev(x, dtype), codes, scales,
+            zeros,
             dev(b, dtype) if bias else NULL, out, rows, res_d)
         ref = ops._linear_residual_ref([x, w, res] + ([b] if bias else []), {"dtype": dtype})[0]
         check(host(out, dtype), ref, dtype, f"{k.name} rows={rows} in_place={in_place}")
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: dt != "float32"))
-@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}{c[4]}")
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}{c[4]}r{c[7]}")
 def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
@@ -222,8 +229,8 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
         vc = randn(rng, (MAX_BATCH, MAX_SEQ, KV, HD), dtype)
         kc_d, vc_d = dev(kc, dtype), dev(vc, dtype)
         q_out = poisoned((rows + SPARE, H, HD), dtype)
-        run(k, dense.gemv_launch(dtype, N, K, rt, "rope", prologue="rmsnorm", quant=q), dev(x, dtype), codes, scales,
-            zeros, dev(b, dtype) if bias else NULL, q_out, rows, dev(nw, dtype), cupy.asarray(positions),
+        run(k, dense.gemv_launch(dtype, N, K, rt, "rope", prologue="rmsnorm", quant=q, has_bias=bias), dev(x, dtype),
+            codes, scales, zeros, dev(b, dtype) if bias else NULL, q_out, rows, dev(nw, dtype), cupy.asarray(positions),
             cupy.asarray(seq_ids), cupy.asarray(seq_lens), inv, kc_d, vc_d)
         attrs = {"eps": EPS, "dtype": dtype, "num_heads": H, "num_kv_heads": KV, "head_dim": HD, "layout": layout,
                  "theta": 10000.0, "scaling": scaling}
