@@ -122,6 +122,19 @@ def test_bad_constants_are_refused(call, message):
         call()
 
 
+def test_a_batch_one_grid_of_at_most_one_block_a_sm_takes_16_warps():
+    """TinyLlama's o_proj and down_proj (N = 2048: 128 blocks) at batch 1 take 16-warp blocks with
+    half the unroll; wider grids and larger row tiles keep 8 warps."""
+    for N, K, epi in ((2048, 5632, "residual"), (2048, 2048, "residual"), (2 * 2048, 2048, "silu_mul")):
+        small = dense.gemv_default_tuning("float16", N, K, 1, epi)
+        big = dense.gemv_default_tuning("float16", 2 * N, K, 1, epi)
+        assert (small.warps, big.warps) == (16, 8), (N, K, epi)
+        assert small.unroll == big.unroll // 2
+        assert dense.gemv_launch("float16", N, K, 1, epi).block == (512, 1, 1)
+        assert dense.gemv_default_tuning("float16", N, K, 8, epi).warps == 8
+    assert dense.gemv_default_tuning("float16", dense.SMS * 16 + 1, 2048, 1).warps == 8  # 133 blocks
+
+
 def test_launch_shapes():
     assert dense.gemv_launch("float16", 4096, 4096, 8).grid == (256, 1, 1)  # rows loop inside the kernel
     assert dense.gemv_launch("float16", 100, 72, 8).grid == (7, 1, 1)  # 100 columns, 16 per block

@@ -136,6 +136,33 @@ def test_launch_shapes():
     assert d.grid[0] * d.block[0] >= 100 * 256 // 8
 
 
+def test_batch_one_blocks_stage_their_whole_x_row_once():
+    """A row tile of 1 with more than one batch of steps stages the whole x row in shared memory once
+    (no barrier between batches), where it fits 48 KB; larger row tiles stage one batch at a time."""
+    q = dense.GemvQuant("int4", 128)
+    gate_up = (2 * 14336, 4096, "silu_mul", "rmsnorm")  # Llama-3-8B: 4 batches of 8 steps (4 warps x 2)
+    t = dense.gemv_default_tuning("float16", *gate_up[:2], 1, gate_up[2], gate_up[3], q)
+    assert t.whole_x and (t.warps, t.unroll) == (4, 2)
+    k = dense.gemv("float16", *gate_up[:2], 1, gate_up[2], prologue=gate_up[3], eps=EPS, quant=q)
+    assert "constexpr bool WHOLE = true;" in k.source and "_w4u2" not in k.name  # the default: no tag
+    # every column of x: K / 8 units of 16 bytes, plus the row's 4 units of padding
+    assert dense.gemv_launch("float16", *gate_up[:2], 1, gate_up[2], prologue=gate_up[3], quant=q).smem == \
+        (4096 // 8 + 4) * 16
+    rt8 = dense.gemv_default_tuning("float16", *gate_up[:2], 8, gate_up[2], gate_up[3], q)
+    assert not rt8.whole_x
+    assert "constexpr bool WHOLE = false;" in dense.gemv("float16", *gate_up[:2], 8, gate_up[2], prologue=gate_up[3],
+                                                          eps=EPS, quant=q).source
+    # one batch (o_proj, 8 warps x 4 steps = the whole row): nothing to save
+    assert not dense.gemv_default_tuning("float16", 4096, 4096, 1, "residual", quant=q).whole_x
+    # int8 down_proj of Llama-2-7B: K 11008 in 6 batches, 22 KB of x
+    t8 = dense.gemv_default_tuning("float16", 4096, 11008, 1, "residual", quant=dense.GemvQuant("int8"))
+    assert t8.whole_x and dense.gemv_quant_smem("float16", 11008, 1, t8, dense.GemvQuant("int8")) <= 48 * 1024
+    # Llama-3-70B's down_proj: a 57 KB row does not fit
+    assert not dense.gemv_default_tuning("float16", 8192, 28672, 1, "residual", quant=q).whole_x
+    with pytest.raises(ValueError, match="whole x"):
+        dense.gemv("float16", 64, 64, 1, tuning=dense.GemvTuning(8, 2, whole_x=True))
+
+
 # ---- every variant compiles, without spills --------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

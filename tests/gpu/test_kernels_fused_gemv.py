@@ -38,7 +38,9 @@ NORM_CASES = [  # (N, K, epilogue, bias, out_dtype, row_tile)
     (32000, 2048, "none", False, "float32", 8),  # the LM head with the final norm
     (1000, 264, "none", False, "float32", 16),
 ]
-RES_CASES = [(64, 64, False, 8), (100, 72, True, 8), (2048, 5632, False, 8), (4096, 4096, True, 16)]
+# the row tiles of 1: TinyLlama's down_proj and o_proj at batch 1 (16-warp blocks: at most one a SM)
+RES_CASES = [(64, 64, False, 8), (100, 72, True, 8), (2048, 5632, False, 8), (4096, 4096, True, 16),
+             (2048, 5632, False, 1), (2048, 2048, True, 1)]
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 8),
@@ -113,7 +115,7 @@ def test_gemv_rmsnorm_prologue(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}")
+@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}")
 @pytest.mark.parametrize("in_place", [False, True])
 def test_gemv_residual_epilogue(dtype, case, in_place):
     N, K, bias, rt = case
