@@ -247,14 +247,18 @@ def test_decode_chunking_and_workspace():
     assert A.decode_chunking(4096, chunk=256) == (256, 16)
     assert A.decode_chunking(4096, max_splits=8) == (32, 8)
     assert A.attention_decode_workspace_bytes(8, 32, 128, 4096) == 8 * 32 * 64 * 130 * 4
+    # a block takes at most 2 heads of a GQA group: 8 KV heads of 4 q heads -> 16 blocks a split
     split, combine = A.attention_decode_launch(3, 32, 8, 128, 4096)
-    assert split.grid == (8, 3, 64) and split.block == (128, 1, 1)
+    assert split.grid == (16, 3, 64) and split.block == (128, 1, 1)
     assert combine.grid == (32, 3, 1) and combine.block[0] >= 128
-    split, _ = A.attention_decode_launch(2, 32, 1, 128, 4096)  # MQA: the group of 32 is split 4 ways
-    assert split.grid == (4, 2, 64)
+    split, _ = A.attention_decode_launch(2, 32, 1, 128, 4096)  # MQA: the group of 32 is split 16 ways
+    assert split.grid == (16, 2, 64)
+    split, _ = A.attention_decode_launch(1, 32, 4, 64, 2048)  # TinyLlama: 4 KV heads of 8 q heads
+    assert split.grid == (16, 1, 64)
+    assert A.attention_decode_launch(1, 9, 3, 64, 2048)[0].grid == (9, 1, 64)  # a group of 3: one head a block
     # a step scalar instead of a number: the grid follows it when the launch is resolved
     split, combine = A.attention_decode_launch("T", 32, 8, 128, 4096)
-    assert split.grid == (8, Scaled("T"), 64) and split.at({"T": 5}).grid == (8, 5, 64)
+    assert split.grid == (16, Scaled("T"), 64) and split.at({"T": 5}).grid == (16, 5, 64)
     assert combine.at({"T": 0}).grid == (32, 1, 1)
 
 
