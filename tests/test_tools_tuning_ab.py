@@ -1,0 +1,51 @@
+"""tools/tuning_ab.py's variants patch what they say, and ``base`` puts the package's tunings back
+(the tool's timing needs a GPU; its patches do not)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llamagraph.codegen import attention, dense
+
+
+@pytest.fixture
+def tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "tuning_ab.py"
+    spec = importlib.util.spec_from_file_location("tuning_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    # the package's own functions back (``base`` installs wrappers around them)
+    d = mod.DEFAULTS
+    dense.gemv_default_tuning, dense._quant_tuning, dense.render = d["tuning"], d["quant"], d["render"]
+    attention.DECODE_HEADS_PER_BLOCK = d["heads"]
+
+
+def _shapes():
+    q = dense.GemvQuant("int4", 128)
+    small = dense.gemv_launch("float16", 2048, 5632, 1, "residual")  # TinyLlama down_proj, batch 1
+    gate_up = dense.gemv_launch("float16", 2 * 14336, 4096, 1, "silu_mul", prologue="rmsnorm", quant=q)
+    attn = attention.attention_decode_launch(1, 32, 4, 64, 256)[0]  # TinyLlama: 4 KV heads of 8
+    src = dense.gemv("float16", 2048, 5632, 1, "residual").source
+    return small.block[0] // 32, gate_up.smem, attn.grid[0], src
+
+
+def test_variants_patch_what_they_name(tool):
+    tool.patch("base")
+    warps, smem, attn_blocks, src = _shapes()
+    assert (warps, smem, attn_blocks) == (16, (4096 // 8 + 4) * 16, 16)
+    tool.patch("w8")
+    assert _shapes()[0] == 8
+    tool.patch("nox")
+    assert _shapes()[1] < smem  # one batch's slab, restaged per batch
+    tool.patch("gpb4")
+    assert _shapes()[2] == 8
+    tool.patch("gpb8")
+    assert _shapes()[2] == 4
+    tool.patch("pf8k")
+    assert "< 8192 ? K" in _shapes()[3] and "< 8192 ? K" not in src
+    tool.patch("base")
+    assert _shapes()[:3] == (warps, smem, attn_blocks)

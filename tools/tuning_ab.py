@@ -1,0 +1,96 @@
+"""A/B of kernel tunings in one process on the GPU: decode tok/s of one example's plan under each
+variant, and its decode-step logits against the first variant's (a tuning that changes only the
+schedule leaves them bit-identical; one that changes the order of a sum moves them by rounding).
+
+    python tools/tuning_ab.py CONFIG QUANT VARIANTS [BATCH]
+    python tools/tuning_ab.py examples/tinyllama-1.1b.json none base,w8,gpb8,base
+    python tools/tuning_ab.py examples/llama-3-8b.json int4 base,nox,base
+
+QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``):
+  w8      16-bit batch-1 GEMVs of at most one block a SM keep 8 warps (before the 16-warp rule)
+  w4tail  16-bit GEMVs of 1 to 2 waves of 8-warp blocks take 4 warps (measured slower)
+  pf4k, pf8k  16-bit GEMVs prefetch 4 / 8 KB of each W row to L2 before the PDL wait (slower)
+  nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
+  gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
+Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
+best of 3). The patches live here only: the package has no switches for them.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from dataclasses import replace
+
+import numpy as np
+
+import llamagraph
+from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
+from llamagraph.codegen import attention, dense
+from llamagraph.ir import load_config
+
+DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, render=dense.render,
+                heads=attention.DECODE_HEADS_PER_BLOCK)
+
+
+def patch(variant: str) -> None:
+    """Point the codegen at ``variant``'s tunings (``base``: the package's own)."""
+    tuning, quant, render = DEFAULTS["tuning"], DEFAULTS["quant"], DEFAULTS["render"]
+
+    def gemv_tuning(dtype, N, K, row_tile, epilogue="none", prologue="none", q=None, has_bias=False):
+        t = tuning(dtype, N, K, row_tile, epilogue, prologue, q, has_bias)
+        if q is not None or dtype == "float32":
+            return t
+        blocks = -(-(N // 2 if epilogue == "silu_mul" else N) // 16)
+        if variant == "w8" and t.warps == 16:
+            return dense.GemvTuning(warps=8, unroll=min(8, 2 * t.unroll))
+        if variant == "w4tail" and 2 * dense.SMS < blocks <= 4 * dense.SMS:
+            return dense.GemvTuning(warps=4, unroll=t.unroll)
+        return t
+
+    def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
+        t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
+        return replace(t, whole_x=False) if variant == "nox" else t
+
+    prefetch = {"pf4k": 4096, "pf8k": 8192}.get(variant)
+
+    def render_prefetch(template, **kw):
+        src = render(template, **kw)
+        if prefetch and template == "gemv" and kw.get("quant") == "none":
+            src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
+        return src
+
+    dense.gemv_default_tuning, dense._quant_tuning, dense.render = gemv_tuning, quant_tuning, render_prefetch
+    attention.DECODE_HEADS_PER_BLOCK = {"gpb4": 4, "gpb8": 8}.get(variant, DEFAULTS["heads"])
+
+
+def main(argv: list[str]) -> None:
+    config, quantize, variants = argv[0], argv[1], argv[2].split(",")
+    batch = int(argv[3]) if len(argv) > 3 else 1
+    quantize = None if quantize == "none" else quantize
+    cfg = load_config(config)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 128)).tolist()
+    first = None
+    for variant in variants:
+        patch(variant)
+        plan = None
+        try:
+            plan = llamagraph.compile(cfg, "random", dtype="float16", max_batch=batch, max_seq=256, backend="cuda",
+                                      quantize=quantize, group_size=128 if quantize == "int4" else None)
+            plan.run(prompts)
+            logits = np.asarray(plan.run([[7]] * batch), np.float32)  # a decode step
+            first = logits if first is None else first
+            plan.generate(prompts, 4)  # capture the pipelined decode graph
+            runs = [127 * batch / _decode_time(plan, prompts, 128, _cupy_sync) for _ in range(3)]
+            print(f"{config} {quantize or 'fp16'} {variant}: batch {batch} decode {max(runs):.1f} tok/s "
+                  f"(runs {[round(r, 1) for r in runs]}), logits max diff vs {variants[0]} "
+                  f"{float(np.abs(logits - first).max()):.3g}", flush=True)
+        except Exception as e:  # one variant failing (e.g. spills past the register budget) is a result too
+            print(f"{config} {quantize or 'fp16'} {variant}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+        plan = None
+        gc.collect()
+        _free_cupy(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
