@@ -321,8 +321,9 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
             6% off the 8B step; wider grids (qkv, gate/up, the LM head) keep 4 warps x U = 4 (2 for
             gate/up), whose four blocks per SM take the grid in fewer waves.
     A batch-1 block of more than one batch stages its whole x row in shared memory once
-    (``whole_x``: no barrier between batches) where it fits the 48 KB a launch gets without opting in: +1.2% on the 8B int4 step,
-    +1.7% on the 7B int8 step (H100, one process, logits bit-identical).
+    (``whole_x``: no barrier between batches) where it fits the 48 KB a launch gets without
+    opting in: +1.2% on the 8B int4 step, +1.7% on the 7B int8 step (H100, one process, logits
+    bit-identical).
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
@@ -343,9 +344,10 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     per_warp = _cdiv(steps, warps)
     unroll = max(1, min(unroll, per_warp))
     tuning = GemvTuning(warps=warps, unroll=unroll, pipeline=pipeline and per_warp > unroll)
-    whole = replace(tuning, whole_x=True)
-    if row_tile == 1 and steps > warps * unroll and gemv_quant_smem(dtype, K, 1, whole, quant) <= WHOLE_X_SMEM:
-        tuning = whole  # (one batch stages its slab once either way)
+    if row_tile == 1 and steps > warps * unroll:  # (one batch stages its slab once either way)
+        whole = replace(tuning, whole_x=True)
+        if gemv_quant_smem(dtype, K, 1, whole, quant) <= WHOLE_X_SMEM:
+            return whole
     return tuning
 
 
