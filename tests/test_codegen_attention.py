@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -260,6 +261,33 @@ def test_decode_chunking_and_workspace():
     split, combine = A.attention_decode_launch("T", 32, 8, 128, 4096)
     assert split.grid == (16, Scaled("T"), 64) and split.at({"T": 5}).grid == (16, 5, 64)
     assert combine.at({"T": 0}).grid == (32, 1, 1)
+
+
+def test_fused_decode_clusters_divide_the_splits():
+    """A cluster of the fused kernel is the largest divisor of MAX_SPLITS up to the portable 8."""
+    assert [A.decode_cluster(n) for n in (1, 2, 4, 8, 10, 13, 16, 64)] == [1, 2, 4, 8, 5, 1, 8, 8]
+    short = A.attention_decode_fused("float16", 32, 8, 128, 6144, 256)  # 8 splits: one cluster
+    assert short.name.endswith("_n8_cl8")
+    assert "LG_CLUSTER_Z(8)" in short.source and "lg_ld_cluster" in short.source
+    # the cluster path is compiled for sm_90+ only; the global merge (fence, counter) stays for long
+    # caches and older GPUs
+    assert "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900" in short.source and "atomicAdd" in short.source
+    prime = A.attention_decode_fused("float16", 32, 8, 128, 6144, 13 * 32)  # 13 splits: no cluster
+    assert "_cl" not in prime.name and "LG_CLUSTER_Z" not in prime.source
+
+
+def test_every_kernel_lets_its_dependents_launch_only_after_its_own_wait():
+    """Decode attention reads positions and older cached keys before lg_pdl_wait: that is safe only
+    because no kernel lets the next one launch before it has waited for the one before it."""
+    from importlib import resources
+
+    paths = [p for p in resources.files("llamagraph.templates").iterdir() if p.name.endswith(".j2")]
+    assert len(paths) > 10
+    for path in paths:
+        calls = re.findall(r"lg_pdl_(wait|launch_dependents)\(\);", path.read_text())
+        for i, call in enumerate(calls):
+            if call == "launch_dependents":
+                assert i > 0 and calls[i - 1] == "wait", f"{path.name}: launch_dependents before its wait"
 
 
 def _splits_cover(n_keys: int, chunk: int, max_splits: int) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ def tool():
     d = mod.DEFAULTS
     dense.gemv_default_tuning, dense._quant_tuning, dense.render = d["tuning"], d["quant"], d["render"]
     attention.DECODE_HEADS_PER_BLOCK = d["heads"]
+    attention.decode_cluster, attention.render = d["cluster"], d["attn_render"]
 
 
 def _shapes():
@@ -47,5 +48,15 @@ def test_variants_patch_what_they_name(tool):
     assert _shapes()[2] == 4
     tool.patch("pf8k")
     assert "< 8192 ? K" in _shapes()[3] and "< 8192 ? K" not in src
+    base_attn = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
+    tool.patch("nocl")
+    assert "LG_CLUSTER_Z" not in attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
+    tool.patch("late")
+    late = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
+    assert late.count("load_batch(kb, pos_t)") == 0 and late.count("load_batch(kb, -1)") == 2
+    tool.patch("nocl_late")
+    both = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
+    assert "LG_CLUSTER_Z" not in both and both.count("load_batch(kb, -1)") == 2
     tool.patch("base")
     assert _shapes()[:3] == (warps, smem, attn_blocks)
+    assert attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source == base_attn

@@ -12,6 +12,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   pf4k, pf8k  16-bit GEMVs prefetch 4 / 8 KB of each W row to L2 before the PDL wait (slower)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
+  nocl    decode attention merges its splits through global memory and a counter, never in a cluster
+  late    decode attention requests its first batch of cached keys after lg_pdl_wait, not before
+  nocl_late  both (decode attention as before either)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -30,7 +33,11 @@ from llamagraph.codegen import attention, dense
 from llamagraph.ir import load_config
 
 DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, render=dense.render,
-                heads=attention.DECODE_HEADS_PER_BLOCK)
+                heads=attention.DECODE_HEADS_PER_BLOCK, cluster=attention.decode_cluster,
+                attn_render=attention.render)
+EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
+AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
+
 
 
 def patch(variant: str) -> None:
@@ -60,8 +67,17 @@ def patch(variant: str) -> None:
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
         return src
 
+    def render_attention(template, **kw):
+        src = DEFAULTS["attn_render"](template, **kw)
+        if variant in ("late", "nocl_late") and template == "attention_decode":
+            assert EARLY_LOAD in src and AFTER_WAIT in src, "the attention template changed: update 'late'"
+            src = src.replace(EARLY_LOAD, "").replace(AFTER_WAIT, AFTER_WAIT.replace("\n\n", "\n    load_batch(kb, -1);\n\n"))
+        return src
+
     dense.gemv_default_tuning, dense._quant_tuning, dense.render = gemv_tuning, quant_tuning, render_prefetch
     attention.DECODE_HEADS_PER_BLOCK = {"gpb4": 4, "gpb8": 8}.get(variant, DEFAULTS["heads"])
+    attention.decode_cluster = (lambda max_splits: 1) if variant in ("nocl", "nocl_late") else DEFAULTS["cluster"]
+    attention.render = render_attention
 
 
 def main(argv: list[str]) -> None:

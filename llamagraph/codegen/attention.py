@@ -207,10 +207,21 @@ def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, ma
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tag = f"{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
     tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{number_tag(scale)}")
-    name = f"attn_decode_{tag}_q{qstride}{tail}"
+    cluster = decode_cluster(max_splits)
+    name = f"attn_decode_{tag}_q{qstride}{tail}" + (f"_cl{cluster}" if cluster > 1 else "")
     return Kernel(name, render("attention_decode", name=name, part="split", fused=True, dtype=dtype, H=H, KV=KV, D=D,
                                qstride=qstride, max_seq=max_seq, chunk=chunk, max_splits=max_splits,
-                               qscale=_c_float(scale * LOG2E), **_decode_tiling(dtype, D, H // KV)))
+                               qscale=_c_float(scale * LOG2E), cluster=cluster, **_decode_tiling(dtype, D, H // KV)))
+
+
+DECODE_CLUSTER_MAX = 8  # the portable thread-block cluster size
+
+
+def decode_cluster(max_splits: int) -> int:
+    """Split blocks per thread-block cluster of the fused decode kernel (on sm_90+): the largest
+    divisor of MAX_SPLITS up to 8. A token whose splits all fall in the first cluster (a short cache)
+    merges them in distributed shared memory: no global partials, fence or counter round trip."""
+    return max(c for c in range(1, min(max_splits, DECODE_CLUSTER_MAX) + 1) if max_splits % c == 0)
 
 
 def attention_decode_counter_bytes(max_tokens: int, H: int, KV: int) -> int:

@@ -42,7 +42,8 @@ from .launch import (
 FORMAT = "llamagraph-plan/2"  # 2: conditions are lists; value arguments may carry an offset
 PLAN_FILE, SOURCE_FILE = "plan.json", "kernels.cu"
 T = TypeVar("T")
-_KERNEL_DEF = re.compile(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\s*\(')
+# (an attribute macro of the prelude, LG_...(...), may stand before the launch bounds)
+_KERNEL_DEF = re.compile(r'extern "C" __global__ void(?: LG_[A-Z0-9_]+\([^)]*\))?(?: __launch_bounds__\([^)]*\))?\s+(\w+)\s*\(')
 
 
 def defined_kernels(source: str) -> list[str]:

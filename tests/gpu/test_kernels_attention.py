@@ -329,6 +329,28 @@ def test_fused_decode_attention_is_bit_identical_to_split_and_combine(dtype, hea
     assert_close(first, rounded(ref, dtype), dtype, 1e-4, f"fused decode {dtype} H{H} KV{KV} D{D}")
 
 
+@pytest.mark.parametrize("max_seq", [256, 300, 100, 416])
+@pytest.mark.parametrize("heads", [(32, 8, 128), (32, 4, 64)], ids=lambda h: "h{}kv{}d{}".format(*h))
+def test_fused_decode_attention_cluster_merge(max_seq, heads):
+    """Caches whose splits fit one thread-block cluster (8, 5 of 10, 4 and 1 of 13 splits) merge in
+    distributed shared memory, bit-identical to the split and combine pair, launch after launch."""
+    H, KV, D = heads
+    rng = seeded("float16", heads, max_seq)
+    chunk, ms = A.decode_chunking(max_seq)
+    cluster = A.decode_cluster(ms)
+    lengths = sorted({1, 2, chunk, chunk + 1, cluster * chunk - 1, cluster * chunk, min(cluster * chunk + 1, max_seq),
+                      max_seq - 1, max_seq})
+    slots = list(range(len(lengths)))
+    qstride = (H + 2 * KV) * D
+    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _attention_case(rng, "float16", H, KV, D, qstride, lengths,
+                                                                    max_seq, slots, len(slots))
+    pair = _run_decode("float16", H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    first, second = _run_decode_fused("float16", H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
+    assert np.array_equal(first, pair) and np.array_equal(second, pair)
+    ref = _sdpa(q, kc, vc, positions, seq_ids, H, KV, D)
+    assert_close(first, rounded(ref, "float16"), "float16", 1e-4, f"cluster decode H{H} KV{KV} D{D} s{max_seq}")
+
+
 def test_fused_decode_attention_long_cache():
     H, KV, D, max_seq = 8, 2, 64, 8192
     rng = np.random.default_rng(12)
