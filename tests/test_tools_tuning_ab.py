@@ -54,6 +54,13 @@ def test_variants_patch_what_they_name(tool):
     tool.patch("late")
     late = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert late.count("load_batch(kb, pos_t)") == 0 and late.count("load_batch(kb, -1)") == 2
+    q = dense.GemvQuant("int4", 128)
+    for variant, want in (("gu1p", "w4u1px"), ("gu8", "w8u1px")):
+        tool.patch(variant)
+        assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == want
+    tool.patch("w4p")
+    assert dense._quant_tuning("float16", 6144, 4096, 1, "none", q).tag() == "w4u2px"
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w4u2x"
     tool.patch("nocl_late")
     both = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert "LG_CLUSTER_Z" not in both and both.count("load_batch(kb, -1)") == 2

@@ -15,6 +15,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nocl    decode attention merges its splits through global memory and a counter, never in a cluster
   late    decode attention requests its first batch of cached keys after lg_pdl_wait, not before
   nocl_late  both (decode attention as before either)
+  gu1p, gu8  int4 batch-1 gate/up GEMVs: 4 / 8 warps, pipelined batches of 1 step (today: 4 warps, batches of 2)
+  w4p     int4 batch-1 4-warp GEMVs of one W row a column (qkv, LM head): pipelined batches of 2 steps (today: 4)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -57,7 +59,15 @@ def patch(variant: str) -> None:
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
         t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
-        return replace(t, whole_x=False) if variant == "nox" else t
+        if variant == "nox":
+            return replace(t, whole_x=False)
+        if q.scheme == "int4" and row_tile == 1 and dtype != "float32":
+            gate_up = epilogue == "silu_mul"
+            if variant in ("gu1p", "gu8") and gate_up:
+                t = replace(t, warps=4 if variant == "gu1p" else 8, unroll=1, pipeline=True)
+            elif variant == "w4p" and not gate_up and t.warps == 4:
+                t = replace(t, unroll=2, pipeline=True)
+        return t
 
     prefetch = {"pf4k": 4096, "pf8k": 8192}.get(variant)
 
