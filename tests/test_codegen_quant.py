@@ -140,11 +140,11 @@ def test_batch_one_blocks_stage_their_whole_x_row_once():
     """A row tile of 1 with more than one batch of steps stages the whole x row in shared memory once
     (no barrier between batches), where it fits 48 KB; larger row tiles stage one batch at a time."""
     q = dense.GemvQuant("int4", 128)
-    gate_up = (2 * 14336, 4096, "silu_mul", "rmsnorm")  # Llama-3-8B: 4 batches of 8 steps (4 warps x 2)
+    gate_up = (2 * 14336, 4096, "silu_mul", "rmsnorm")  # Llama-3-8B: 4 pipelined batches of 8 steps (8 warps x 1)
     t = dense.gemv_default_tuning("float16", *gate_up[:2], 1, gate_up[2], gate_up[3], q)
-    assert t.whole_x and (t.warps, t.unroll) == (4, 2)
+    assert t.whole_x and t.pipeline and (t.warps, t.unroll) == (8, 1)
     k = dense.gemv("float16", *gate_up[:2], 1, gate_up[2], prologue=gate_up[3], eps=EPS, quant=q)
-    assert "constexpr bool WHOLE = true;" in k.source and "_w4u2" not in k.name  # the default: no tag
+    assert "constexpr bool WHOLE = true;" in k.source and "_w8u1" not in k.name  # the default: no tag
     # every column of x: K / 8 units of 16 bytes, plus the row's 4 units of padding
     assert dense.gemv_launch("float16", *gate_up[:2], 1, gate_up[2], prologue=gate_up[3], quant=q).smem == \
         (4096 // 8 + 4) * 16

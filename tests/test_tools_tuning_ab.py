@@ -55,15 +55,23 @@ def test_variants_patch_what_they_name(tool):
     late = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert late.count("load_batch(kb, pos_t)") == 0 and late.count("load_batch(kb, -1)") == 2
     q = dense.GemvQuant("int4", 128)
-    for variant, want in (("gu1p", "w4u1px"), ("gu8", "w8u1px")):
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1px"
+    for variant, want in (("gu1p", "w4u1px"), ("gu4u2", "w4u2x")):
         tool.patch(variant)
         assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == want
     tool.patch("w4p")
     assert dense._quant_tuning("float16", 6144, 4096, 1, "none", q).tag() == "w4u2px"
-    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w4u2x"
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1px"
     tool.patch("nocl_late")
     both = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert "LG_CLUSTER_Z" not in both and both.count("load_batch(kb, -1)") == 2
+    qkv = dict(prologue="rmsnorm", eps=1e-5)
+    early = dense.gemv("float16", 2560, 2048, 1, **qkv).source
+    tool.patch("wlate")
+    late = dense.gemv("float16", 2560, 2048, 1, **qkv).source
+    assert "load_w<false, true>" in early and "load_w<false, true>" not in late and "w0" in late
+    assert "for (int b = 0; b < NB_FULL; ++b)" in late and "load_w<GUARD, NORM>" not in late
     tool.patch("base")
     assert _shapes()[:3] == (warps, smem, attn_blocks)
+    assert dense.gemv("float16", 2560, 2048, 1, **qkv).source == early
     assert attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source == base_attn

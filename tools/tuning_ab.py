@@ -15,7 +15,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nocl    decode attention merges its splits through global memory and a counter, never in a cluster
   late    decode attention requests its first batch of cached keys after lg_pdl_wait, not before
   nocl_late  both (decode attention as before either)
-  gu1p, gu8  int4 batch-1 gate/up GEMVs: 4 / 8 warps, pipelined batches of 1 step (today: 4 warps, batches of 2)
+  gu1p    int4 batch-1 gate/up GEMVs: 4 warps in pipelined batches of 1 step (today: 8 warps)
+  gu4u2   int4 batch-1 gate/up GEMVs: 4 warps in unpipelined batches of 2 steps (before the 8-warp rule)
+  wlate   16-bit GEMVs with the rmsnorm prologue request their first batch of W after the row statistics
   w4p     int4 batch-1 4-warp GEMVs of one W row a column (qkv, LM head): pipelined batches of 2 steps (today: 4)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
@@ -37,6 +39,10 @@ from llamagraph.ir import load_config
 DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, render=dense.render,
                 heads=attention.DECODE_HEADS_PER_BLOCK, cluster=attention.decode_cluster,
                 attn_render=attention.render)
+W_EARLY = ("        if (NB_FULL > 0) load_w<false, true>(warp, t, wrow, w0);\n",
+           "        if (NB_FULL > 0) use_w<false>(warp, t, w0, xrow, xok, rs, nw4, acc);\n",
+           "for (int b = 1; b < NB_FULL; ++b)", "load_w<GUARD, NORM>(step0, t, wrow, w);")
+W_LATE = ("", "", "for (int b = 0; b < NB_FULL; ++b)", "load_w<GUARD>(step0, t, wrow, w);")
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
 AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
 
@@ -63,8 +69,10 @@ def patch(variant: str) -> None:
             return replace(t, whole_x=False)
         if q.scheme == "int4" and row_tile == 1 and dtype != "float32":
             gate_up = epilogue == "silu_mul"
-            if variant in ("gu1p", "gu8") and gate_up:
-                t = replace(t, warps=4 if variant == "gu1p" else 8, unroll=1, pipeline=True)
+            if variant == "gu1p" and gate_up:
+                t = replace(t, warps=4, unroll=1, pipeline=True)
+            elif variant == "gu4u2" and gate_up:
+                t = replace(t, warps=4, unroll=2, pipeline=False)
             elif variant == "w4p" and not gate_up and t.warps == 4:
                 t = replace(t, unroll=2, pipeline=True)
         return t
@@ -75,6 +83,11 @@ def patch(variant: str) -> None:
         src = render(template, **kw)
         if prefetch and template == "gemv" and kw.get("quant") == "none":
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
+        if variant == "wlate" and template == "gemv" and kw.get("quant") == "none" and kw.get("prologue") == "rmsnorm" \
+                and kw.get("dtype") != "float32":
+            for early, late in zip(W_EARLY, W_LATE):
+                assert early in src, "the GEMV template changed: update 'wlate'"
+                src = src.replace(early, late)
         return src
 
     def render_attention(template, **kw):
