@@ -39,10 +39,8 @@ from llamagraph.ir import load_config
 DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, render=dense.render,
                 heads=attention.DECODE_HEADS_PER_BLOCK, cluster=attention.decode_cluster,
                 attn_render=attention.render)
-W_EARLY = ("        if (NB_FULL > 0) load_w<false, true>(warp, t, wrow, w0);\n",
-           "        if (NB_FULL > 0) use_w<false>(warp, t, w0, xrow, xok, rs, nw4, acc);\n",
-           "for (int b = 1; b < NB_FULL; ++b)", "load_w<GUARD, NORM>(step0, t, wrow, w);")
-W_LATE = ("", "", "for (int b = 0; b < NB_FULL; ++b)", "load_w<GUARD>(step0, t, wrow, w);")
+W_EARLY = ("constexpr bool EARLY_W = NORM && NB_FULL >= 1 && NB_FULL <= 2;",)
+W_LATE = ("constexpr bool EARLY_W = false;",)
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
 AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
 
