@@ -193,7 +193,10 @@ def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, ma
                            scale: float | None = None) -> Kernel:
     """Split-KV decode attention as one kernel: the split kernel of ``attention_decode`` whose
     last block to finish, per (token, head group), merges the splits as the combine kernel does
-    (the same operations in the same order, so the output is bit-identical to the pair's).
+    (the same operations in the same order, so the output is bit-identical to the pair's). On sm_90+
+    the split blocks form clusters of ``decode_cluster(MAX_SPLITS)`` along z, and a token whose
+    non-empty splits all lie in the first cluster (a short cache) merges them there, through
+    distributed shared memory, with no global partials or counter (the same order again).
 
     Arguments: q, kcache, vcache, positions, seq_ids, ws (as the split kernel's), counters int32
     [T, KV * head splits] (``attention_decode_counter_bytes``: zero before the first launch, and
@@ -214,7 +217,8 @@ def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, ma
                                qscale=_c_float(scale * LOG2E), cluster=cluster, **_decode_tiling(dtype, D, H // KV)))
 
 
-DECODE_CLUSTER_MAX = 8  # the portable thread-block cluster size
+DECODE_CLUSTER_MAX = 8  # the portable thread-block cluster size (H100, one process, logits bit-identical: the cluster
+                        # merge took TinyLlama 963.5 -> 974.6 tok/s against the global merge; docs/ab_h100.txt)
 
 
 def decode_cluster(max_splits: int) -> int:
