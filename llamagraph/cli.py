@@ -586,6 +586,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                      progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr), tp=args.tp,
                      **quant_kwargs(args))
     print(result.table())
+    if result.without:
+        print(result.marginal_table())
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(result.html())
     print(f"wrote {args.output}")

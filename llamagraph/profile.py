@@ -9,6 +9,12 @@ copy bandwidth measured in the same run (``bench.copy_bandwidth``). The totals c
 of the kernels with one replay of the whole captured step, and the step's bytes
 (``bench.decode_step_bytes``: the floor ``llamagraph bench`` uses) with that replay time.
 
+Then each op's marginal cost (one GPU): the profiled launches are captured anew with that op's
+launches left out, and the replay time it saves is set beside the op's launches timed alone. A
+kernel costs the step more than its own time by what its boundaries with different neighbours
+cost (waits, ramps, tails); that difference per launch is printed too. (The data the step computes
+is wrong without an op; its timing is what is measured.)
+
 A launch repeated back to back finds in L2 what the previous repetition left there, so a
 launch whose bytes fit in L2 can read above the copy bandwidth; the whole-step replay, which
 streams every weight once, is the figure that cannot flatter.
@@ -102,6 +108,8 @@ class ProfileResult:
     step_bytes: int  # bench's floor bytes for the step
     rows: list[KernelRow] = field(default_factory=list)
     tp: int = 1  # ranks: the rows are rank 0's launches, each timed with every rank running it
+    launches_replay_us: float = 0.0  # one replay of the profiled launches captured anew (the baseline of `without`)
+    without: dict[str, float] = field(default_factory=dict)  # op -> replay us of the step without that op's launches
 
     @property
     def collective_rows(self) -> list[KernelRow]:
@@ -154,10 +162,32 @@ class ProfileResult:
         lines.append(self.totals_line())
         return "\n".join(lines)
 
+    def marginal(self) -> list[dict]:
+        """Per op: what the whole step's replay saves without its launches (its marginal cost), next to
+        its launches' time alone; the difference, per launch, is what a boundary between it and its
+        neighbours costs in the step (negative: alone overstates it, e.g. L2 kept warm across repetitions)."""
+        out = []
+        for op, us in self.without.items():
+            rows = [r for r in self.rows if r.op == op]
+            alone = sum(r.us for r in rows)
+            margin = self.launches_replay_us - us
+            out.append({"op": op, "launches": len(rows), "alone_us": alone, "without_us": us, "marginal_us": margin,
+                        "boundary_us": (margin - alone) / len(rows)})
+        return out
+
+    def marginal_table(self) -> str:
+        lines = [f"replay of the profiled launches {self.launches_replay_us:.1f} us; without each op's launches:",
+                 f"{'op':<24} {'launches':>8} {'alone us':>10} {'marginal us':>12} {'(marginal - alone) / launch':>28}"]
+        for m in self.marginal():
+            lines.append(f"{m['op']:<24} {m['launches']:>8} {m['alone_us']:>10.1f} {m['marginal_us']:>12.1f} "
+                         f"{m['boundary_us']:>28.2f}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {"config": self.config, "batch": self.batch, "context": self.context, "dtype": self.dtype,
                 "device": self.device, "copy_gb_s": self.copy_gb_s, "tp": self.tp, "totals": self.totals(),
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": [asdict(r) for r in self.rows], "launches_replay_us": self.launches_replay_us,
+                "marginal": self.marginal()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -178,6 +208,19 @@ def _time_graph(cp, graph, stream, reps: int) -> float:
     stop.record(stream)
     stop.synchronize()
     return 1e3 * cp.cuda.get_elapsed_time(start, stop) / reps
+
+
+def _time_replays(cp, graph, stream) -> float:
+    """Microseconds per replay of a captured decode step: REPLAYS back to back, after 5 to warm up."""
+    for _ in range(5):
+        graph.launch(stream)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    for _ in range(REPLAYS):
+        graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
 
 
 def _time_ranks(cp, runner, graphs, reps: int, replays: int = 1) -> float:
@@ -267,16 +310,23 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
         if runner:
             result.replay_us = _time_ranks(cp, runner, runner.graphs[batch], 1, REPLAYS)
         else:
-            step = ex.graphs[batch]
-            for _ in range(5):
-                step.launch(stream)
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            for _ in range(REPLAYS):
-                step.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            result.replay_us = 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
+            result.replay_us = _time_replays(cp, ex.graphs[batch], stream)
+
+            def step_without(op: str | None):
+                # the profiled launches captured anew, less op's: the step's cost of op in place
+                stream.begin_capture()
+                try:
+                    for _, launch in launches:
+                        if graph.nodes[launch.node].op != op:
+                            ex.launch(launch, captured)
+                finally:
+                    g = stream.end_capture()
+                return _time_replays(cp, g, stream)
+
+            result.launches_replay_us = step_without(None)
+            for op in dict.fromkeys(r.op for r in result.rows):
+                say(f"replay without {op}")
+                result.without[op] = step_without(op)
     if runner:
         runner.close()
     return result

@@ -163,6 +163,29 @@ def test_batch_one_blocks_stage_their_whole_x_row_once():
         dense.gemv("float16", 64, 64, 1, tuning=dense.GemvTuning(8, 2, whole_x=True))
 
 
+def test_batch_one_grids_past_the_resident_blocks_walk_several_column_tiles():
+    """A quantized batch-1 GEMV whose 16-column tiles outnumber the blocks that fit at once (SMS x
+    min_blocks) takes several tiles a block: the grid is resident whole and x is staged once."""
+    q = dense.GemvQuant("int4", 128)
+    slots = dense.SMS * 2  # 8-warp blocks
+    t = dense.gemv_default_tuning("float16", 28672, 4096, 1, "silu_mul", "rmsnorm", q)  # Llama-3-8B gate/up
+    assert t.tiles == -(-14336 // 16 // slots) and t.tiles > 1
+    shape = dense.gemv_launch("float16", 28672, 4096, 1, "silu_mul", prologue="rmsnorm", quant=q)
+    assert shape.grid[0] == -(-896 // t.tiles) <= slots
+    src = dense.gemv("float16", 28672, 4096, 1, "silu_mul", prologue="rmsnorm", eps=EPS, quant=q).source
+    assert "tile += gridDim.x" in src
+    # 4-warp blocks (4 a SM) of the LM head: several tiles, in pipelined batches of 2 steps (4 spill)
+    head = dense.gemv_default_tuning("float16", 128256, 4096, 1, "none", "rmsnorm", q)
+    assert head.tiles == -(-8016 // (4 * dense.SMS)) and (head.warps, head.unroll, head.pipeline) == (4, 2, True)
+    # a grid that fits, a batch of 8 rows, fp16 weights: one tile a block, no loop in the source
+    assert dense.gemv_default_tuning("float16", 4096, 4096, 1, "residual", quant=q).tiles == 1
+    assert dense.gemv_default_tuning("float16", 28672, 4096, 8, "silu_mul", "rmsnorm", q).tiles == 1
+    assert dense.gemv_default_tuning("float16", 28672, 4096, 1, "silu_mul", "rmsnorm").tiles == 1
+    assert "gridDim.x" not in dense.gemv("float16", 4096, 4096, 1, "residual", quant=q).source
+    with pytest.raises(ValueError, match="several tiles"):
+        dense.gemv("float16", 4096, 4096, 1, tuning=dense.GemvTuning(8, 2, tiles=2))
+
+
 # ---- every variant compiles, without spills --------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -171,6 +171,21 @@ def test_tp_totals_give_the_collective_time_per_step():
     assert "collectives" not in one.totals() and "all-reduce" not in one.totals_line()
 
 
+def test_marginal_cost_is_what_the_step_saves_without_an_op():
+    from llamagraph.profile import KernelRow, ProfileResult
+
+    rows = [KernelRow(i, i // 2, f"layer {i // 2}", op, f"l{i // 2}.{op}", op, us, 100, 1.0, 1.0)
+            for i, (op, us) in enumerate([("gemv", 10.0), ("sdpa", 3.0), ("gemv", 10.0), ("sdpa", 3.0)])]
+    res = ProfileResult("c.json", 1, 16, "float16", "GPU", 4000.0, 31.0, 1000, rows, launches_replay_us=30.0,
+                        without={"gemv": 6.0, "sdpa": 20.0})
+    m = {r["op"]: r for r in res.marginal()}
+    assert m["gemv"]["launches"] == 2 and m["gemv"]["marginal_us"] == 24.0 and m["gemv"]["alone_us"] == 20.0
+    assert m["gemv"]["boundary_us"] == 2.0 and m["sdpa"]["boundary_us"] == 2.0
+    table = res.marginal_table()
+    assert "replay of the profiled launches 30.0 us" in table and "sdpa" in table.splitlines()[-1]
+    assert res.to_dict()["marginal"][0]["op"] == "gemv"
+
+
 def test_profile_bad_tp_is_a_usage_error(config_path, capsys):
     rc = main(["profile", config_path, "--random-weights", "--tp", "0"])
     assert rc == 2 and "--tp" in capsys.readouterr().err

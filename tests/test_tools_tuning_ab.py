@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,24 @@ def test_variants_patch_what_they_name(tool):
     late = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert late.count("load_batch(kb, pos_t)") == 0 and late.count("load_batch(kb, -1)") == 2
     q = dense.GemvQuant("int4", 128)
-    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1px"
-    for variant, want in (("gu1p", "w4u1px"), ("gu4u2", "w4u2x")):
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1pxt4"
+    for variant, want in (("gu1p", "w4u1pxt4"), ("gu4u2", "w4u2xt4")):
         tool.patch(variant)
         assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == want
     tool.patch("w4p")
     assert dense._quant_tuning("float16", 6144, 4096, 1, "none", q).tag() == "w4u2px"
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1pxt4"
+    tool.patch("nopers")  # one tile a block, and the LM head's 4 unpipelined steps as before tiles
     assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", q).tag() == "w8u1px"
+    assert dense._quant_tuning("float16", 128256, 4096, 1, "none", q).tag() == "w4u4x"
+    q8 = dense.GemvQuant("int8")
+    gu8 = dense._quant_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", q8)
+    assert gu8.tiles == 1
+    tool.patch("t8gu")
+    assert dense._quant_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", q8) == replace(gu8, tiles=3)
+    assert dense._quant_tuning("float16", 32000, 4096, 1, "none", q8).tiles == 1
+    tool.patch("t8")
+    assert dense._quant_tuning("float16", 32000, 4096, 1, "none", q8).tiles == 8
     tool.patch("nocl_late")
     both = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source
     assert "LG_CLUSTER_Z" not in both and both.count("load_batch(kb, -1)") == 2

@@ -19,6 +19,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   gu4u2   int4 batch-1 gate/up GEMVs: 4 warps in unpipelined batches of 2 steps (before the 8-warp rule)
   wlate   16-bit GEMVs with the rmsnorm prologue request their first batch of W after the row statistics
   w4p     int4 batch-1 4-warp GEMVs of one W row a column (qkv, LM head): pipelined batches of 2 steps (today: 4)
+  nopers  int4 batch-1 GEMVs take one column tile a block (a grid of every tile), not several
+  t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
+          tiles a block as int4's do (today: one)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -38,7 +41,7 @@ from llamagraph.ir import load_config
 
 DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, render=dense.render,
                 heads=attention.DECODE_HEADS_PER_BLOCK, cluster=attention.decode_cluster,
-                attn_render=attention.render)
+                attn_render=attention.render, tiles=dense._with_resident_tiles)
 W_EARLY = ("constexpr bool EARLY_W = NORM && NB_FULL >= 1 && NB_FULL <= 2;",)
 W_LATE = ("constexpr bool EARLY_W = false;",)
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
@@ -65,6 +68,17 @@ def patch(variant: str) -> None:
         t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
         if variant == "nox":
             return replace(t, whole_x=False)
+        if variant == "nopers":
+            tiles, dense._with_resident_tiles = dense._with_resident_tiles, lambda t, n_tiles, per_warp: t
+            try:
+                return quant(dtype, N, K, row_tile, epilogue, q, has_bias)
+            finally:
+                dense._with_resident_tiles = tiles
+        which = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",),
+                 "t8head": ("none",)}.get(variant, ())
+        if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
+            mt = 2 if epilogue == "silu_mul" else 1
+            return DEFAULTS["tiles"](t, -(-N // mt // 16), -(-(-(-K // 16) // 4) // t.warps))
         if q.scheme == "int4" and row_tile == 1 and dtype != "float32":
             gate_up = epilogue == "silu_mul"
             if variant == "gu1p" and gate_up:

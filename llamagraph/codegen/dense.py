@@ -219,15 +219,26 @@ class GemvTuning:
             flight while this one's codes are dequantized (twice the code registers of one batch).
     whole_x: quantized 16-bit W only: the block stages its row tile's whole x rows in shared memory
             once, not one batch's columns before every batch (no barrier between batches).
+    tiles:  quantized 16-bit W only: 16-column output tiles per block. Past 1 the grid shrinks to
+            cdiv(tiles of N, tiles) and each block walks its tiles grid-stride, staging x once.
     """
 
     warps: int
     unroll: int
     pipeline: bool = False
     whole_x: bool = False
+    tiles: int = 1
 
     def tag(self) -> str:
-        return f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
+        return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
+                + (f"t{self.tiles}" if self.tiles > 1 else ""))
+
+    @property
+    def min_blocks(self) -> int:
+        """Resident blocks per SM asked of ptxas (``__launch_bounds__``): 2 of 256 threads. Without a
+        minimum it schedules for occupancy and sinks each W load next to its use, leaving 2-3 loads
+        in flight per warp."""
+        return max(1, 512 // (32 * self.warps))
 
 
 @dataclass(frozen=True)
@@ -325,7 +336,11 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     A batch-1 block of more than one batch stages its whole x row in shared memory once
     (``whole_x``: no barrier between batches) where it fits the 48 KB a launch gets without
     opting in: +1.2% on the 8B int4 step, +1.7% on the 7B int8 step (H100, one process, logits
-    bit-identical).
+    bit-identical). An int4 batch-1 grid of more 16-column tiles than blocks resident at once
+    (gate/up, the LM head, Llama-2-7B's qkv) shrinks to what is resident and each block walks
+    several tiles (``tiles``), staging and norming x once: 8B int4 step +1.1%, 7B int4 +2.3%; the
+    int8 keeps one tile a block (its 7B step was 1.0% slower with several) (H100, one process, logits
+    bit-identical; tools/tuning_ab.py).
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
@@ -351,8 +366,22 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     if row_tile == 1 and steps > warps * unroll:  # (one batch stages its slab once either way)
         whole = replace(tuning, whole_x=True)
         if gemv_quant_smem(dtype, K, 1, whole, quant) <= WHOLE_X_SMEM:
-            return whole
+            tuning = whole
+    if row_tile == 1 and quant.scheme == "int4":
+        tuning = _with_resident_tiles(tuning, _cdiv(N // mt, 16), per_warp)
     return tuning
+
+
+def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> GemvTuning:
+    """``tuning`` with enough column tiles per block that the whole grid is resident at once
+    (``min_blocks`` a SM), each block taking as equal a share as the tile count allows (1 where one
+    tile a block fits). per_warp: steps of a W row per warp."""
+    slots = SMS * tuning.min_blocks
+    tiles = 1 if n_tiles <= slots else _cdiv(n_tiles, slots)
+    if tiles > 1 and not tuning.pipeline and tuning.unroll > 2:
+        # the tile loop's registers leave no room for 4 unpipelined steps (ptxas spills): 2, pipelined
+        tuning = replace(tuning, unroll=2, pipeline=per_warp > 2)
+    return replace(tuning, tiles=tiles)
 
 
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
@@ -435,8 +464,11 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
         raise ValueError(f"gemv row_tile must be in [1, {MAX_ROW_TILE}], got {row_tile}")
     if tuning.warps not in (1, 2, 4, 8, 16, 32) or not 1 <= tuning.unroll <= 16:
         raise ValueError(f"bad gemv tuning {tuning}")
-    if (tuning.pipeline or tuning.whole_x) and (quant is None or dtype == "float32"):
-        raise ValueError(f"gemv tuning {tuning}: pipelined codes and whole x slabs are for quantized 16-bit GEMVs only")
+    if (tuning.pipeline or tuning.whole_x or tuning.tiles != 1) and (quant is None or dtype == "float32"):
+        raise ValueError(f"gemv tuning {tuning}: pipelined codes, whole x slabs and several tiles a block are for "
+                         f"quantized 16-bit GEMVs only")
+    if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
+        raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
 
 
 def gemv(
@@ -515,9 +547,8 @@ def gemv(
         unroll=tuning.unroll,
         pipeline=tuning.pipeline,
         whole_x=tuning.whole_x,
-        # ask ptxas for 2 resident blocks of 256 threads: without a minimum it schedules for
-        # occupancy and sinks each W load next to its use, leaving 2-3 loads in flight per warp
-        min_blocks=max(1, 512 // (32 * tuning.warps)),
+        tiles=tuning.tiles,
+        min_blocks=tuning.min_blocks,
         prologue=prologue,
         eps=repr(float(eps)) + "f",
         quant=quant.scheme if quant else "none",
@@ -545,7 +576,7 @@ def gemv_launch(
     tuning = tuning or gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
-    return Shape((_cdiv(n_out, cols_per_block), 1, 1), (tuning.warps * 32, 1, 1),
+    return Shape((_cdiv(_cdiv(n_out, cols_per_block), tuning.tiles), 1, 1), (tuning.warps * 32, 1, 1),
                  gemv_quant_smem(dtype, K, row_tile, tuning, quant))
 
 

@@ -15,6 +15,7 @@ The dequantize kernel must equal dequantize() rounded to the activation dtype bi
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -47,16 +48,22 @@ CASES = {
     "tiny": (2 * 192, 64, "silu_mul", "rmsnorm", True, None, 4),  # K below one int4 step
     # batch-1 decode tiles: int8 pipelines 5 batches of 2 steps (8 warps)
     "rms_silu_decode": (2 * 136, 5120, "silu_mul", "rmsnorm", False, None, 1),
+    # an 8th entry: column tiles per block (16-bit only), grid-stride over a ragged share: 13 tiles in 5
+    # blocks, 63 tiles in 21; with 3 rows each block walks its tiles once per row tile
+    "rms_silu_tiles": (2 * 200, 2560, "silu_mul", "rmsnorm", False, None, 1, 3),
+    "rms_logits_tiles": (1000, 512, "none", "rmsnorm", False, "float32", 1, 3),
 }
 # (N, K, bias, row_tile); the row tiles of 1: int4's 8-warp blocks with one batch of codes (K 2560) and
 # pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
-RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1)]
+RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1),
+             (256, 5120, False, 1, 3)]  # 16 tiles in 6 blocks
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 16),
     (4, 4, 32, 128, "rotate_half", {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16},
      True, 4),
     (4, 2, 64, 256, "rotate_half", None, True, 1),  # a batch-1 decode tile, reloading its codes per row
+    (4, 2, 64, 256, "rotate_half", None, True, 1, 3),  # 32 tiles in 11 blocks of 3
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -69,22 +76,42 @@ def _fits(group, K):
     return group is None or K % group == 0
 
 
-def _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt):
+TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than the default (its launch needs it)
+
+
+def _tiled(dtype, q, N, K, rt, epi, pro, bias, tiles):
+    """The default tuning with ``tiles`` column tiles a block (16-bit activations; fp32 has one)."""
+    if dtype == "float32" or not tiles or tiles[0] == 1:
+        return None
+    t = dense.gemv_default_tuning(dtype, N, K, rt, epi, pro, q, bias)
+    return replace(t, tiles=tiles[0])
+
+
+def _remember(kernel, tuning):
+    if tuning is not None:
+        TUNINGS[kernel.name] = tuning
+    return kernel
+
+
+def _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt, *tiles):
     od = None if dtype == "float32" else out_dtype
-    return dense.gemv(dtype, N, K, rt, epi, bias, od, prologue=pro, eps=EPS, quant=q)
+    t = _tiled(dtype, q, N, K, rt, epi, pro, bias, tiles)
+    return _remember(dense.gemv(dtype, N, K, rt, epi, bias, od, prologue=pro, eps=EPS, quant=q, tuning=t), t)
 
 
-def _res_kernel(dtype, q, N, K, bias, rt):
-    return dense.gemv(dtype, N, K, rt, "residual", bias, quant=q)
+def _res_kernel(dtype, q, N, K, bias, rt, *tiles):
+    t = _tiled(dtype, q, N, K, rt, "residual", "none", bias, tiles)
+    return _remember(dense.gemv(dtype, N, K, rt, "residual", bias, quant=q, tuning=t), t)
 
 
 def _rope_spec(H, KV, HD, layout, scaling):
     return dense.RopeEpilogue(H, KV, HD, layout, MAX_SEQ, scaling, 10000.0)
 
 
-def _rope_kernel(dtype, q, H, KV, HD, K, layout, scaling, bias, rt):
-    return dense.gemv(dtype, (H + 2 * KV) * HD, K, rt, "rope", bias, prologue="rmsnorm", eps=EPS,
-                      rope=_rope_spec(H, KV, HD, layout, scaling), quant=q)
+def _rope_kernel(dtype, q, H, KV, HD, K, layout, scaling, bias, rt, *tiles):
+    t = _tiled(dtype, q, (H + 2 * KV) * HD, K, rt, "rope", "rmsnorm", bias, tiles)
+    return _remember(dense.gemv(dtype, (H + 2 * KV) * HD, K, rt, "rope", bias, prologue="rmsnorm", eps=EPS,
+                                rope=_rope_spec(H, KV, HD, layout, scaling), quant=q, tuning=t), t)
 
 
 def _dequant_shapes():
@@ -149,11 +176,11 @@ def _params(fits):
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_quantized_gemv(dtype, scheme, group, case):
-    N, K, epi, pro, bias, out_dtype, rt = CASES[case]
+    N, K, epi, pro, bias, out_dtype, rt, *tiles = CASES[case]
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     q = _q(scheme, group)
-    k = _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt)
+    k = _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt, *tiles)
     out_dt = dtype if dtype == "float32" else (out_dtype or dtype)
     n_out = N // 2 if epi == "silu_mul" else N
     for rows in ROWS:
@@ -164,7 +191,7 @@ def test_quantized_gemv(dtype, scheme, group, case):
         (codes, scales, zeros), w = _weight(rng, N, K, dtype, scheme, group)
         out = poisoned((rows + SPARE, n_out), out_dt)
         extra = [dev(nw, dtype)] if pro == "rmsnorm" else []
-        run(k, dense.gemv_launch(dtype, N, K, rt, epi, prologue=pro, quant=q, has_bias=bias), dev(x, dtype), codes,
+        run(k, dense.gemv_launch(dtype, N, K, rt, epi, TUNINGS.get(k.name), pro, q, bias), dev(x, dtype), codes,
             scales, zeros,
             dev(b, dtype) if bias else NULL, out, rows, *extra)
         attrs = {"eps": EPS, "dtype": dtype}
@@ -178,14 +205,14 @@ def test_quantized_gemv(dtype, scheme, group, case):
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
-@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}")
+@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}" + "".join(f"t{t}" for t in c[4:]))
 @pytest.mark.parametrize("in_place", [False, True])
 def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
-    N, K, bias, rt = case
+    N, K, bias, rt, *tiles = case
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     q = _q(scheme, group)
-    k = _res_kernel(dtype, q, N, K, bias, rt)
+    k = _res_kernel(dtype, q, N, K, bias, rt, *tiles)
     for rows in ROWS:
         rng = np.random.default_rng(rows * 17 + N)
         x = randn(rng, (rows, K), dtype)
@@ -194,7 +221,8 @@ def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
         res = randn(rng, (rows, N), dtype, scale=4.0)
         res_d = dev(np.concatenate([res, np.full((SPARE, N), np.nan, np.float32)]), dtype)
         out = res_d if in_place else poisoned((rows + SPARE, N), dtype)
-        run(k, dense.gemv_launch(dtype, N, K, rt, "residual", quant=q, has_bias=bias), dev(x, dtype), codes, scales,
+        run(k, dense.gemv_launch(dtype, N, K, rt, "residual", TUNINGS.get(k.name), quant=q, has_bias=bias), dev(x, dtype),
+            codes, scales,
             zeros,
             dev(b, dtype) if bias else NULL, out, rows, res_d)
         ref = ops._linear_residual_ref([x, w, res] + ([b] if bias else []), {"dtype": dtype})[0]
@@ -202,11 +230,12 @@ def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: dt != "float32"))
-@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}{c[4]}r{c[7]}")
+@pytest.mark.parametrize("case", ROPE_CASES,
+                         ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}{c[4]}r{c[7]}" + "".join(f"t{t}" for t in c[8:]))
 def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
-    H, KV, HD, K, layout, scaling, bias, rt = case
+    H, KV, HD, K, layout, scaling, bias, rt, *tiles = case
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     q = _q(scheme, group)
@@ -229,7 +258,7 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
         vc = randn(rng, (MAX_BATCH, MAX_SEQ, KV, HD), dtype)
         kc_d, vc_d = dev(kc, dtype), dev(vc, dtype)
         q_out = poisoned((rows + SPARE, H, HD), dtype)
-        run(k, dense.gemv_launch(dtype, N, K, rt, "rope", prologue="rmsnorm", quant=q, has_bias=bias), dev(x, dtype),
+        run(k, dense.gemv_launch(dtype, N, K, rt, "rope", TUNINGS.get(k.name), "rmsnorm", q, bias), dev(x, dtype),
             codes, scales, zeros, dev(b, dtype) if bias else NULL, q_out, rows, dev(nw, dtype), cupy.asarray(positions),
             cupy.asarray(seq_ids), cupy.asarray(seq_lens), inv, kc_d, vc_d)
         attrs = {"eps": EPS, "dtype": dtype, "num_heads": H, "num_kv_heads": KV, "head_dim": HD, "layout": layout,

@@ -49,6 +49,16 @@ def test_profile_tiny_decode_step(tmp_path, capsys):
     assert page.count('class="bar"') == len(rows)
     assert page.count('class="group"') == 4  # embedding, layer 0, layer 1, head
 
+    # each op's marginal cost: the step replayed without its launches is faster, and the table says so
+    marginal = {m["op"]: m for m in data["marginal"]}
+    assert set(marginal) == {r["op"] for r in rows}
+    assert data["launches_replay_us"] > 0
+    assert all(m["without_us"] > 0 for m in marginal.values()), marginal
+    heaviest = max(marginal.values(), key=lambda m: m["alone_us"])  # (an op of a microsecond is within the noise)
+    assert heaviest["without_us"] < data["launches_replay_us"], marginal
+    assert marginal["rms_lm_head"]["launches"] == 1
+    assert "without each op's launches" in out and re.search(r"^rms_lm_head\s+1\s", out, re.M), out
+
 
 def _gpus() -> int:
     try:
