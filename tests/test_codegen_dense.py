@@ -33,6 +33,17 @@ GEMV_SHAPES = [  # (N, K, epilogue)
     (36, 296, "silu_mul"),
 ]
 ROW_TILES = (1, 8, 16)
+# the fused GEMVs of a decoder layer and the head, (N, K, prologue, epilogue, rope, out_dtype): TinyLlama, Llama-2-7B
+FUSED_SHAPES = [
+    (2560, 2048, "rmsnorm", "rope", dense.RopeEpilogue(32, 4, 64, "rotate_half", 2048), None),
+    (2048, 2048, "none", "residual", None, None),
+    (2 * 5632, 2048, "rmsnorm", "silu_mul", None, None),
+    (2048, 5632, "none", "residual", None, None),
+    (32000, 2048, "rmsnorm", "none", None, "float32"),
+    (12288, 4096, "rmsnorm", "rope", dense.RopeEpilogue(32, 32, 128, "rotate_half", 4096), None),
+    (2 * 11008, 4096, "rmsnorm", "silu_mul", None, None),
+    (4096, 11008, "none", "residual", None, None),
+]
 EW = {**ELEMENTWISE, **PREFILL_EPILOGUES}  # every element-wise kernel a plan uses: tag -> (expr, operand)
 
 
@@ -53,6 +64,12 @@ def _kernels(dtype: str) -> list:
         for rt in ROW_TILES:
             ks.append(dense.gemv(dtype, N, K, rt, epilogue=epi, has_bias=(N == 12288 or N < 128)))
     ks.append(dense.gemv(dtype, 32000, 4096, 8, out_dtype="float32"))  # lm_head writes fp32 logits
+    for N, K, pro, epi, rope, out_dtype in FUSED_SHAPES:
+        if dtype == "float32" and epi == "rope":
+            continue
+        for rt in ROW_TILES:
+            ks.append(dense.gemv(dtype, N, K, rt, epi, False, out_dtype if dtype != "float32" else None, prologue=pro,
+                                 eps=1e-5, rope=rope))
     return ks
 
 
