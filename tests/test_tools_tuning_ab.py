@@ -82,6 +82,10 @@ def test_variants_patch_what_they_name(tool):
     tool.patch("wlate")
     late = dense.gemv("float16", 2560, 2048, 1, **qkv).source
     assert "EARLY_W = NORM &&" in early and "EARLY_W = false;" in late
+    bf = dict(prologue="rmsnorm", eps=1e-5)
+    assert "EARLY_W = false;" in dense.gemv("bfloat16", 2 * 5632, 2048, 1, "silu_mul", **bf).source
+    tool.patch("bf16early")
+    assert "EARLY_W = NORM &&" in dense.gemv("bfloat16", 2 * 5632, 2048, 1, "silu_mul", **bf).source
     tool.patch("base")
     assert _shapes()[:3] == (warps, smem, attn_blocks)
     assert dense.gemv("float16", 2560, 2048, 1, **qkv).source == early

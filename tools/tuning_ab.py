@@ -2,7 +2,7 @@
 variant, and its decode-step logits against the first variant's (a tuning that changes only the
 schedule leaves them bit-identical; one that changes the order of a sum moves them by rounding).
 
-    python tools/tuning_ab.py CONFIG QUANT VARIANTS [BATCH]
+    python tools/tuning_ab.py CONFIG QUANT VARIANTS [BATCH] [DTYPE]
     python tools/tuning_ab.py examples/tinyllama-1.1b.json none base,w8,gpb8,base
     python tools/tuning_ab.py examples/llama-3-8b.json int4 base,nox,base
 
@@ -20,6 +20,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   wlate   16-bit GEMVs with the rmsnorm prologue request their first batch of W after the row statistics
   w4p     int4 batch-1 4-warp GEMVs of one W row a column (qkv, LM head): pipelined batches of 2 steps (today: 4)
   nopers  int4 batch-1 GEMVs take one column tile a block (a grid of every tile), not several
+  bf16early  bf16 GEMVs with the rmsnorm prologue request their first W batch before the statistics, as
+          fp16's do where a row tile has one or two batches (before: it spills in the 1B models' gate/up)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
@@ -95,8 +97,12 @@ def patch(variant: str) -> None:
         src = render(template, **kw)
         if prefetch and template == "gemv" and kw.get("quant") == "none":
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
+        if variant == "bf16early" and template == "gemv" and kw.get("quant") == "none" \
+                and kw.get("prologue") == "rmsnorm" and kw.get("dtype") == "bfloat16":
+            assert W_LATE[0] in src, "the GEMV template changed: update 'bf16early'"
+            src = src.replace(W_LATE[0], W_EARLY[0])
         if variant == "wlate" and template == "gemv" and kw.get("quant") == "none" and kw.get("prologue") == "rmsnorm" \
-                and kw.get("dtype") != "float32":
+                and kw.get("dtype") == "float16":  # (bf16 requests it late already)
             for early, late in zip(W_EARLY, W_LATE):
                 assert early in src, "the GEMV template changed: update 'wlate'"
                 src = src.replace(early, late)
@@ -118,6 +124,7 @@ def patch(variant: str) -> None:
 def main(argv: list[str]) -> None:
     config, quantize, variants = argv[0], argv[1], argv[2].split(",")
     batch = int(argv[3]) if len(argv) > 3 else 1
+    dtype = argv[4] if len(argv) > 4 else "float16"
     quantize = None if quantize == "none" else quantize
     cfg = load_config(config)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 128)).tolist()
@@ -126,18 +133,18 @@ def main(argv: list[str]) -> None:
         patch(variant)
         plan = None
         try:
-            plan = llamagraph.compile(cfg, "random", dtype="float16", max_batch=batch, max_seq=256, backend="cuda",
+            plan = llamagraph.compile(cfg, "random", dtype=dtype, max_batch=batch, max_seq=256, backend="cuda",
                                       quantize=quantize, group_size=128 if quantize == "int4" else None)
             plan.run(prompts)
             logits = np.asarray(plan.run([[7]] * batch), np.float32)  # a decode step
             first = logits if first is None else first
             plan.generate(prompts, 4)  # capture the pipelined decode graph
             runs = [127 * batch / _decode_time(plan, prompts, 128, _cupy_sync) for _ in range(3)]
-            print(f"{config} {quantize or 'fp16'} {variant}: batch {batch} decode {max(runs):.1f} tok/s "
+            print(f"{config} {dtype} {quantize or ''} {variant}: batch {batch} decode {max(runs):.1f} tok/s "
                   f"(runs {[round(r, 1) for r in runs]}), logits max diff vs {variants[0]} "
                   f"{float(np.abs(logits - first).max()):.3g}", flush=True)
         except Exception as e:  # one variant failing (e.g. spills past the register budget) is a result too
-            print(f"{config} {quantize or 'fp16'} {variant}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"{config} {dtype} {quantize or ''} {variant}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
         plan = None
         gc.collect()
         _free_cupy(1)
