@@ -47,6 +47,10 @@ def test_variants_patch_what_they_name(tool):
     assert _shapes()[2] == 8
     tool.patch("gpb8")
     assert _shapes()[2] == 4
+    tool.patch("pf0")
+    assert "< 0 ? K" in _shapes()[3]
+    tool.patch("nold")
+    assert "lg_pdl_launch_dependents" not in _shapes()[3] and "lg_pdl_launch_dependents" in src
     tool.patch("pf8k")
     assert "< 8192 ? K" in _shapes()[3] and "< 8192 ? K" not in src
     base_attn = attention.attention_decode_fused("float16", 32, 8, 128, 6144, 256).source

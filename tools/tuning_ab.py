@@ -9,7 +9,9 @@ schedule leaves them bit-identical; one that changes the order of a sum moves th
 QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``):
   w8      16-bit batch-1 GEMVs of at most one block a SM keep 8 warps (before the 16-warp rule)
   w4tail  16-bit GEMVs of 1 to 2 waves of 8-warp blocks take 4 warps (measured slower)
-  pf4k, pf8k  16-bit GEMVs prefetch 4 / 8 KB of each W row to L2 before the PDL wait (slower)
+  pf0, pf4k, pf8k  16-bit GEMVs prefetch 0 / 4 / 8 KB of each W row to L2 before the PDL wait (today: 2 KB;
+          4 and 8 measured slower)
+  nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
   nocl    decode attention merges its splits through global memory and a counter, never in a cluster
@@ -47,6 +49,7 @@ DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, ren
 W_EARLY = ("constexpr bool EARLY_W = NORM && NB_FULL >= 1 && NB_FULL <= 2;",)
 W_LATE = ("constexpr bool EARLY_W = false;",)
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
+TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
 
 
@@ -91,12 +94,15 @@ def patch(variant: str) -> None:
                 t = replace(t, unroll=2, pipeline=True)
         return t
 
-    prefetch = {"pf4k": 4096, "pf8k": 8192}.get(variant)
+    prefetch = {"pf0": 0, "pf4k": 4096, "pf8k": 8192}.get(variant)
 
     def render_prefetch(template, **kw):
         src = render(template, **kw)
-        if prefetch and template == "gemv" and kw.get("quant") == "none":
+        if prefetch is not None and template == "gemv" and kw.get("quant") == "none":
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
+        if variant == "nold" and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
+            assert TRIGGER in src, "the GEMV template changed: update 'nold'"
+            src = src.replace(TRIGGER, "\n")
         if variant == "bf16early" and template == "gemv" and kw.get("quant") == "none" \
                 and kw.get("prologue") == "rmsnorm" and kw.get("dtype") == "bfloat16":
             assert W_LATE[0] in src, "the GEMV template changed: update 'bf16early'"
