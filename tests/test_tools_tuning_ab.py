@@ -49,6 +49,11 @@ def test_variants_patch_what_they_name(tool):
     assert _shapes()[2] == 4
     tool.patch("pf0")
     assert "< 0 ? K" in _shapes()[3]
+    tool.patch("pf0gu")
+    assert "< 0 ? K" not in _shapes()[3]
+    assert "< 0 ? K" in dense.gemv("float16", 2 * 5632, 2048, 1, "silu_mul", prologue="rmsnorm", eps=1e-5).source
+    tool.patch("pf0res")
+    assert "< 0 ? K" in _shapes()[3]
     tool.patch("nold")
     assert "lg_pdl_launch_dependents" not in _shapes()[3] and "lg_pdl_launch_dependents" in src
     tool.patch("pf8k")

@@ -11,6 +11,7 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   w4tail  16-bit GEMVs of 1 to 2 waves of 8-warp blocks take 4 warps (measured slower)
   pf0, pf4k, pf8k  16-bit GEMVs prefetch 0 / 4 / 8 KB of each W row to L2 before the PDL wait (today: 2 KB;
           4 and 8 measured slower)
+  pf0gu, pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (gate/up, qkv, o/down, the LM head)
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
@@ -95,10 +96,13 @@ def patch(variant: str) -> None:
         return t
 
     prefetch = {"pf0": 0, "pf4k": 4096, "pf8k": 8192}.get(variant)
+    only = {"pf0gu": "silu_mul", "pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}.get(variant)
+    prefetch = 0 if only else prefetch
 
     def render_prefetch(template, **kw):
         src = render(template, **kw)
-        if prefetch is not None and template == "gemv" and kw.get("quant") == "none":
+        if prefetch is not None and template == "gemv" and kw.get("quant") == "none" \
+                and (only is None or kw.get("epilogue") == only):
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
         if variant == "nold" and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
             assert TRIGGER in src, "the GEMV template changed: update 'nold'"
