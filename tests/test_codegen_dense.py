@@ -112,6 +112,16 @@ def test_names_encode_constants():
     assert dense.eps_tag(1e-5) == "1em05" and dense.eps_tag(2.5e-6) == "2p5em06"
 
 
+def test_gate_up_gemv_asks_l2_for_nothing_before_its_wait():
+    # the other 16-bit GEMVs prefetch their first W lines before lg_pdl_wait; gate/up's prefetch cost the
+    # 8B decode step 1% (tools/tuning_ab.py pf0gu, docs/ab_h100.txt)
+    call = "_impl::prefetch_w(reinterpret_cast<const uint4*>(W), blockIdx.x * 16);"
+    gate_up = dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", prologue="rmsnorm", eps=1e-5).source
+    down = dense.gemv("float16", 4096, 14336, 1, "residual").source
+    assert call not in gate_up and call in down
+    assert call in dense.gemv("bfloat16", 6144, 4096, 1, prologue="rmsnorm", eps=1e-5).source
+
+
 def test_source_shows_its_constants():
     k = dense.gemv("bfloat16", 2 * 11008, 4096, 8, epilogue="silu_mul", has_bias=True)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in k.source

@@ -11,7 +11,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   w4tail  16-bit GEMVs of 1 to 2 waves of 8-warp blocks take 4 warps (measured slower)
   pf0, pf4k, pf8k  16-bit GEMVs prefetch 0 / 4 / 8 KB of each W row to L2 before the PDL wait (today: 2 KB;
           4 and 8 measured slower)
-  pf0gu, pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (gate/up, qkv, o/down, the LM head)
+  pf0gu, pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (gate/up, qkv, o/down, the LM head;
+          pf0gu became the default: today gate/up asks for nothing before the wait, and pf0gu changes nothing)
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
