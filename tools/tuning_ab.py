@@ -13,6 +13,7 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           4 and 8 measured slower)
   pf0gu, pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (gate/up, qkv, o/down, the LM head;
           pf0gu became the default: today gate/up asks for nothing before the wait, and pf0gu changes nothing)
+  qpf0gu  quantized 16-bit gate/up GEMVs ask L2 for nothing before their wait (as 16-bit W's gate/up since a0c8c42)
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
@@ -51,6 +52,7 @@ DEFAULTS = dict(tuning=dense.gemv_default_tuning, quant=dense._quant_tuning, ren
 W_EARLY = ("constexpr bool EARLY_W = NORM && NB_FULL >= 1 && NB_FULL <= 2;",)
 W_LATE = ("constexpr bool EARLY_W = false;",)
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
+Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
 
@@ -105,6 +107,10 @@ def patch(variant: str) -> None:
         if prefetch is not None and template == "gemv" and kw.get("quant") == "none" \
                 and (only is None or kw.get("epilogue") == only):
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
+        if variant == "qpf0gu" and template == "gemv" and kw.get("quant") != "none" and kw.get("epilogue") == "silu_mul" \
+                and kw.get("dtype") != "float32":
+            assert Q_PREFETCH in src, "the GEMV template changed: update 'qpf0gu'"
+            src = src.replace(Q_PREFETCH, "")
         if variant == "nold" and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
             assert TRIGGER in src, "the GEMV template changed: update 'nold'"
             src = src.replace(TRIGGER, "\n")
