@@ -13,7 +13,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           4 and 8 measured slower)
   pf0gu, pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (gate/up, qkv, o/down, the LM head;
           pf0gu became the default: today gate/up asks for nothing before the wait, and pf0gu changes nothing)
-  qpf0gu  quantized 16-bit gate/up GEMVs ask L2 for nothing before their wait (as 16-bit W's gate/up since a0c8c42)
+  qpf0gu  quantized 16-bit gate/up GEMVs ask L2 for nothing before their wait (as 16-bit W's gate/up since a0c8c42;
+          a tiled block's prefetch of its next tile stays)
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   gpb4, gpb8  decode attention takes up to 4 / 8 heads of a GQA group a block (before the cap of 2)
