@@ -199,28 +199,18 @@ class ProfileResult:
                             subtitle=[self.header(), self.totals_line()])
 
 
-def _time_graph(cp, graph, stream, reps: int) -> float:
-    """Microseconds per repetition of a captured graph, after one warm-up replay."""
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    graph.launch(stream)
-    start.record(stream)
-    graph.launch(stream)
-    stop.record(stream)
-    stop.synchronize()
-    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / reps
-
-
-def _time_replays(cp, graph, stream) -> float:
-    """Microseconds per replay of a captured decode step: REPLAYS back to back, after 5 to warm up."""
-    for _ in range(5):
+def _time_graph(cp, graph, stream, reps: int, replays: int = 1, warmup: int = 1) -> float:
+    """Microseconds per repetition of the work a captured graph holds ``reps`` times: ``replays``
+    replays timed back to back, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
         graph.launch(stream)
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     start.record(stream)
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         graph.launch(stream)
     stop.record(stream)
     stop.synchronize()
-    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / REPLAYS
+    return 1e3 * cp.cuda.get_elapsed_time(start, stop) / (reps * replays)
 
 
 def _time_ranks(cp, runner, graphs, reps: int, replays: int = 1) -> float:
@@ -310,7 +300,7 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
         if runner:
             result.replay_us = _time_ranks(cp, runner, runner.graphs[batch], 1, REPLAYS)
         else:
-            result.replay_us = _time_replays(cp, ex.graphs[batch], stream)
+            result.replay_us = _time_graph(cp, ex.graphs[batch], stream, 1, REPLAYS, warmup=5)
 
             def step_without(op: str | None):
                 # the profiled launches captured anew, less op's: the step's cost of op in place
@@ -321,7 +311,7 @@ def profile(config: str, *, batch: int = 1, context: int = 128, dtype: str = "fl
                             ex.launch(launch, captured)
                 finally:
                     g = stream.end_capture()
-                return _time_replays(cp, g, stream)
+                return _time_graph(cp, g, stream, 1, REPLAYS, warmup=5)
 
             result.launches_replay_us = step_without(None)
             for op in dict.fromkeys(r.op for r in result.rows):

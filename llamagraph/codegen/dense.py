@@ -338,7 +338,7 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     opting in: +1.2% on the 8B int4 step, +1.7% on the 7B int8 step (H100, one process, logits
     bit-identical). An int4 batch-1 grid of more 16-column tiles than blocks resident at once
     (gate/up, the LM head, Llama-2-7B's qkv) shrinks to what is resident and each block walks
-    several tiles (``tiles``), staging and norming x once: 8B int4 step +1.1%, 7B int4 +2.3%; the
+    several tiles (``tiles``), staging and norming x once: 8B int4 step +1.1%, 7B int4 +2.3%;
     int8 keeps one tile a block (its 7B step was 1.0% slower with several) (H100, one process, logits
     bit-identical; tools/tuning_ab.py).
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
