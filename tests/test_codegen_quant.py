@@ -174,6 +174,8 @@ def test_batch_one_grids_past_the_resident_blocks_walk_several_column_tiles():
     assert shape.grid[0] == -(-896 // t.tiles) <= slots
     src = dense.gemv("float16", 28672, 4096, 1, "silu_mul", prologue="rmsnorm", eps=EPS, quant=q).source
     assert "tile += gridDim.x" in src
+    # 4 pipelined batches a tile: the next tile's first codes are requested behind this tile's last batch
+    assert "constexpr bool AHEAD = true && NB % 2 == 0;" in src and "else if (AHEAD && tile + (int)gridDim.x < NTILES)" in src
     # 4-warp blocks (4 a SM) of the LM head: several tiles, in pipelined batches of 2 steps (4 spill)
     head = dense.gemv_default_tuning("float16", 128256, 4096, 1, "none", "rmsnorm", q)
     assert head.tiles == -(-8016 // (4 * dense.SMS)) and (head.warps, head.unroll, head.pipeline) == (4, 2, True)
@@ -182,6 +184,7 @@ def test_batch_one_grids_past_the_resident_blocks_walk_several_column_tiles():
     assert dense.gemv_default_tuning("float16", 28672, 4096, 8, "silu_mul", "rmsnorm", q).tiles == 1
     assert dense.gemv_default_tuning("float16", 28672, 4096, 1, "silu_mul", "rmsnorm").tiles == 1
     assert "gridDim.x" not in dense.gemv("float16", 4096, 4096, 1, "residual", quant=q).source
+    assert "AHEAD" not in dense.gemv("float16", 4096, 4096, 1, "residual", quant=q).source
     with pytest.raises(ValueError, match="several tiles"):
         dense.gemv("float16", 4096, 4096, 1, tuning=dense.GemvTuning(8, 2, tiles=2))
 

@@ -59,6 +59,11 @@ def test_variants_patch_what_they_name(tool):
     pre_wait = "prefetch_w(W4, w_scales, w_zeros, col0)"  # (a tiled block's next-tile prefetch stays)
     assert pre_wait not in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
     assert pre_wait in dense.gemv("float16", 6144, 4096, 1, **q4).source
+    ahead = "constexpr bool AHEAD = true &&"
+    assert ahead in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
+    tool.patch("noahead")
+    assert ahead not in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
+    assert "constexpr bool AHEAD = false &&" in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
     tool.patch("nold")
     assert "lg_pdl_launch_dependents" not in _shapes()[3] and "lg_pdl_launch_dependents" in src
     tool.patch("pf8k")

@@ -28,6 +28,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nopers  int4 batch-1 GEMVs take one column tile a block (a grid of every tile), not several
   bf16early  bf16 GEMVs with the rmsnorm prologue request their first W batch before the statistics, as
           fp16's do where a row tile has one or two batches (before: it spills in the 1B models' gate/up)
+  noahead int4 GEMVs of several tiles a block request a tile's first codes after the last tile's epilogue
+          (before: today they are requested behind the last tile's last batch)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
@@ -55,6 +57,7 @@ W_LATE = ("constexpr bool EARLY_W = false;",)
 EARLY_LOAD = "    load_batch(kb, pos_t);  // the first batch, but for the token's own key\n"
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
+AHEAD = "constexpr bool AHEAD = true &&"
 AFTER_WAIT = "    lg_pdl_launch_dependents();\n\n    float* part"
 
 
@@ -112,6 +115,9 @@ def patch(variant: str) -> None:
                 and kw.get("dtype") != "float32":
             assert Q_PREFETCH in src, "the GEMV template changed: update 'qpf0gu'"
             src = src.replace(Q_PREFETCH, "")
+        if variant == "noahead" and template == "gemv" and kw.get("tiles", 1) > 1:
+            assert AHEAD in src, "the GEMV template changed: update 'noahead'"
+            src = src.replace(AHEAD, "constexpr bool AHEAD = false &&")
         if variant == "nold" and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
             assert TRIGGER in src, "the GEMV template changed: update 'nold'"
             src = src.replace(TRIGGER, "\n")

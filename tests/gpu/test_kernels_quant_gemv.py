@@ -52,6 +52,11 @@ CASES = {
     # blocks, 63 tiles in 21; with 3 rows each block walks its tiles once per row tile
     "rms_silu_tiles": (2 * 200, 2560, "silu_mul", "rmsnorm", False, None, 1, 3),
     "rms_logits_tiles": (1000, 512, "none", "rmsnorm", False, "float32", 1, 3),
+    # 4 (int8: 4) pipelined batches a tile, an even count: each block requests its next tile's first
+    # codes behind the last batch of this one (AHEAD); 13 tiles in 5 blocks
+    "rms_silu_ahead": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
+    # int4's default past the resident 4-warp blocks (529 tiles, 4 blocks a SM): 2 tiles a block, AHEAD
+    "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
 }
 # (N, K, bias, row_tile); the row tiles of 1: int4's 8-warp blocks with one batch of codes (K 2560) and
 # pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
