@@ -61,6 +61,13 @@ def test_variants_patch_what_they_name(tool):
     assert pre_wait in dense.gemv("float16", 6144, 4096, 1, **q4).source
     ahead = "constexpr bool AHEAD = true &&"
     assert ahead in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
+    tool.patch("half")  # one 8-warp block a SM: 7 of gate/up's 896 tiles a block; o_proj 2 a block
+    i4 = q4["quant"]
+    assert dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", i4).tiles == -(-896 // dense.SMS)
+    assert dense._quant_tuning("float16", 4096, 4096, 1, "residual", i4).tiles == 2
+    assert dense._quant_tuning("float16", 4096, 4096, 1, "residual", dense.GemvQuant("int8")).tiles == 1
+    tool.patch("half8")
+    assert dense._quant_tuning("float16", 4096, 4096, 1, "residual", dense.GemvQuant("int8")).tiles == 2
     tool.patch("noahead")
     assert ahead not in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
     assert "constexpr bool AHEAD = false &&" in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **q4).source
