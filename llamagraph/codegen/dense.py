@@ -340,7 +340,10 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     (gate/up, the LM head, Llama-2-7B's qkv) shrinks to what is resident and each block walks
     several tiles (``tiles``), staging and norming x once: 8B int4 step +1.1%, 7B int4 +2.3%;
     int8 keeps one tile a block (its 7B step was 1.0% slower with several) (H100, one process, logits
-    bit-identical; tools/tuning_ab.py).
+    bit-identical; tools/tuning_ab.py). A block of several tiles in an even number of pipelined batches
+    requests its next tile's first codes behind the last batch of this one (the template's AHEAD), not
+    after the tile's sums: 8B int4 +1.0%, 7B int4 +1.3%. Grids of half the resident blocks (one 8-warp
+    block a SM, so the next kernel's blocks land beside them) lost 24% (tuning_ab half/half8).
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
