@@ -15,14 +15,12 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   nopers  int4 batch-1 GEMVs take one column tile a block (a grid of every tile), not several
-  half, half8  int4 (half8: and int8) batch-1 GEMVs take grids of half the resident blocks (one 8-warp
-          block a SM), each block walking its tiles: the next kernel's blocks land beside them early
   noahead int4 GEMVs of several tiles a block request a tile's first codes after the last tile's epilogue
           (before: today they are requested behind the last tile's last batch)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
-bf16early, pf0gu) left this tool once docs/ab_h100.txt held their results.
+bf16early, pf0gu, half/half8) left this tool once docs/ab_h100.txt held their results.
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -54,26 +52,6 @@ def patch(variant: str) -> None:
         t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
         if variant == "nox":
             return replace(t, whole_x=False)
-        if variant in ("half", "half8") and row_tile == 1 and dtype != "float32":
-            # grids of one block a SM (8 warps; 4-warp blocks: 2), each walking its share of tiles: half
-            # of every SM stays free for the next kernel's blocks, which land early and request their codes
-            tiles = dense._with_resident_tiles
-
-            def halved(t, n_tiles, per_warp):
-                slots = dense.SMS * max(1, t.min_blocks // 2)
-                n = 1 if n_tiles <= slots else -(-n_tiles // slots)
-                if n > 1 and not t.pipeline and t.unroll > 2:
-                    t = replace(t, unroll=2, pipeline=per_warp > 2)
-                return replace(t, tiles=n)
-            dense._with_resident_tiles = halved
-            try:
-                t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
-            finally:
-                dense._with_resident_tiles = tiles
-            if variant == "half8" and q.scheme == "int8":
-                mt = 2 if epilogue == "silu_mul" else 1
-                t = halved(t, -(-N // mt // 16), -(-(-(-K // 16) // 4) // t.warps))
-            return t
         if variant == "nopers":
             tiles, dense._with_resident_tiles = dense._with_resident_tiles, lambda t, n_tiles, per_warp: t
             try:
