@@ -58,6 +58,13 @@ def test_prefetch_and_trigger_variants(tool):
     pre_wait = "prefetch_w(W4, w_scales, w_zeros, col0)"  # (a tiled block's next-tile prefetch stays)
     assert pre_wait not in dense.gemv("float16", 2 * 14336, 4096, 1, "silu_mul", **Q4).source
     assert pre_wait in dense.gemv("float16", 6144, 4096, 1, **Q4).source
+    i8 = dict(quant=I8)
+    tool.patch("q8pf0res")
+    assert pre_wait not in dense.gemv("float16", 4096, 11008, 1, "residual", **i8).source
+    assert pre_wait in dense.gemv("float16", 12288, 4096, 1, prologue="rmsnorm", eps=1e-5, **i8).source
+    assert pre_wait in dense.gemv("float16", 4096, 11008, 1, "residual", quant=I4).source
+    tool.patch("q8pf0")
+    assert pre_wait not in dense.gemv("float16", 12288, 4096, 1, prologue="rmsnorm", eps=1e-5, **i8).source
     tool.patch("nold")
     assert "lg_pdl_launch_dependents" not in _down_src() and "lg_pdl_launch_dependents" in src
 

@@ -12,6 +12,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (qkv, o/down, the LM head)
   qpf0gu  int4 16-bit gate/up GEMVs ask L2 for nothing before their wait (as 16-bit and int8 W's gate/up;
           a tiled block's prefetch of its next tile stays; measured -2.4% on the 8B int4 step)
+  q8pf0, q8pf0qkv, q8pf0res, q8pf0head  int8 GEMVs (all / qkv / o and down / the LM head) ask L2 for nothing
+          before their wait, as int8 gate/up since c3d539f
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
   nox     quantized batch-1 GEMVs restage x before every batch (before ``whole_x``)
   nopers  int4 batch-1 GEMVs take one column tile a block (a grid of every tile), not several
@@ -76,6 +78,11 @@ def patch(variant: str) -> None:
         if variant == "qpf0gu" and template == "gemv" and kw.get("quant") == "int4" and kw.get("epilogue") == "silu_mul" \
                 and kw.get("dtype") != "float32":
             assert Q_PREFETCH in src, "the GEMV template changed: update 'qpf0gu'"
+            src = src.replace(Q_PREFETCH, "")
+        kind = {"q8pf0": None, "q8pf0qkv": "rope", "q8pf0res": "residual", "q8pf0head": "none"}.get(variant, "-")
+        if kind != "-" and template == "gemv" and kw.get("quant") == "int8" and kw.get("dtype") != "float32" \
+                and kw.get("epilogue") != "silu_mul" and (kind is None or kw.get("epilogue") == kind):
+            assert Q_PREFETCH in src, "the GEMV template changed: update 'q8pf0*'"
             src = src.replace(Q_PREFETCH, "")
         if variant == "noahead" and template == "gemv" and kw.get("tiles", 1) > 1:
             assert AHEAD in src, "the GEMV template changed: update 'noahead'"
