@@ -16,7 +16,6 @@ Artifacts written by ``write_artifacts`` into one output directory:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -29,6 +28,7 @@ from llamagraph.compiler import build_unfused, checkpoint_quantization, lower
 from llamagraph.ir import WEIGHT, Graph, ModelConfig, load_config
 from llamagraph.ir.dtypes import itemsize
 from llamagraph.ir.dtypes import nbytes as dtype_nbytes
+from llamagraph.ir.jsontext import dumps_lines
 from llamagraph.ir.memory import buffers
 from llamagraph.passes import run_pipeline
 
@@ -329,7 +329,7 @@ def _write_artifacts(c: Compiled, folder: str, outdir: str, arch: str) -> list[S
     _write(folder, "graph.txt", str(g), files)
     _write(folder, "graph.json", g.to_json() + "\n", files)
     _write(folder, "graph_unfused.txt", str(c.unfused), files)
-    _write(folder, "memory_plan.json", json.dumps(memory_doc(g), indent=1) + "\n", files)
+    _write(folder, "memory_plan.json", dumps_lines(memory_doc(g)) + "\n", files)
     _write(folder, "memory_plan.txt", memory_table(g), files)
     _write(folder, "graph.html", viz.graph_html(g, title=f"{name}: fused graph"), files)
     _write(folder, "memory_plan.html", viz.memory_plan_html(g, title=f"{name}: memory plan"), files)

@@ -67,6 +67,10 @@ def test_saved_plan_round_trips(saved):
     assert plan.captured == ("decode", "advance") and plan.kernel_launches("decode") > 0
     with open(os.path.join(plan_dir, "graph.txt")) as f:
         assert plan.graph == Graph.from_text(f.read())
+    # plan.json reads one launch a line
+    lines = {line.strip().rstrip(",") for line in open(os.path.join(plan_dir, "plan.json"))}
+    decode = again["phases"]["decode"] if isinstance(again["phases"], dict) else None
+    assert decode and all(json.dumps(x) in lines for x in decode)
 
 
 @pytest.mark.parametrize("damage, message", [

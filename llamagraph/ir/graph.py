@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from .dtypes import DTYPES, nbytes
+from .jsontext import dumps_lines
 
 # Value kinds. Only "activation" values live in the planned arena; the others are
 # persistent regions that outlive a step.
@@ -322,7 +323,7 @@ class Graph:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return dumps_lines(self.to_dict())  # one value or node a line
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graph":
