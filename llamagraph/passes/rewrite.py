@@ -118,18 +118,17 @@ def rewrite(graph: Graph, rules: list[Rule]) -> Graph:
                 replaced[m.nodes[capture]] = node
             consumed |= set(m.nodes.values())
             break
-    return apply(out, replaced)
+    return _replace_nodes(out, replaced)
 
 
-def apply(graph: Graph, replaced: dict[int, Node | None]) -> Graph:
-    """A copy of ``graph`` with node i replaced by ``replaced[i]`` (None deletes it).
+def _replace_nodes(out: Graph, replaced: dict[int, Node | None]) -> Graph:
+    """``out`` (the rewrite's own copy, changed in place) with node i replaced by ``replaced[i]``
+    (None deletes it).
 
     Activations no node touches any more (the intermediates a fusion removed) are dropped;
     weights left unread are dead-code elimination's job.
     """
-    out = graph.copy()
-    out.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes)]
-    out.nodes = [n for n in out.nodes if n is not None]
+    out.nodes = [n for n in (replaced.get(i, n) for i, n in enumerate(out.nodes)) if n is not None]
     touched = set(out.outputs).union(*(set(n.inputs) | set(n.outputs) for n in out.nodes))
     out.values = {k: v for k, v in out.values.items() if v.kind != ACTIVATION or k in touched}
     return out
