@@ -69,7 +69,7 @@ def test_saved_plan_round_trips(saved):
         assert plan.graph == Graph.from_text(f.read())
     # plan.json reads one launch a line
     lines = {line.strip().rstrip(",") for line in open(os.path.join(plan_dir, "plan.json"))}
-    decode = again["phases"]["decode"] if isinstance(again["phases"], dict) else None
+    decode = again["phases"]["decode"]
     assert decode and all(json.dumps(x) in lines for x in decode)
 
 

@@ -44,6 +44,9 @@ DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._wit
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
+# variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
+Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual", "none")),
+         "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
 
 
 def patch(variant: str) -> None:
@@ -75,14 +78,9 @@ def patch(variant: str) -> None:
         if prefetch is not None and template == "gemv" and kw.get("quant") == "none" \
                 and (only is None or kw.get("epilogue") == only):
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
-        if variant == "qpf0gu" and template == "gemv" and kw.get("quant") == "int4" and kw.get("epilogue") == "silu_mul" \
-                and kw.get("dtype") != "float32":
-            assert Q_PREFETCH in src, "the GEMV template changed: update 'qpf0gu'"
-            src = src.replace(Q_PREFETCH, "")
-        kind = {"q8pf0": None, "q8pf0qkv": "rope", "q8pf0res": "residual", "q8pf0head": "none"}.get(variant, "-")
-        if kind != "-" and template == "gemv" and kw.get("quant") == "int8" and kw.get("dtype") != "float32" \
-                and kw.get("epilogue") != "silu_mul" and (kind is None or kw.get("epilogue") == kind):
-            assert Q_PREFETCH in src, "the GEMV template changed: update 'q8pf0*'"
+        scheme, kinds = Q_PF0.get(variant, (None, ()))
+        if template == "gemv" and kw.get("quant") == scheme and kw.get("dtype") != "float32" and kw.get("epilogue") in kinds:
+            assert Q_PREFETCH in src, f"the GEMV template changed: update '{variant}'"
             src = src.replace(Q_PREFETCH, "")
         if variant == "noahead" and template == "gemv" and kw.get("tiles", 1) > 1:
             assert AHEAD in src, "the GEMV template changed: update 'noahead'"
