@@ -21,6 +21,10 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           (before: today they are requested behind the last tile's last batch)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
+  fill    GEMVs of several tiles a block launch one block per resident slot (SMS x min_blocks), the
+          tiles dealt out grid-stride, 3 or 4 a block, not cdiv(tiles, slots) blocks of equal share
+          (8B int4 gate/up: 264 blocks, not 224, so no SM holds two blocks of 4 tiles)
+A variant may join several with '+' (t8gu+fill).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8) left this tool once docs/ab_h100.txt held their results.
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
@@ -40,57 +44,70 @@ from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
 from llamagraph.codegen import dense
 from llamagraph.ir import load_config
 
-DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles)
+DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
+                launch=dense.gemv_launch)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
 # variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
 Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual", "none")),
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
+# variant -> the 16-bit GEMV epilogue whose pre-wait prefetch it removes
+PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
+# variant -> the int8 GEMV epilogues it gives several tiles a block
+T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",), "t8head": ("none",)}
 
 
 def patch(variant: str) -> None:
-    """Point the codegen at ``variant``'s tunings (``base``: the package's own)."""
-    quant, render = DEFAULTS["quant"], DEFAULTS["render"]
+    """Point the codegen at ``variant``'s tunings (``base``: the package's own; a+b: both)."""
+    quant, render, launch = DEFAULTS["quant"], DEFAULTS["render"], DEFAULTS["launch"]
+    flags = set(variant.split("+"))
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
         t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
-        if variant == "nox":
+        if "nox" in flags:
             return replace(t, whole_x=False)
-        if variant == "nopers":
+        if "nopers" in flags:
             tiles, dense._with_resident_tiles = dense._with_resident_tiles, lambda t, n_tiles, per_warp: t
             try:
                 return quant(dtype, N, K, row_tile, epilogue, q, has_bias)
             finally:
                 dense._with_resident_tiles = tiles
-        which = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",),
-                 "t8head": ("none",)}.get(variant, ())
+        which = sum((kinds for name, kinds in T8.items() if name in flags), ())
         if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
             return DEFAULTS["tiles"](t, -(-N // mt // 16), -(-(-(-K // 16) // 4) // t.warps))
         return t
 
-    only = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}.get(variant)
-    prefetch = 0 if only or variant == "pf0" else None
+    only = next((kind for name, kind in PF0_ONLY.items() if name in flags), None)
+    prefetch = 0 if only or "pf0" in flags else None
+
+    def gemv_launch(dtype, N, K, row_tile, epilogue="none", tuning=None, prologue="none", quant=None, has_bias=False):
+        shape = launch(dtype, N, K, row_tile, epilogue, tuning, prologue, quant, has_bias)
+        t = tuning or dense.gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
+        if "fill" in flags and t.tiles > 1:
+            shape = replace(shape, grid=(dense.SMS * t.min_blocks, 1, 1))
+        return shape
 
     def render_prefetch(template, **kw):
         src = render(template, **kw)
         if prefetch is not None and template == "gemv" and kw.get("quant") == "none" \
                 and (only is None or kw.get("epilogue") == only):
             src = src.replace("< 2048 ? K", f"< {prefetch} ? K").replace(") : 2048;", f") : {prefetch};")
-        scheme, kinds = Q_PF0.get(variant, (None, ()))
-        if template == "gemv" and kw.get("quant") == scheme and kw.get("dtype") != "float32" and kw.get("epilogue") in kinds:
+        if template == "gemv" and kw.get("dtype") != "float32" and any(
+                kw.get("quant") == scheme and kw.get("epilogue") in kinds for name, (scheme, kinds) in Q_PF0.items()
+                if name in flags):
             assert Q_PREFETCH in src, f"the GEMV template changed: update '{variant}'"
             src = src.replace(Q_PREFETCH, "")
-        if variant == "noahead" and template == "gemv" and kw.get("tiles", 1) > 1:
+        if "noahead" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
             assert AHEAD in src, "the GEMV template changed: update 'noahead'"
             src = src.replace(AHEAD, "constexpr bool AHEAD = false &&")
-        if variant == "nold" and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
+        if "nold" in flags and template == "gemv" and kw.get("quant") == "none" and kw.get("dtype") != "float32":
             assert TRIGGER in src, "the GEMV template changed: update 'nold'"
             src = src.replace(TRIGGER, "\n")
         return src
 
-    dense._quant_tuning, dense.render = quant_tuning, render_prefetch
+    dense._quant_tuning, dense.render, dense.gemv_launch = quant_tuning, render_prefetch, gemv_launch
 
 
 def main(argv: list[str]) -> None:
