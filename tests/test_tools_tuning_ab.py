@@ -108,5 +108,9 @@ def test_fill_and_joined_variants(tool):
     assert dense.gemv_launch(*gu8, prologue="rmsnorm", quant=I8).grid == (2 * dense.SMS, 1, 1)
     assert "prefetch_w(W4, w_scales, w_zeros, col0)" not in \
         dense.gemv("float16", 12288, 4096, 1, prologue="rmsnorm", eps=1e-5, quant=I8).source
+    tool.patch("w8qkv")
+    qkv = dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4)  # 384 tiles: 2 a block of 8 warps
+    assert (qkv.warps, qkv.tiles) == (8, 2) and dense._quant_tuning("float16", 4096, 4096, 1, "residual", I4).warps == 8
     tool.patch("base")
     assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (224, 1, 1)
+    assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).warps == 4

@@ -24,6 +24,7 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   fill    GEMVs of several tiles a block launch one block per resident slot (SMS x min_blocks), the
           tiles dealt out grid-stride, 3 or 4 a block, not cdiv(tiles, slots) blocks of equal share
           (8B int4 gate/up: 264 blocks, not 224, so no SM holds two blocks of 4 tiles)
+  w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
 A variant may join several with '+' (t8gu+fill).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8) left this tool once docs/ab_h100.txt held their results.
@@ -73,6 +74,10 @@ def patch(variant: str) -> None:
                 return quant(dtype, N, K, row_tile, epilogue, q, has_bias)
             finally:
                 dense._with_resident_tiles = tiles
+        if "w8qkv" in flags and q.scheme == "int4" and row_tile == 1 and epilogue == "rope" and dtype != "float32":
+            small = quant(dtype, min(N, 2 * dense.SMS * 16), K, row_tile, epilogue, q, has_bias)  # o/down's branch
+            t = DEFAULTS["tiles"](replace(small, tiles=1), -(-N // 16), -(-(-(-K // 32) // 4) // small.warps))
+            return replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
         which = sum((kinds for name, kinds in T8.items() if name in flags), ())
         if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
