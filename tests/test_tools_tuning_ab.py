@@ -25,7 +25,6 @@ def tool():
     yield mod
     # the package's own functions back (``base`` installs wrappers around them)
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
-    dense.gemv_launch = mod.DEFAULTS["launch"]
 
 
 def _gate_up_smem():
@@ -95,22 +94,16 @@ def test_tile_variants(tool):
     assert dense._quant_tuning("float16", 32000, 4096, 1, "none", I8).tiles == 8
 
 
-def test_fill_and_joined_variants(tool):
-    tool.patch("base")
-    gate_up = ("float16", 2 * 14336, 4096, 1, "silu_mul")
-    assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (224, 1, 1)  # cdiv(896 tiles, 4)
-    tool.patch("fill")  # a block per resident slot: 2 x 132
-    assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (2 * dense.SMS, 1, 1)
-    assert dense.gemv_launch("float16", 4096, 14336, 1, "residual", quant=I4).grid == (256, 1, 1)  # one tile a block
-    gu8 = ("float16", 2 * 11008, 4096, 1, "silu_mul")
-    assert dense.gemv_launch(*gu8, prologue="rmsnorm", quant=I8).grid == (688, 1, 1)
-    tool.patch("t8gu+fill+q8pf0")  # every part of a joined variant
-    assert dense.gemv_launch(*gu8, prologue="rmsnorm", quant=I8).grid == (2 * dense.SMS, 1, 1)
+def test_joined_variants(tool):
+    gu8 = ("float16", 2 * 11008, 4096, 1, "silu_mul", I8)
+    assert dense._quant_tuning(*gu8).tiles == 1
+    tool.patch("t8gu+q8pf0")  # every part of a joined variant
+    assert dense._quant_tuning(*gu8).tiles == 3
     assert "prefetch_w(W4, w_scales, w_zeros, col0)" not in \
         dense.gemv("float16", 12288, 4096, 1, prologue="rmsnorm", eps=1e-5, quant=I8).source
     tool.patch("w8qkv")
     qkv = dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4)  # 384 tiles: 2 a block of 8 warps
     assert (qkv.warps, qkv.tiles) == (8, 2) and dense._quant_tuning("float16", 4096, 4096, 1, "residual", I4).warps == 8
     tool.patch("base")
-    assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (224, 1, 1)
+    assert dense._quant_tuning(*gu8).tiles == 1
     assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).warps == 4

@@ -21,13 +21,10 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           (before: today they are requested behind the last tile's last batch)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
-  fill    GEMVs of several tiles a block launch one block per resident slot (SMS x min_blocks), the
-          tiles dealt out grid-stride, 3 or 4 a block, not cdiv(tiles, slots) blocks of equal share
-          (8B int4 gate/up: 264 blocks, not 224, so no SM holds two blocks of 4 tiles)
   w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
-A variant may join several with '+' (t8gu+fill).
+A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
-bf16early, pf0gu, half/half8) left this tool once docs/ab_h100.txt held their results.
+bf16early, pf0gu, half/half8, fill) left this tool once docs/ab_h100.txt held their results.
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -45,8 +42,7 @@ from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
 from llamagraph.codegen import dense
 from llamagraph.ir import load_config
 
-DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                launch=dense.gemv_launch)
+DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -61,7 +57,7 @@ T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8
 
 def patch(variant: str) -> None:
     """Point the codegen at ``variant``'s tunings (``base``: the package's own; a+b: both)."""
-    quant, render, launch = DEFAULTS["quant"], DEFAULTS["render"], DEFAULTS["launch"]
+    quant, render = DEFAULTS["quant"], DEFAULTS["render"]
     flags = set(variant.split("+"))
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
@@ -87,13 +83,6 @@ def patch(variant: str) -> None:
     only = next((kind for name, kind in PF0_ONLY.items() if name in flags), None)
     prefetch = 0 if only or "pf0" in flags else None
 
-    def gemv_launch(dtype, N, K, row_tile, epilogue="none", tuning=None, prologue="none", quant=None, has_bias=False):
-        shape = launch(dtype, N, K, row_tile, epilogue, tuning, prologue, quant, has_bias)
-        t = tuning or dense.gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
-        if "fill" in flags and t.tiles > 1:
-            shape = replace(shape, grid=(dense.SMS * t.min_blocks, 1, 1))
-        return shape
-
     def render_prefetch(template, **kw):
         src = render(template, **kw)
         if prefetch is not None and template == "gemv" and kw.get("quant") == "none" \
@@ -112,7 +101,7 @@ def patch(variant: str) -> None:
             src = src.replace(TRIGGER, "\n")
         return src
 
-    dense._quant_tuning, dense.render, dense.gemv_launch = quant_tuning, render_prefetch, gemv_launch
+    dense._quant_tuning, dense.render = quant_tuning, render_prefetch
 
 
 def main(argv: list[str]) -> None:

@@ -343,7 +343,9 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     bit-identical; tools/tuning_ab.py). A block of several tiles in an even number of pipelined batches
     requests its next tile's first codes behind the last batch of this one (the template's AHEAD), not
     after the tile's sums: 8B int4 +1.0%, 7B int4 +1.3%. Grids of half the resident blocks (one 8-warp
-    block a SM, so the next kernel's blocks land beside them) lost 24% (tuning_ab half/half8).
+    block a SM, so the next kernel's blocks land beside them) lost 24% (tuning_ab half/half8); a grid
+    of every resident slot, its tiles dealt 3 or 4 a block (264 blocks for the 8B gate/up, not 224 of
+    4), lost 2.4% (docs/ab_h100.txt call 12; presumably the slots equal shares leave free serve the next kernel).
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
