@@ -104,6 +104,11 @@ def test_joined_variants(tool):
     tool.patch("w8qkv")
     qkv = dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4)  # 384 tiles: 2 a block of 8 warps
     assert (qkv.warps, qkv.tiles) == (8, 2) and dense._quant_tuning("float16", 4096, 4096, 1, "residual", I4).warps == 8
+    tool.patch("gu6")  # int4 gate/up only: 896 tiles of the 8B in cdiv(896, 6) = 150 blocks
+    gate_up = ("float16", 2 * 14336, 4096, 1, "silu_mul")
+    assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (150, 1, 1)
+    assert dense._quant_tuning(*gu8).tiles == 1
     tool.patch("base")
     assert dense._quant_tuning(*gu8).tiles == 1
+    assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (224, 1, 1)
     assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).warps == 4

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call that does as much as its limit allows, for sessions whose machine starts are scarce
+# (a start can cost more device time than the work): the tuning A/B queue first (tools/tuning_ab.py,
+# ~5 s a variant once the plan's kernels are compiled), then the GPU test files in order, each cut
+# to what is left of DEADLINE seconds. Logs land under $OUT as they are written, so a call cut
+# by its limit still brings back what ran.
+#   DEADLINE=540 bash tools/device_session.sh            -> $OUT/ab.txt, $OUT/tests.txt
+#   AB="examples/llama-3-8b.json int4 base,gu5,base" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
+# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; TESTS: space-separated FILE[:EXPR]:SECONDS, EXPR a pytest
+# -k expression with '~' for its spaces (ahead~and~float16). A run named "none" in AB is the 16-bit plan, the denominator of the quantized ratios.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
+DEADLINE=${DEADLINE:-540}
+AB=${AB-"examples/llama-3-8b.json int4 base,gu5,gu6,w8qkv,base;examples/llama-3-8b.json none base;\
+examples/llama-2-7b.json int8 base,q8pf0,q8pf0qkv,q8pf0res,t8gu,base;examples/llama-2-7b.json none base;\
+examples/llama-2-7b.json int4 base,gu4,gu5,w8qkv,base"}
+TESTS=${TESTS-"test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 test_cuda_e2e.py:150 test_profile_cuda.py:90 \
+test_kernels_fused_gemv.py:90"}
+
+left() { local t=$((DEADLINE - SECONDS)); echo $(( $1 < t ? $1 : t )); }
+
+nvidia-smi --query-gpu=name,clocks.max.mem --format=csv,noheader | tee "$OUT/ab.txt"
+IFS=';' read -ra runs <<< "$AB"
+for r in "${runs[@]}"; do
+  [ -z "${r// }" ] && continue
+  t=$(left 240); [ "$t" -lt 30 ] && { echo "no time for: $r" | tee -a "$OUT/ab.txt"; continue; }
+  # shellcheck disable=SC2086
+  timeout "$t" python3 tools/tuning_ab.py $r 2>&1 | tee -a "$OUT/ab.txt"
+done
+echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
+
+: > "$OUT/tests.txt"
+for spec in $TESTS; do
+  f=${spec%%:*}; rest=${spec#*:}; secs=${rest##*:}; k=""
+  [ "$rest" != "$secs" ] && k=${rest%:*} && k=${k//\~/ }
+  t=$(left "$secs"); [ "$t" -lt 20 ] && { echo "no time for $f" | tee -a "$OUT/tests.txt"; continue; }
+  echo "== $f${k:+ -k '$k'} (limit ${t}s)" | tee -a "$OUT/tests.txt"
+  timeout "$t" python3 -m pytest "tests/gpu/$f" -m gpu -q -rfE --tb=short -p no:cacheprovider ${k:+-k "$k"} 2>&1 \
+    | tail -n 8 | tee -a "$OUT/tests.txt"
+done
