@@ -107,7 +107,8 @@ def test_joined_variants(tool):
     tool.patch("gu6")  # int4 gate/up only: 896 tiles of the 8B in cdiv(896, 6) = 150 blocks
     gate_up = ("float16", 2 * 14336, 4096, 1, "silu_mul")
     assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (150, 1, 1)
-    assert dense._quant_tuning(*gu8).tiles == 1
+    assert dense._quant_tuning(*gu8).tiles == 6  # (int8 too)
+    assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).tiles == 1  # (gate/up only)
     tool.patch("base")
     assert dense._quant_tuning(*gu8).tiles == 1
     assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (224, 1, 1)

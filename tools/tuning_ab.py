@@ -22,9 +22,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
   w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
-  gu<T>   int4 batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks (today:
-          as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 = 180 blocks,
-          gu6 = 150). Fewer blocks than slots leave room for the next kernel's early blocks: filling every
+  gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks (today
+          int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 = 180 blocks,
+          gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks than slots leave room for the next kernel's early blocks: filling every
           slot lost 2.4%, one block a SM (half) 24%
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
@@ -79,7 +79,7 @@ def patch(variant: str) -> None:
             t = DEFAULTS["tiles"](replace(small, tiles=1), -(-N // 16), -(-(-(-K // 32) // 4) // small.warps))
             return replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
         gu = [int(f[2:]) for f in flags if f.startswith("gu") and f[2:].isdigit()]
-        if gu and q.scheme == "int4" and row_tile == 1 and epilogue == "silu_mul" and dtype != "float32":
+        if gu and row_tile == 1 and epilogue == "silu_mul" and dtype != "float32":
             return replace(t, tiles=gu[0])
         which = sum((kinds for name, kinds in T8.items() if name in flags), ())
         if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
