@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
 DEADLINE=${DEADLINE:-540}
-AB=${AB-"examples/llama-3-8b.json int4 base,gu5,gu6,w8qkv,base;examples/llama-3-8b.json none base;\
+AB=${AB-"examples/llama-3-8b.json int4 base,gu5,gu6,w8qkv,o2,base;examples/llama-3-8b.json none base;\
 examples/llama-2-7b.json int8 base,q8pf0,q8pf0qkv,q8pf0res,t8gu,gu4,base;examples/llama-2-7b.json none base;\
 examples/llama-2-7b.json int4 base,gu4,gu5,w8qkv,base"}
 TESTS=${TESTS-"test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 test_cuda_e2e.py:150 test_profile_cuda.py:90 \

@@ -26,6 +26,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 = 180 blocks,
           gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks than slots leave room for the next kernel's early blocks: filling every
           slot lost 2.4%, one block a SM (half) 24%
+  o<T>    quantized batch-1 o_proj GEMVs (residual epilogue, K <= N: not down_proj) take T column tiles a
+          block (today one: the 8B's 256 blocks of 8 warps hold 256 of 264 slots while gate/up launches early)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill) left this tool once docs/ab_h100.txt held their results.
@@ -81,6 +83,9 @@ def patch(variant: str) -> None:
         gu = [int(f[2:]) for f in flags if f.startswith("gu") and f[2:].isdigit()]
         if gu and row_tile == 1 and epilogue == "silu_mul" and dtype != "float32":
             return replace(t, tiles=gu[0])
+        o = [int(f[1:]) for f in flags if f.startswith("o") and f[1:].isdigit()]
+        if o and row_tile == 1 and epilogue == "residual" and K <= N and dtype != "float32":
+            return replace(t, tiles=o[0])
         which = sum((kinds for name, kinds in T8.items() if name in flags), ())
         if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
