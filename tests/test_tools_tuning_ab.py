@@ -109,6 +109,9 @@ def test_joined_variants(tool):
     assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (150, 1, 1)
     assert dense._quant_tuning(*gu8).tiles == 6  # (int8 too)
     assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).tiles == 1  # (gate/up only)
+    tool.patch("nox+gu5")  # no part replaces another's change
+    joined = dense._quant_tuning("float16", 2 * 14336, 4096, 1, "silu_mul", I4)
+    assert (joined.tiles, joined.whole_x) == (5, False)
     tool.patch("o2")  # o_proj (K <= N) only, not down_proj
     assert dense.gemv_launch("float16", 4096, 4096, 1, "residual", quant=I4).grid == (128, 1, 1)
     assert dense.gemv_launch("float16", 4096, 14336, 1, "residual", quant=I4).grid == (256, 1, 1)

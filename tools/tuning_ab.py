@@ -22,10 +22,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
   w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
-  gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks (today
-          int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 = 180 blocks,
-          gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks than slots leave room for the next kernel's early blocks: filling every
-          slot lost 2.4%, one block a SM (half) 24%
+  gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks
+          (today int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 =
+          180 blocks, gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks
+          than slots leave room for the next kernel's early blocks: filling every slot lost 2.4%, one
+          block a SM (half) 24%
   o<T>    quantized batch-1 o_proj GEMVs (residual epilogue, K <= N: not down_proj) take T column tiles a
           block (today one: the 8B's 256 blocks of 8 warps hold 256 of 264 slots while gate/up launches early)
 A variant may join several with '+' (t8gu+q8pf0).
@@ -67,30 +68,32 @@ def patch(variant: str) -> None:
     flags = set(variant.split("+"))
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
-        t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
-        if "nox" in flags:
-            return replace(t, whole_x=False)
+        """The package's tuning with each part of the variant applied in turn (parts that touch
+        different GEMVs or fields join; none of them replaces another's change)."""
+        cdiv = dense._cdiv
         if "nopers" in flags:
             tiles, dense._with_resident_tiles = dense._with_resident_tiles, lambda t, n_tiles, per_warp: t
             try:
-                return quant(dtype, N, K, row_tile, epilogue, q, has_bias)
+                t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
             finally:
                 dense._with_resident_tiles = tiles
-        if "w8qkv" in flags and q.scheme == "int4" and row_tile == 1 and epilogue == "rope" and dtype != "float32":
+        else:
+            t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
+        if dtype == "float32" or row_tile != 1:
+            return replace(t, whole_x=False) if "nox" in flags else t
+        if "w8qkv" in flags and q.scheme == "int4" and epilogue == "rope":
             small = quant(dtype, min(N, 2 * dense.SMS * 16), K, row_tile, epilogue, q, has_bias)  # o/down's branch
-            t = DEFAULTS["tiles"](replace(small, tiles=1), -(-N // 16), -(-(-(-K // 32) // 4) // small.warps))
-            return replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
-        gu = [int(f[2:]) for f in flags if f.startswith("gu") and f[2:].isdigit()]
-        if gu and row_tile == 1 and epilogue == "silu_mul" and dtype != "float32":
-            return replace(t, tiles=gu[0])
-        o = [int(f[1:]) for f in flags if f.startswith("o") and f[1:].isdigit()]
-        if o and row_tile == 1 and epilogue == "residual" and K <= N and dtype != "float32":
-            return replace(t, tiles=o[0])
+            t = DEFAULTS["tiles"](replace(small, tiles=1), cdiv(N, 16), cdiv(cdiv(K // 32, 4), small.warps))
+            t = replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
         which = sum((kinds for name, kinds in T8.items() if name in flags), ())
-        if q.scheme == "int8" and row_tile == 1 and dtype != "float32" and epilogue in which:
+        if q.scheme == "int8" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
-            return DEFAULTS["tiles"](t, -(-N // mt // 16), -(-(-(-K // 16) // 4) // t.warps))
-        return t
+            t = DEFAULTS["tiles"](t, cdiv(N // mt, 16), cdiv(cdiv(K // 16, 4), t.warps))
+        for prefix, kind in (("gu", epilogue == "silu_mul"), ("o", epilogue == "residual" and K <= N)):
+            counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
+            if counts and kind:
+                t = replace(t, tiles=counts[0])
+        return replace(t, whole_x=False) if "nox" in flags else t
 
     only = next((kind for name, kind in PF0_ONLY.items() if name in flags), None)
     prefetch = 0 if only or "pf0" in flags else None
