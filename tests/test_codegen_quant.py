@@ -274,8 +274,9 @@ def test_int8_gate_up_asks_l2_for_no_later_batch_before_its_wait():
 
 def test_quantized_decode_kernels_wait_before_reading_activations():
     """Programmatic dependent launch: before lg_pdl_wait a quantized GEMV reads weights only: it
-    requests its first batch of codes (and their scales and zeros) and prefetches later ones; x, the
-    residual and the output only after the wait."""
+    requests its first batch of codes (and their scales and zeros) and prefetches later ones; x and
+    the output only after the wait. The residual too, but in a kernel built to read it early (its
+    launch declares it in ``reads_early``, which the plan's check proves safe)."""
     for scheme, group in (("int4", 32), ("int8", None)):
         plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize=scheme, group_size=group)
         names = {x.fn for x in plan.phases["decode"] if x.fn.startswith("gemv_")}
@@ -290,6 +291,12 @@ def test_quantized_decode_kernels_wait_before_reading_activations():
             before = body[: body.index("lg_pdl_wait();")]
             before = "\n".join(line.split("//")[0] for line in before.splitlines() if "__shared__" not in line)
             assert "load_codes(ca, 0, " in before, name
+            early = name.endswith("_res_re")
+            launches = [x for x in plan.phases["decode"] if x.fn == name]
+            assert all(bool(x.reads_early) == early for x in launches), name
+            if early:  # the residual element is read before the wait, and only where RES_EARLY
+                assert re.search(r"if \(RES_EARLY\) \{[^}]*res\[", before), name
+                before = re.sub(r"if \(RES_EARLY\) \{[^}]*\}", "", before)
             # no activation pointer (x, res, out, the staged slab) is touched before the wait
             assert not re.search(r"(?<![.\w])(x|x4|res|out|s_rstd|stage|row_rstd|batch)(?!\w)", before), name
 

@@ -13,8 +13,8 @@ import pytest
 import llamagraph
 from llamagraph.cli import main
 from llamagraph.codegen import lowering
-from llamagraph.codegen.compiled import CompiledPlan, check_capturable, defined_kernels
-from llamagraph.codegen.launch import Launch, Scaled, Shape, step, value, workspace
+from llamagraph.codegen.compiled import CompiledPlan, check_capturable, check_early_reads, defined_kernels
+from llamagraph.codegen.launch import Cond, Launch, Scaled, Shape, launch_from_dict, launch_to_dict, step, value, workspace
 from llamagraph.compiler import compile_plan
 from llamagraph.ir import Graph
 from numerics import DECODE, PROMPTS
@@ -168,6 +168,70 @@ def test_a_host_rebuilt_workspace_in_a_captured_phase_is_refused(plan):
     broken = dataclasses.replace(launch, args=launch.args[:5] + (workspace("seq_tiles.r64"),) + launch.args[6:])
     with pytest.raises(llamagraph.PlanError, match=r"argument 5 \(workspace 'seq_tiles.r64'\): the host rebuilds"):
         check_capturable(_with(plan, k, broken), "decode")
+
+
+# ---------------------------------------------------------------------------------------------
+# reads before the PDL wait
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quant_plan():
+    return compile_plan(TINY, dtype="float16", max_batch=2, max_seq=32, quantize="int8")
+
+
+def _residual_gemvs(plan, phase="decode"):
+    """(index, launch) of every launch that reads an argument before its wait."""
+    return [(k, x) for k, x in enumerate(plan.phases[phase]) if x.reads_early]
+
+
+def test_quantized_residual_gemvs_read_the_residual_before_their_wait(quant_plan):
+    g = quant_plan.graph
+    for phase in ("decode", "prefill"):
+        early = _residual_gemvs(quant_plan, phase)
+        assert early and {g.nodes[x.node].op for _, x in early} == {"linear_residual"}, phase
+        for _, x in early:
+            assert [x.args[j].ref for j in x.reads_early] == [g.nodes[x.node].inputs[2]]  # the residual stream
+            assert x.fn.endswith("_re") and "constexpr bool RES_EARLY = true" in quant_plan.source
+        check_early_reads(quant_plan, phase)
+    # 16-bit weights: the wait comes first (the kernel is not written for it)
+    assert not any(x.reads_early for ls in compile_plan(TINY, dtype="float16", max_batch=2, max_seq=32).phases.values()
+                   for x in ls)
+    round_trip = launch_from_dict(json.loads(json.dumps(launch_to_dict(early[0][1]))))
+    assert round_trip == early[0][1]
+
+
+def _decode_with(plan, k, launch):
+    decode = list(plan.phases["decode"])
+    decode[k] = launch
+    return dataclasses.replace(plan, phases={**plan.phases, "decode": decode})
+
+
+def test_a_read_before_the_wait_of_what_the_launch_before_writes_is_refused(quant_plan):
+    (k_o, o_proj), (k_down, down) = _residual_gemvs(quant_plan)[:2]
+    # down_proj adds to the stream o_proj wrote: put o_proj's launch just before it (one that reads
+    # nothing early itself)
+    o_proj = dataclasses.replace(o_proj, reads_early=())
+    broken = _decode_with(quant_plan, k_down - 1, o_proj)
+    out = quant_plan.graph.nodes[o_proj.node].outputs[0]
+    msg = (rf"decode launch {k_down} \(kernel {down.fn}\): reads argument {down.reads_early[0]} \(%{down.args[down.reads_early[0]].ref}\) "
+           rf"before its wait, but launch {k_down - 1} \(kernel {o_proj.fn}\) before it writes %{out}")
+    with pytest.raises(llamagraph.PlanError, match=msg):
+        check_early_reads(broken, "decode")
+    with pytest.raises(llamagraph.PlanError, match=msg):
+        broken.check()  # the plan's own check runs it on every phase
+    # a conditional launch that may run in between counts too; one that never runs in the same step does not
+    def inserted(before_down, down_launch):
+        decode = list(quant_plan.phases["decode"])
+        decode[k_down:k_down + 1] = [before_down, down_launch]
+        return dataclasses.replace(quant_plan, phases={**quant_plan.phases, "decode": decode})
+
+    maybe = dataclasses.replace(o_proj, when=(Cond("T", ">", 1),))
+    with pytest.raises(llamagraph.PlanError, match=rf"decode launch {k_down + 1} .*before it writes %{out}"):
+        check_early_reads(inserted(maybe, down), "decode")
+    check_early_reads(inserted(maybe, dataclasses.replace(down, when=(Cond("T", "<=", 1),))), "decode")
+    # the first launch of a phase follows whatever ran last
+    with pytest.raises(llamagraph.PlanError, match="first launch of the phase"):
+        check_early_reads(_decode_with(quant_plan, 0, _residual_gemvs(quant_plan)[0][1]), "decode")
 
 
 @pytest.mark.parametrize("arg, message", [

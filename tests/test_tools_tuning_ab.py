@@ -67,6 +67,11 @@ def test_prefetch_and_trigger_variants(tool):
     assert pre_wait not in dense.gemv("float16", 12288, 4096, 1, prologue="rmsnorm", eps=1e-5, **i8).source
     tool.patch("nold")
     assert "lg_pdl_launch_dependents" not in _down_src() and "lg_pdl_launch_dependents" in src
+    early = dict(quant=I4, res_early=True)  # (the lowering asks for it where the plan proves it safe)
+    tool.patch("base")
+    assert "constexpr bool RES_EARLY = true" in dense.gemv("float16", 4096, 14336, 1, "residual", **early).source
+    tool.patch("nore")
+    assert "constexpr bool RES_EARLY = false" in dense.gemv("float16", 4096, 14336, 1, "residual", **early).source
 
 
 def test_tile_variants(tool):

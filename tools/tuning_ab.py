@@ -29,9 +29,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           block a SM (half) 24%
   o<T>    quantized batch-1 o_proj GEMVs (residual epilogue, K <= N: not down_proj) take T column tiles a
           block (today one: the 8B's 256 blocks of 8 warps hold 256 of 264 slots while gate/up launches early)
+  nore    quantized GEMVs with the residual epilogue (o_proj, down_proj) read their residual elements after
+          the PDL wait (before 'researly' landed: today the first tile's are read before it, RES_EARLY)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
-bf16early, pf0gu, half/half8, fill) left this tool once docs/ab_h100.txt held their results.
+bf16early, pf0gu, half/half8, fill, researly) left this tool once docs/ab_h100.txt held their results.
 Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
@@ -116,7 +118,12 @@ def patch(variant: str) -> None:
             src = src.replace(TRIGGER, "\n")
         return src
 
-    dense._quant_tuning, dense.render = quant_tuning, render_prefetch
+    def render_variant(template, **kw):
+        if "nore" in flags and template == "gemv":
+            kw = dict(kw, res_early=False)
+        return render_prefetch(template, **kw)
+
+    dense._quant_tuning, dense.render = quant_tuning, render_variant
 
 
 def main(argv: list[str]) -> None:

@@ -119,6 +119,11 @@ class CompiledPlan:
                 check_capturable(self, phase)
             except PlanError as e:
                 raise PlanError(f"{at}{e}") from None
+        for phase in self.phases:
+            try:
+                check_early_reads(self, phase)
+            except PlanError as e:
+                raise PlanError(f"{at}{e}") from None
 
     # ---- files ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -219,6 +224,79 @@ def write_whole(outdir: str, write: Callable[[str], T]) -> T:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return result
+
+
+def _storage(g: Graph, name: str) -> tuple:
+    """Where a value lives: ("arena", first byte, end) for an activation, else ("value", its storage name)."""
+    v = g.values[name]
+    if v.kind == ACTIVATION:
+        return ("arena", v.attrs["offset"], v.attrs["offset"] + v.nbytes(g.dims))
+    return ("value", v.attrs.get("alias", name))
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    return a[1] < b[2] and b[1] < a[2] if a[0] == "arena" else a[1] == b[1]
+
+
+def _ranges(conds) -> dict[str, tuple[float, float]]:
+    """Per step scalar, the closed range of values where every condition holds."""
+    out: dict[str, tuple[float, float]] = {}
+    for c in conds:
+        lo, hi = out.get(c.scalar, (float("-inf"), float("inf")))
+        out[c.scalar] = (lo, min(hi, c.bound)) if c.op == "<=" else (max(lo, c.bound + 1), hi)
+    return out
+
+
+def _never_together(a, b) -> bool:
+    """No step runs both a launch of conditions ``a`` and one of conditions ``b``."""
+    return any(lo > hi for lo, hi in _ranges(tuple(a) + tuple(b)).values())
+
+
+def _runs_whenever(before, conds) -> bool:
+    """A launch of conditions ``before`` runs in every step that runs one of conditions ``conds``."""
+    have, anything = _ranges(conds), (float("-inf"), float("inf"))
+    return all(lo <= have.get(s, anything)[0] and have.get(s, anything)[1] <= hi for s, (lo, hi) in _ranges(before).items())
+
+
+def check_early_reads(plan: CompiledPlan, phase: str) -> None:
+    """Raise ``PlanError`` where a launch reads an argument before its PDL wait (``reads_early``) that
+    the launch before it may write: that kernel may still be running. Every launch that can run just
+    before it counts: walking back, launches that never run in the same step are passed over, and the
+    walk ends at the first that runs whenever this one does. A launch whose writes are not known (no
+    graph node) writes everything; the first launch of a phase follows whatever ran last, so it may
+    read nothing early."""
+    g = plan.graph
+    launches = plan.phases[phase]
+    for k, launch in enumerate(launches):
+        if not launch.reads_early:
+            continue
+        where = f"{phase} launch {k} ({launch.describe()})"
+        for j in launch.reads_early:
+            a = launch.args[j] if 0 <= j < len(launch.args) else None
+            if a is None or a.kind != "value":
+                raise PlanError(f"{where}: reads_early names argument {j}, which is not a value")
+            read = _storage(g, a.ref)
+            p = k - 1
+            while True:
+                if p < 0:
+                    raise PlanError(f"{where}: reads argument {j} (%{a.ref}) before its wait, but it is the first "
+                                    "launch of the phase: whatever ran last may still write it")
+                before = launches[p]
+                if _never_together(before.when, launch.when):
+                    p -= 1
+                    continue
+                if not 0 <= before.node < len(g.nodes):
+                    raise PlanError(f"{where}: reads argument {j} (%{a.ref}) before its wait, but launch {p} "
+                                    f"({before.describe()}) before it may write anything")
+                for out in g.nodes[before.node].outputs:
+                    if _overlap(read, _storage(g, out)):
+                        raise PlanError(f"{where}: reads argument {j} (%{a.ref}) before its wait, but launch {p} "
+                                        f"({before.describe()}) before it writes %{out}, which shares its memory")
+                if _runs_whenever(before.when, launch.when):
+                    break
+                p -= 1
 
 
 def check_capturable(plan: CompiledPlan, phase: str) -> None:

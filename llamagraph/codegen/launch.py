@@ -147,6 +147,9 @@ class Launch:
     # the kernel waits for the kernel before it itself (lg_pdl_wait at its top): it may be launched
     # before that one finishes (programmatic dependent launch), overlapping its start-up
     early: bool = False
+    # argument indices the kernel reads before its lg_pdl_wait (the kernel before it may still be
+    # running): CompiledPlan.check proves the launch before it writes none of them
+    reads_early: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return f"{self.kind} {self.fn}"
@@ -215,6 +218,8 @@ def launch_to_dict(launch: Launch) -> dict:
         d["when"] = [[c.scalar, c.op, c.bound] for c in launch.when]
     if launch.early:
         d["early"] = True
+    if launch.reads_early:
+        d["reads_early"] = list(launch.reads_early)
     return d
 
 
@@ -223,7 +228,8 @@ def launch_from_dict(d: dict) -> Launch:
     if "grid" in d:
         shape = Shape(tuple(_extent_from(e) for e in d["grid"]), tuple(d["block"]), d["smem"])
     return Launch(d["fn"], shape, tuple(Arg(*a) for a in d["args"]), d["kind"],
-                  tuple(Cond(*c) for c in d.get("when", ())), d["node"], bool(d.get("early", False)))
+                  tuple(Cond(*c) for c in d.get("when", ())), d["node"], bool(d.get("early", False)),
+                  tuple(int(i) for i in d.get("reads_early", ())))
 
 
 def workspace_to_dict(ws: Workspace) -> dict:

@@ -293,13 +293,17 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
     ropespec = g.rope[0] if g.rope else None
     prologue = "rmsnorm" if g.norm else "none"
     eps = g.norm[1] if g.norm else 0.0
+    # a quantized residual GEMV reads its residual rows before its PDL wait: the stream it adds to was
+    # last written two launches back or earlier (CompiledPlan.check proves it of every phase)
+    res_early = bool(g.res) and quant is not None and dt != "float32"
     gemv = dense.gemv(dt, N, K, rt, g.epilogue, bool(g.bias), out_dt, prologue=prologue, eps=eps, rope=ropespec,
-                      quant=quant)
+                      quant=quant, res_early=res_early)
     b_arg = value(g.bias) if g.bias else NULL
     w_args = [value(g.w)] + (_weight_args(c, g.w) if quant else [])
     args = [value(g.x), *w_args, b_arg, value(g.out), step(rows)]
     if g.norm:
         args.append(value(g.norm[0]))
+    res_index = len(args)
     if g.res:
         args.append(value(g.res))
     workspaces: list[Workspace] = []
@@ -310,7 +314,7 @@ def _gemv(g: Gemv, c: Ctx) -> Lowered:
         args += [value(pos), value(sid), value(lens), workspace(table.name), value(kc), value(vc)]
     decode = replace(run(gemv, dense.gemv_launch(dt, N, K, rt, g.epilogue, prologue=prologue, quant=quant,
                                                             has_bias=bool(g.bias)), *args),
-                     early=True)
+                     early=True, reads_early=(res_index,) if res_early else ())
 
     small, large = (Cond(rows, "<=", 2 * rt),), (Cond(rows, ">", 2 * rt),)
     kernels, prefill = [gemv], [replace(decode, when=small)]

@@ -104,9 +104,9 @@ def _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt, *tiles):
     return _remember(dense.gemv(dtype, N, K, rt, epi, bias, od, prologue=pro, eps=EPS, quant=q, tuning=t), t)
 
 
-def _res_kernel(dtype, q, N, K, bias, rt, *tiles):
+def _res_kernel(dtype, q, N, K, bias, rt, *tiles, res_early=False):
     t = _tiled(dtype, q, N, K, rt, "residual", "none", bias, tiles)
-    return _remember(dense.gemv(dtype, N, K, rt, "residual", bias, quant=q, tuning=t), t)
+    return _remember(dense.gemv(dtype, N, K, rt, "residual", bias, quant=q, tuning=t, res_early=res_early), t)
 
 
 def _rope_spec(H, KV, HD, layout, scaling):
@@ -131,6 +131,8 @@ def _module():
             q = _q(scheme, group)
             ks += [_case_kernel(dt, q, *c) for c in CASES.values() if _fits(group, c[1])]
             ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1])]
+            if dt != "float32":
+                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES if _fits(group, c[1])]
             if dt != "float32":
                 ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3])]
             ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K)]
@@ -212,12 +214,17 @@ def test_quantized_gemv(dtype, scheme, group, case):
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
 @pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}" + "".join(f"t{t}" for t in c[4:]))
 @pytest.mark.parametrize("in_place", [False, True])
-def test_quantized_gemv_residual(dtype, scheme, group, case, in_place):
+@pytest.mark.parametrize("res_early", [False, True], ids=["", "res_early"])
+def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early):
+    """res_early: the first tile's residual elements are read before the wait (one element a thread:
+    row tiles up to 8 rows a 4-warp block; larger tiles read after it), the rest after it."""
     N, K, bias, rt, *tiles = case
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
+    if res_early and dtype == "float32":
+        pytest.skip("res_early is for 16-bit activations")
     q = _q(scheme, group)
-    k = _res_kernel(dtype, q, N, K, bias, rt, *tiles)
+    k = _res_kernel(dtype, q, N, K, bias, rt, *tiles, res_early=res_early)
     for rows in ROWS:
         rng = np.random.default_rng(rows * 17 + N)
         x = randn(rng, (rows, K), dtype)
