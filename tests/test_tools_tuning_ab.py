@@ -72,6 +72,10 @@ def test_prefetch_and_trigger_variants(tool):
     assert "constexpr bool RES_EARLY = true" in dense.gemv("float16", 4096, 14336, 1, "residual", **early).source
     tool.patch("nore")
     assert "constexpr bool RES_EARLY = false" in dense.gemv("float16", 4096, 14336, 1, "residual", **early).source
+    tool.patch("base")
+    assert "constexpr bool SC_EARLY = true &&" in dense.gemv("float16", 4096, 11008, 1, "residual", quant=I8).source
+    tool.patch("nosc")
+    assert "constexpr bool SC_EARLY = false &&" in dense.gemv("float16", 4096, 11008, 1, "residual", quant=I8).source
 
 
 def test_tile_variants(tool):

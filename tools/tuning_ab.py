@@ -31,6 +31,7 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           block (today one: the 8B's 256 blocks of 8 warps hold 256 of 264 slots while gate/up launches early)
   nore    quantized GEMVs with the residual epilogue (o_proj, down_proj) read their residual elements after
           the PDL wait (before 'researly' landed: today the first tile's are read before it, RES_EARLY)
+  nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly) left this tool once docs/ab_h100.txt held their results.
@@ -55,6 +56,7 @@ DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._wit
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
+SC_EARLY = "constexpr bool SC_EARLY = true &&"
 # variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
 Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual", "none")),
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
@@ -121,7 +123,11 @@ def patch(variant: str) -> None:
     def render_variant(template, **kw):
         if "nore" in flags and template == "gemv":
             kw = dict(kw, res_early=False)
-        return render_prefetch(template, **kw)
+        src = render_prefetch(template, **kw)
+        if "nosc" in flags and template == "gemv" and kw.get("quant") == "int8" and kw.get("dtype") != "float32":
+            assert SC_EARLY in src, "the GEMV template changed: update 'nosc'"
+            src = src.replace(SC_EARLY, "constexpr bool SC_EARLY = false &&")
+        return src
 
     dense._quant_tuning, dense.render = quant_tuning, render_variant
 
