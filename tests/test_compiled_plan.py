@@ -81,6 +81,9 @@ def test_saved_plan_round_trips(saved):
     (lambda d: _edit_json(d, lambda p: p["phases"]["decode"][3]["args"].__setitem__(0, ["value", "ghost", "ptr"])),
      "names no value of the graph: %ghost"),
     (lambda d: open(os.path.join(d, "plan.json"), "w").write("{"), "not valid JSON"),
+    (lambda d: _edit_json(d, lambda p: p["phases"]["decode"][0].update(reads_early=[0])),
+     "decode launch 0 .*before its wait, but it is the first launch of the phase"),
+    (lambda d: _edit_json(d, lambda p: p["phases"]["decode"][1].update(reads_early=["x"])), "malformed plan"),
 ])
 def test_damaged_plan_is_a_one_line_error(saved, tmp_path, damage, message, capsys):
     import shutil

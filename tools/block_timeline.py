@@ -35,6 +35,7 @@ import sys
 import numpy as np
 
 import llamagraph
+from llamagraph.codegen.compiled import defined_kernels
 from llamagraph.ir import load_config
 from llamagraph.runtime import cuda as rt
 
@@ -77,43 +78,31 @@ __device__ __forceinline__ void lg_trace_waited() {
 WAIT = 'asm volatile("griddepcontrol.wait;" ::: "memory");\n#endif\n'
 
 
-def kernel_bodies(source: str) -> list[tuple[str, int]]:
-    """(name, offset of the body's opening brace) of every ``extern "C" __global__`` kernel."""
+def body_braces(source: str) -> list[int]:
+    """Offset of the body's opening brace of every ``extern "C" __global__`` kernel, in source order
+    (the first '{' outside parentheses after the declaration starts)."""
     out, at = [], 0
     while (at := source.find('extern "C" __global__', at)) >= 0:
-        depth, i, name_end = 0, at, None
-        while True:
-            c = source[i]
-            if c == "(":
-                if depth == 0:
-                    name_end = i  # the last '(' at depth 0 before the body: the parameter list's
-                depth += 1
-            elif c == ")":
-                depth -= 1
-            elif c == "{" and depth == 0:
-                break
-            i += 1
-        head = source[at:name_end].rstrip()
-        j = len(head)
-        while j > 0 and (head[j - 1].isalnum() or head[j - 1] == "_"):
-            j -= 1
-        out.append((head[j:], i))
-        at = i
+        depth = 0
+        while source[at] != "{" or depth:
+            depth += {"(": 1, ")": -1}.get(source[at], 0)
+            at += 1
+        out.append(at)
     return out
 
 
-def traced(source: str, kernels: list[str]) -> str:
-    """``source`` with the recorder in every kernel (id = its index in ``kernels``) and in lg_pdl_wait."""
+def traced(source: str) -> tuple[str, list[str]]:
+    """``source`` with the recorder in every kernel (id: its index in source order) and in
+    lg_pdl_wait, and the kernel names in that order."""
     if source.count(WAIT) != 1:
         raise RuntimeError("lg_pdl_wait's body was not found once in the source: update block_timeline.WAIT")
     source = source.replace(WAIT, WAIT + "    lg_trace_waited();\n")
-    bodies = kernel_bodies(source)
-    names = [n for n, _ in bodies]
-    if sorted(names) != sorted(kernels):
-        raise RuntimeError(f"kernels found {names} differ from the plan's {kernels}")
-    for name, brace in reversed(bodies):
-        source = source[:brace + 1] + f" LgTrace lg_trace_obj({kernels.index(name)}u);" + source[brace + 1:]
-    return TRACE + source
+    names, braces = defined_kernels(source), body_braces(source)
+    if len(names) != len(braces):
+        raise RuntimeError(f"{len(braces)} kernel bodies found for {len(names)} kernels")
+    for k, brace in reversed(list(enumerate(braces))):
+        source = source[:brace + 1] + f" LgTrace lg_trace_obj({k}u);" + source[brace + 1:]
+    return TRACE + source, names
 
 
 def records(module) -> np.ndarray:
@@ -141,8 +130,8 @@ def main(argv: list[str]) -> None:
     plain = rt.load_module
 
     def load(source, arch):  # the executor's __init__ loads plan.source: it gets the traced copy
-        kernels[:] = [n for n, _ in kernel_bodies(source)]
-        modules.append(plain(traced(source, kernels), arch))
+        source, kernels[:] = traced(source)
+        modules.append(plain(source, arch))
         return modules[-1]
 
     rt.load_module = load

@@ -519,7 +519,7 @@ def gemv(
     res for the block's first tile before the PDL wait, so that read is off the path that starts
     when the kernel before ends. Only for a launch whose kernel before it does not write res (the
     launch's ``reads_early``, which CompiledPlan.check proves). H100, one process, logits
-    bit-identical (tools/tuning_ab.py researly): 8B int4 step +3.4%, 7B int4 +2.7%, 7B int8 +0.3%.
+    bit-identical (tools/tuning_ab.py base against nore): 8B int4 step +3.4%, 7B int4 +2.7%, 7B int8 +0.3%.
     """
     if res_early and (epilogue != "residual" or quant is None or dtype == "float32"):
         raise ValueError("gemv res_early is for quantized W with 16-bit activations and the residual epilogue, got "
