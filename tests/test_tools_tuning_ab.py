@@ -113,6 +113,11 @@ def test_joined_variants(tool):
     tool.patch("w8qkv")
     qkv = dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4)  # 384 tiles: 2 a block of 8 warps
     assert (qkv.warps, qkv.tiles) == (8, 2) and dense._quant_tuning("float16", 4096, 4096, 1, "residual", I4).warps == 8
+    tool.patch("w8walk")  # only 4-warp grids that walk tiles: the 7B's qkv and the LM heads, not the 8B's qkv
+    assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).warps == 4
+    for n, ep in ((12288, "rope"), (32000, "none"), (128256, "none")):
+        walk = dense._quant_tuning("float16", n, 4096, 1, ep, I4)
+        assert (walk.warps, walk.tiles) == (8, -(-n // 16 // (2 * dense.SMS))), (n, walk)
     tool.patch("gu6")  # int4 gate/up only: 896 tiles of the 8B in cdiv(896, 6) = 150 blocks
     gate_up = ("float16", 2 * 14336, 4096, 1, "silu_mul")
     assert dense.gemv_launch(*gate_up, prologue="rmsnorm", quant=I4).grid == (150, 1, 1)

@@ -22,6 +22,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
   w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
+  w8walk  int4 batch-1 GEMVs of 4-warp blocks that walk several tiles (grids past the 4 x SMs resident
+          4-warp blocks: Llama-2-7B's qkv, the LM heads) take 8 warps and tiles as o/down would
   gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks
           (today int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 =
           180 blocks, gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks
@@ -35,13 +37,15 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly) left this tool once docs/ab_h100.txt held their results.
-Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
+With TUNING_AB_LOGITS=PATH.npy the first variant's decode-step logits are saved there (to compare
+the logits of two source trees run one after the other). Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from dataclasses import replace
 
@@ -85,7 +89,8 @@ def patch(variant: str) -> None:
             t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
         if dtype == "float32" or row_tile != 1:
             return replace(t, whole_x=False) if "nox" in flags else t
-        if "w8qkv" in flags and q.scheme == "int4" and epilogue == "rope":
+        walks = "w8walk" in flags and epilogue != "silu_mul" and t.warps == 4 and t.tiles > 1
+        if q.scheme == "int4" and (walks or ("w8qkv" in flags and epilogue == "rope")):
             small = quant(dtype, min(N, 2 * dense.SMS * 16), K, row_tile, epilogue, q, has_bias)  # o/down's branch
             t = DEFAULTS["tiles"](replace(small, tiles=1), cdiv(N, 16), cdiv(cdiv(K // 32, 4), small.warps))
             t = replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
@@ -148,6 +153,8 @@ def main(argv: list[str]) -> None:
                                       quantize=quantize, group_size=128 if quantize == "int4" else None)
             plan.run(prompts)
             logits = np.asarray(plan.run([[7]] * batch), np.float32)  # a decode step
+            if first is None and os.environ.get("TUNING_AB_LOGITS"):  # to compare two trees' logits
+                np.save(os.environ["TUNING_AB_LOGITS"], logits)
             first = logits if first is None else first
             plan.generate(prompts, 4)  # capture the pipelined decode graph
             runs = [127 * batch / _decode_time(plan, prompts, 128, _cupy_sync) for _ in range(3)]
