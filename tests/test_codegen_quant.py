@@ -179,6 +179,15 @@ def test_batch_one_grids_past_the_resident_blocks_walk_several_column_tiles():
     # 4-warp blocks (4 a SM) of the LM head: several tiles, in pipelined batches of 2 steps (4 spill)
     head = dense.gemv_default_tuning("float16", 128256, 4096, 1, "none", "rmsnorm", q)
     assert head.tiles == -(-8016 // (4 * dense.SMS)) and (head.warps, head.unroll, head.pipeline) == (4, 2, True)
+    # a qkv grid past the 4-warp slots (Llama-2-7B: 768 tiles) takes 8 warps walking 3 tiles in pipelined
+    # batches of 2 steps, x staged once; the 8B's (384 tiles, one a 4-warp block) and the heads keep 4 warps
+    qkv7 = dense.gemv_default_tuning("float16", 12288, 4096, 1, "rope", "rmsnorm", q)
+    assert qkv7 == dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3)
+    assert dense.gemv_launch("float16", 12288, 4096, 1, "rope", prologue="rmsnorm", quant=q).grid == (256, 1, 1)
+    qkv8 = dense.gemv_default_tuning("float16", 6144, 4096, 1, "rope", "rmsnorm", q)
+    assert (qkv8.warps, qkv8.tiles) == (4, 1)
+    assert dense.gemv_default_tuning("float16", 32000, 4096, 1, "none", "rmsnorm", q).warps == 4
+    assert dense.gemv_default_tuning("float16", 12288, 4096, 1, "rope", "rmsnorm", dense.GemvQuant("int8")).tiles == 1
     # a grid that fits, a batch of 8 rows, fp16 weights: one tile a block, no loop in the source
     assert dense.gemv_default_tuning("float16", 4096, 4096, 1, "residual", quant=q).tiles == 1
     assert dense.gemv_default_tuning("float16", 28672, 4096, 8, "silu_mul", "rmsnorm", q).tiles == 1

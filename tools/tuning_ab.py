@@ -21,9 +21,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           (before: today they are requested behind the last tile's last batch)
   t8, t8gu, t8qkv, t8head  int8 batch-1 GEMVs (all / gate-up / qkv / LM head) take several column
           tiles a block as int4's do (today: one)
-  w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM)
-  w8walk  int4 batch-1 GEMVs of 4-warp blocks that walk several tiles (grids past the 4 x SMs resident
-          4-warp blocks: Llama-2-7B's qkv, the LM heads) take 8 warps and tiles as o/down would
+  w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM, where
+          the tiles fit the 4-warp slots, as the 8B's 384: -3.3% with 8 warps; past them, as the 7B's 768,
+          8 warps walking 3 tiles are the default: +2.0%)
+  w8walk  int4 batch-1 GEMVs of 4-warp blocks that walk several tiles (today: the LM heads) take 8 warps
+          and tiles as o/down would (8B -0.3%, 7B even)
   gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks
           (today int4: as many as fill the resident slots at equal shares, 4 on the 8B: 224 blocks; gu5 =
           180 blocks, gu6 = 150; int8: one, 688 blocks on the 7B, t8gu's 3 = 230, gu4 = 172). Fewer blocks

@@ -332,7 +332,11 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
             6% off the 8B step; gate/up (two W rows a column) takes 8 warps in pipelined batches of one
             step: 439.8 -> 453.5 tok/s on the 8B step against 4 warps x U = 2 unpipelined (2 steps of
             two rows spill when pipelined); other wide grids (qkv, the LM head) keep 4 warps x U = 4,
-            whose four blocks per SM take the grid in fewer waves (pipelined batches of 2: no gain).
+            whose four blocks per SM take the grid in fewer waves (pipelined batches of 2: no gain),
+            but a qkv grid of more tiles than 4-warp blocks resident at once (Llama-2-7B's 768: its
+            blocks walk tiles either way) takes 8 warps, 3 tiles a block: 7B int4 step +2.0%; the
+            LM heads stay at 4 warps (8: 8B -0.3%, 7B even), and so does the 8B's qkv, whose 384 tiles
+            are one a 4-warp block (8 warps, 2 tiles a block: -3.3%) (H100, one process).
     A batch-1 block of more than one batch stages its whole x row in shared memory once
     (``whole_x``: no barrier between batches) where it fits the 48 KB a launch gets without
     opting in: +1.2% on the 8B int4 step, +1.7% on the 7B int8 step (H100, one process, logits
@@ -359,9 +363,10 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
         if row_tile > 8 or (has_bias and row_tile > 1):
             unroll = 2
         n_blocks = _cdiv(N // mt, 16)
-        if row_tile == 1 and mt == 1 and n_blocks <= 2 * SMS:
+        walks_qkv = epilogue == "rope" and n_blocks > 4 * SMS  # its 4-warp blocks would walk tiles either way
+        if row_tile == 1 and mt == 1 and (n_blocks <= 2 * SMS or walks_qkv):
             warps = 8
-            if steps > warps * 4:  # more than one batch of 4 steps: pipelined batches of 2
+            if steps > warps * 4 or walks_qkv:  # more than one batch of 4 steps, or tiles: pipelined batches of 2
                 unroll, pipeline = 2, True
         elif row_tile == 1 and mt == 2:
             warps, unroll, pipeline = 8, 1, True

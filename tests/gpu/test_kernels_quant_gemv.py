@@ -69,6 +69,9 @@ ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
      True, 4),
     (4, 2, 64, 256, "rotate_half", None, True, 1),  # a batch-1 decode tile, reloading its codes per row
     (4, 2, 64, 256, "rotate_half", None, True, 1, 3),  # 32 tiles in 11 blocks of 3
+    # Llama-2-7B's int4 qkv (a grid past the 4-warp slots) as a whole tuning: 8 warps, pipelined batches
+    # of 2 steps (K 2560: a ragged second one), x staged once, 32 tiles in 11 blocks of 3
+    (4, 2, 64, 2560, "rotate_half", None, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3)),
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -85,9 +88,12 @@ TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than 
 
 
 def _tiled(dtype, q, N, K, rt, epi, pro, bias, tiles):
-    """The default tuning with ``tiles`` column tiles a block (16-bit activations; fp32 has one)."""
+    """The default tuning with ``tiles`` column tiles a block, or the GemvTuning given (16-bit
+    activations; fp32 has one)."""
     if dtype == "float32" or not tiles or tiles[0] == 1:
         return None
+    if isinstance(tiles[0], dense.GemvTuning):
+        return tiles[0]
     t = dense.gemv_default_tuning(dtype, N, K, rt, epi, pro, q, bias)
     return replace(t, tiles=tiles[0])
 
@@ -243,7 +249,8 @@ def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: dt != "float32"))
 @pytest.mark.parametrize("case", ROPE_CASES,
-                         ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}{c[4]}r{c[7]}" + "".join(f"t{t}" for t in c[8:]))
+                         ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}k{c[3]}{c[4]}r{c[7]}"
+                         + "".join(t.tag() if isinstance(t, dense.GemvTuning) else f"t{t}" for t in c[8:]))
 def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
