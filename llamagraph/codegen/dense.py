@@ -221,6 +221,10 @@ class GemvTuning:
             once, not one batch's columns before every batch (no barrier between batches).
     tiles:  quantized 16-bit W only: 16-column output tiles per block. Past 1 the grid shrinks to
             cdiv(tiles of N, tiles) and each block walks its tiles grid-stride, staging x once.
+    stages: int4 16-bit W only (0: off): the codes, scales and zeros of a batch are copied into a
+            per-thread ring of this many batches in shared memory (cp.async), stages - 1 batches in
+            flight without holding registers, the stream running on across the block's tiles; only
+            the batch being summed is in registers (replaces ``pipeline``).
     """
 
     warps: int
@@ -228,10 +232,11 @@ class GemvTuning:
     pipeline: bool = False
     whole_x: bool = False
     tiles: int = 1
+    stages: int = 0
 
     def tag(self) -> str:
         return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
-                + (f"t{self.tiles}" if self.tiles > 1 else ""))
+                + (f"t{self.tiles}" if self.tiles > 1 else "") + (f"s{self.stages}" if self.stages else ""))
 
     @property
     def min_blocks(self) -> int:
@@ -397,16 +402,20 @@ def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> Gem
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
 
 
-def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None) -> int:
+def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None,
+                    mt: int = 1) -> int:
     """Dynamic shared memory of a quantized 16-bit GEMV: its x slab, row_tile rows of the k range
     one batch of steps covers, or every batch with ``whole_x`` (16-byte units, each row padded by 4
-    units against bank conflicts); must agree with the template's STAGE_U / RS."""
+    units against bank conflicts); must agree with the template's STAGE_U / RS. With ``stages``, the
+    codes ring after it: per stage and thread, U x mt x 2 chunks of 16 bytes and a 4-byte scale word
+    and zero word for each (mt: W rows a output column, 2 for gate/up)."""
     if quant is None or dtype == "float32":
         return 0
     step_units = 4 * quant.chunk_k // 8  # 8-value x units per step of 4 lanes
     batch_steps = tuning.warps * tuning.unroll
     batches = _cdiv(_cdiv(K // quant.chunk_k, 4), batch_steps) if tuning.whole_x else 1
-    return row_tile * (batches * batch_steps * step_units + 4) * 16
+    ring = tuning.stages * tuning.unroll * mt * 2 * tuning.warps * 32 * (16 + 2 * 4)
+    return row_tile * (batches * batch_steps * step_units + 4) * 16 + ring
 
 
 @dataclass(frozen=True)
@@ -479,6 +488,10 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"quantized 16-bit GEMVs only")
     if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
+    if tuning.stages and (tuning.stages < 2 or tuning.pipeline or dtype == "float32" or quant is None
+                          or quant.scheme != "int4"):
+        raise ValueError(f"gemv tuning {tuning}: a codes ring takes at least 2 stages, without 'pipeline', and is "
+                         f"for int4 16-bit GEMVs only")
 
 
 def gemv(
@@ -576,7 +589,9 @@ def gemv(
         quant=quant.scheme if quant else "none",
         group=(quant.group_size or 0) if quant else 0,
         folded=bool(quant and quant.folded),
-        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant),
+        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant, 2 if epilogue == "silu_mul" else 1),
+        slab=gemv_quant_smem(dtype, K, row_tile, replace(tuning, stages=0), quant),
+        stages=tuning.stages,
         res_early=res_early,
         **(rope.params() if rope else {}),
     )
@@ -600,7 +615,7 @@ def gemv_launch(
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
     return Shape((_cdiv(_cdiv(n_out, cols_per_block), tuning.tiles), 1, 1), (tuning.warps * 32, 1, 1),
-                 gemv_quant_smem(dtype, K, row_tile, tuning, quant))
+                 gemv_quant_smem(dtype, K, row_tile, tuning, quant, 2 if epilogue == "silu_mul" else 1))
 
 
 # ---------------------------------------------------------------------------------------------
