@@ -598,7 +598,10 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "llamagraph", "run", cfg, "--random-weights", "--backend",
                           "reference", "--dtype", "float32", "--max-seq", "4096", "--prompt-len", "2",
-                          "--max-new-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                          "--max-new-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         # a shell's background job starts with SIGINT ignored, and Python keeps it so: the
+                         # child gets the default disposition, as a process in a terminal has
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     while not re.search(rb"generated ids: \d+ ", seen):  # streaming: tokens are flushed one by one
         byte = p.stdout.read(1)
