@@ -156,3 +156,13 @@ def test_ring_variants_replace_pipelined_int4_batches(tool):
     assert "constexpr int STAGES = 2;" in src and "ring_issue(ring, i % STAGES" in src
     tool.patch("ring4down")
     assert dense._quant_tuning(*down).stages == 4 and dense._quant_tuning(*gu) == base[gu]
+
+
+def test_tpf0_drops_the_next_tile_prefetch(tool):
+    gu = dict(prologue="rmsnorm", eps=1e-5, quant=I4)
+    next_tile = "prefetch_w(W4, w_scales, w_zeros, (tile + gridDim.x) * 16)"
+    tool.patch("base")
+    assert next_tile in dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **gu).source
+    tool.patch("tpf0")
+    src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **gu).source
+    assert next_tile not in src and "prefetch_w(W4, w_scales, w_zeros, col0)" in src

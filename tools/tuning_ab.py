@@ -39,6 +39,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   ring<S> int4 batch-1 16-bit GEMVs of pipelined batches (two sets of codes in registers: gate/up, down, the
           7B's qkv) copy their codes through a shared-memory ring of S stages instead (GemvTuning.stages, S - 1
           batches in flight across tiles); ring<S>gu / ring<S>qkv / ring<S>down: that GEMV only
+  tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
+          2 KB, as the pre-wait prefetch; with a ring the copies run on across tiles already)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly) left this tool once docs/ab_h100.txt held their results.
@@ -65,6 +67,7 @@ DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._wit
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
+NEXT_TILE_PF = "        if (tile + (int)gridDim.x < NTILES) prefetch_w(W4, w_scales, w_zeros, (tile + gridDim.x) * 16);\n"
 SC_EARLY = "constexpr bool SC_EARLY = true &&"
 # variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
 Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual", "none")),
@@ -130,6 +133,9 @@ def patch(variant: str) -> None:
                 if name in flags):
             assert Q_PREFETCH in src, f"the GEMV template changed: update '{variant}'"
             src = src.replace(Q_PREFETCH, "")
+        if "tpf0" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
+            assert NEXT_TILE_PF in src, "the GEMV template changed: update 'tpf0'"
+            src = src.replace(NEXT_TILE_PF, "")
         if "noahead" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
             assert AHEAD in src, "the GEMV template changed: update 'noahead'"
             src = src.replace(AHEAD, "constexpr bool AHEAD = false &&")
