@@ -355,6 +355,9 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     block a SM, so the next kernel's blocks land beside them) lost 24% (tuning_ab half/half8); a grid
     of every resident slot, its tiles dealt 3 or 4 a block (264 blocks for the 8B gate/up, not 224 of
     4), lost 2.4% (docs/ab_h100.txt call 12; presumably the slots equal shares leave free serve the next kernel).
+    No default takes a codes ring (``stages``) yet: it is built and tested on the CPU side (2026-12-07)
+    but not yet measured; tools/tuning_ab.py's ring<S> variants (the default queue of
+    tools/device_session.sh) measure it against these tunings.
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
