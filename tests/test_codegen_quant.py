@@ -369,7 +369,7 @@ def test_codes_ring_kernels_compile_and_two_blocks_fit_a_sm():
         # (the rope epilogue's sincosf keeps its 28-byte reduction array for huge angles on the stack)
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_bytes <= (32 if "_rope_" in k.name else 0), \
             (k.name, r)
-        assert r.registers <= 112, (k.name, r)
+        assert r.registers < 128, (k.name, r)
         if "s4" not in k.name[-3:] or "rope" in k.name:  # the 4-stage gate/up and down rings take a SM alone
             assert 2 * (fits[k.name] + r.shared_bytes) <= 227 * 1024, (k.name, fits[k.name])
 
