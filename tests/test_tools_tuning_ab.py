@@ -153,7 +153,7 @@ def test_ring_variants_replace_pipelined_int4_batches(tool):
     tool.patch("ring2gu")
     assert dense._quant_tuning(*gu).stages == 2 and dense._quant_tuning(*qkv) == base[qkv]
     src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **Q4).source
-    assert "constexpr int STAGES = 2;" in src and "ring_issue(ring, i % STAGES" in src
+    assert "constexpr int STAGES = 2;" in src and "ring_issue(ring, copied % STAGES" in src
     tool.patch("ring4down")
     assert dense._quant_tuning(*down).stages == 4 and dense._quant_tuning(*gu) == base[gu]
 
