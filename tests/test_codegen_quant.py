@@ -388,3 +388,5 @@ def test_codes_ring_is_int4_only_and_waits_after_its_first_copies():
     before, after = body.split("lg_pdl_wait();", 1)
     assert "for (int i = 0; i < STAGES - 1; ++i) copy_next();" in before and "load_codes(" not in body
     assert "cp_async_wait_ring();" in after and "ring_read(cw, ring, done % STAGES" in after
+    with pytest.raises(ValueError, match="more than a block gets"):
+        dense.gemv("float16", 4096, 11008, 1, "residual", quant=q, tuning=dense.GemvTuning(8, 8, whole_x=True, stages=4))

@@ -403,6 +403,7 @@ def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> Gem
 
 
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
+MAX_BLOCK_SMEM = 227 * 1024  # the most shared memory a block gets on sm_90 (opting in past 48 KB)
 
 
 def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None,
@@ -491,10 +492,16 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"quantized 16-bit GEMVs only")
     if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
-    if tuning.stages and (tuning.stages < 2 or tuning.pipeline or dtype == "float32" or quant is None
-                          or quant.scheme != "int4"):
+    if tuning.stages and (not isinstance(tuning.stages, int) or tuning.stages < 2 or tuning.pipeline
+                          or dtype == "float32" or quant is None or quant.scheme != "int4"):
         raise ValueError(f"gemv tuning {tuning}: a codes ring takes at least 2 stages, without 'pipeline', and is "
                          f"for int4 16-bit GEMVs only")
+    if tuning.stages:
+        mt = 2 if epilogue == "silu_mul" else 1
+        smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, mt) + tuning.warps * mt * _cdiv(row_tile, 8) * 512
+        if smem > MAX_BLOCK_SMEM:
+            raise ValueError(f"gemv tuning {tuning}: its codes ring, x slab and reduction take {smem} bytes of shared "
+                             f"memory, more than a block gets ({MAX_BLOCK_SMEM})")
 
 
 def gemv(
