@@ -362,7 +362,7 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
         return GemvTuning(warps=8, unroll=max(1, min(2 if row_tile == 1 else 1, per_lane)))
-    mt = 2 if epilogue == "silu_mul" else 1
+    mt = _w_rows(epilogue)
     steps = _cdiv(K // quant.chunk_k, 4)
     warps, unroll, pipeline = 4, 4 if mt == 1 else 2, False
     if quant.scheme == "int8" and row_tile == 1:
@@ -406,19 +406,24 @@ WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without
 MAX_BLOCK_SMEM = 227 * 1024  # the most shared memory a block gets on sm_90 (opting in past 48 KB)
 
 
+def _w_rows(epilogue: str) -> int:
+    """W rows per output column (the template's MT): 2 where gate and up rows pair up."""
+    return 2 if epilogue == "silu_mul" else 1
+
+
 def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None,
-                    mt: int = 1) -> int:
+                    epilogue: str = "none") -> int:
     """Dynamic shared memory of a quantized 16-bit GEMV: its x slab, row_tile rows of the k range
     one batch of steps covers, or every batch with ``whole_x`` (16-byte units, each row padded by 4
     units against bank conflicts); must agree with the template's STAGE_U / RS. With ``stages``, the
-    codes ring after it: per stage and thread, U x mt x 2 chunks of 16 bytes and a 4-byte scale word
-    and zero word for each (mt: W rows a output column, 2 for gate/up)."""
+    codes ring after it: per stage and thread, U x MT x 2 chunks of 16 bytes and a 4-byte scale word
+    and zero word for each."""
     if quant is None or dtype == "float32":
         return 0
     step_units = 4 * quant.chunk_k // 8  # 8-value x units per step of 4 lanes
     batch_steps = tuning.warps * tuning.unroll
     batches = _cdiv(_cdiv(K // quant.chunk_k, 4), batch_steps) if tuning.whole_x else 1
-    ring = tuning.stages * tuning.unroll * mt * 2 * tuning.warps * 32 * (16 + 2 * 4)
+    ring = tuning.stages * tuning.unroll * _w_rows(epilogue) * 2 * tuning.warps * 32 * (16 + 2 * 4)
     return row_tile * (batches * batch_steps * step_units + 4) * 16 + ring
 
 
@@ -497,8 +502,8 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
         raise ValueError(f"gemv tuning {tuning}: a codes ring takes at least 2 stages, without 'pipeline', and is "
                          f"for int4 16-bit GEMVs only")
     if tuning.stages:
-        mt = 2 if epilogue == "silu_mul" else 1
-        smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, mt) + tuning.warps * mt * _cdiv(row_tile, 8) * 512
+        red = tuning.warps * _w_rows(epilogue) * _cdiv(row_tile, 8) * 512  # the template's red[][][][4][32] floats
+        smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue) + red
         if smem > MAX_BLOCK_SMEM:
             raise ValueError(f"gemv tuning {tuning}: its codes ring, x slab and reduction take {smem} bytes of shared "
                              f"memory, more than a block gets ({MAX_BLOCK_SMEM})")
@@ -599,7 +604,7 @@ def gemv(
         quant=quant.scheme if quant else "none",
         group=(quant.group_size or 0) if quant else 0,
         folded=bool(quant and quant.folded),
-        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant, 2 if epilogue == "silu_mul" else 1),
+        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue),
         slab=gemv_quant_smem(dtype, K, row_tile, replace(tuning, stages=0), quant),
         stages=tuning.stages,
         res_early=res_early,
@@ -625,7 +630,7 @@ def gemv_launch(
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
     return Shape((_cdiv(_cdiv(n_out, cols_per_block), tuning.tiles), 1, 1), (tuning.warps * 32, 1, 1),
-                 gemv_quant_smem(dtype, K, row_tile, tuning, quant, 2 if epilogue == "silu_mul" else 1))
+                 gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue))
 
 
 # ---------------------------------------------------------------------------------------------
