@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
 DEADLINE=${DEADLINE:-540}
-AB=${AB-"examples/llama-2-7b.json int4 base,ring3,ring3gu,ring3qkv,ring3down,ring2,ring3+tpf0,base;\
+AB=${AB-"examples/llama-2-7b.json int4 base,ring3,ring3gu,ring3qkv,ring3down,ring4gu,ring4qkv,ring2,ring3+tpf0,base;\
 examples/llama-3-8b.json int4 base,ring3,ring3gu,base;examples/llama-2-7b.json none base;examples/llama-3-8b.json none base"}
 TESTS=${TESTS-"test_kernels_quant_gemv.py:ring~or~xs4~or~t3s3:150 test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
 test_cuda_e2e.py:150 test_profile_cuda.py:90 test_kernels_fused_gemv.py:90"}
