@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 LLAMAGRAPH_CACHE=${LLAMAGRAPH_CACHE:-/tmp/llamagraph-cache}
 DEADLINE=${DEADLINE:-540}
+# a bare machine: PYTHONPATH alone lacks the package data llamagraph.templates (templates/ at the root)
+python3 -c "import llamagraph.templates" 2>/dev/null || ln -sfn ../templates llamagraph/templates
+python3 -c "import llamagraph.templates" || { echo "llamagraph.templates does not import" | tee "$OUT/ab.txt"; exit 1; }
 AB=${AB-"examples/llama-2-7b.json int4 base,ring3,ring3gu,ring3qkv,ring3down,ring4gu,ring4qkv,ring2,ring3+tpf0,base;\
 examples/llama-3-8b.json int4 base,ring3,ring3gu,base;examples/llama-2-7b.json none base;examples/llama-3-8b.json none base"}
 TESTS=${TESTS-"test_kernels_quant_gemv.py:ring~or~xs4~or~t3s3:150 test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
