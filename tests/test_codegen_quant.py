@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import replace
 
 import pytest
 
@@ -301,8 +300,7 @@ def test_quantized_decode_kernels_wait_before_reading_activations():
             body = body[body.index(") {") + 3:]
             before = body[: body.index("lg_pdl_wait();")]
             before = "\n".join(line.split("//")[0] for line in before.splitlines() if "__shared__" not in line)
-            ring = "constexpr int STAGES" in impl  # (a codes ring copies its first batches instead)
-            assert ("for (int i = 0; i < STAGES - 1; ++i) copy_next();" if ring else "load_codes(ca, 0, ") in before, name
+            assert "load_codes(ca, 0, " in before, name
             early = name.endswith("_res_re")
             launches = [x for x in plan.phases["decode"] if x.fn == name]
             assert all(bool(x.reads_early) == early for x in launches), name
@@ -340,55 +338,3 @@ def test_a_group_size_no_kernel_reads_is_a_one_line_error():
     assert "\n" not in msg and "group_size 16, K=64" in msg and "% 32 == 0" in msg
     assert "%l0." in msg and ".w is int4" in msg
 
-
-def test_codes_ring_kernels_compile_and_two_blocks_fit_a_sm():
-    """GemvTuning.stages (int4, 16-bit): the pipelined batch-1 GEMVs of Llama-2-7B and Llama-3-8B
-    through rings of 2-4 stages compile without spills in fewer registers than their pipelined
-    pair of code sets, two blocks' shared memory fits a SM, and the ring's size is the launch's."""
-    _require_compiler()
-    q = dense.GemvQuant("int4", 128)
-    rope7 = dense.RopeEpilogue(32, 32, 128, "rotate_half", 4096)
-    shapes = [(2 * 11008, 4096, "silu_mul", "rmsnorm", None), (2 * 14336, 4096, "silu_mul", "rmsnorm", None),
-              (12288, 4096, "rope", "rmsnorm", rope7), (4096, 11008, "residual", "none", None),
-              (4096, 14336, "residual", "none", None)]
-    ks, fits = [], {}
-    for N, K, epi, pro, rope in shapes:
-        base = dense.gemv_default_tuning("float16", N, K, 1, epi, pro, q)
-        assert base.pipeline and base.stages == 0
-        for stages in (2, 3, 4):
-            t = replace(base, pipeline=False, stages=stages)
-            k = dense.gemv("float16", N, K, 1, epi, tuning=t, prologue=pro, eps=EPS, rope=rope, quant=q)
-            shape = dense.gemv_launch("float16", N, K, 1, epi, t, pro, q)
-            mt = 2 if epi == "silu_mul" else 1
-            ring = stages * t.unroll * mt * 2 * t.warps * 32 * 24  # 16 B of codes + 4 B scale + 4 B zero a chunk
-            assert shape.smem == dense.gemv_quant_smem("float16", K, 1, base, q) + ring
-            assert f"constexpr int STAGES = {stages};" in k.source and f"== {shape.smem}, " in k.source
-            ks.append(k)
-            fits[k.name] = shape.smem
-    res = nvrtc.compile_source(module_source(ks), arch="sm_90")
-    for k in ks:
-        r = res.kernels[k.name]
-        # (the rope epilogue's sincosf keeps its 28-byte reduction array for huge angles on the stack)
-        assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack_bytes <= (32 if "_rope_" in k.name else 0), \
-            (k.name, r)
-        assert r.registers < 128, (k.name, r)
-        if "s4" not in k.name[-3:] or "rope" in k.name:  # the 4-stage gate/up and down rings take a SM alone
-            assert 2 * (fits[k.name] + r.shared_bytes) <= 227 * 1024, (k.name, fits[k.name])
-
-
-def test_codes_ring_is_int4_only_and_waits_after_its_first_copies():
-    q = dense.GemvQuant("int4", 128)
-    with pytest.raises(ValueError, match="codes ring"):
-        dense.gemv("float16", 4096, 11008, 1, "residual", quant=dense.GemvQuant("int8"),
-                   tuning=dense.GemvTuning(8, 2, stages=3))
-    with pytest.raises(ValueError, match="codes ring"):
-        dense.gemv("float16", 4096, 11008, 1, "residual", quant=q, tuning=dense.GemvTuning(8, 2, pipeline=True, stages=3))
-    with pytest.raises(ValueError, match="codes ring"):
-        dense.gemv("float16", 4096, 11008, 1, "residual", quant=q, tuning=dense.GemvTuning(8, 2, stages=1))
-    src = dense.gemv("float16", 4096, 11008, 1, "residual", quant=q, tuning=dense.GemvTuning(8, 2, whole_x=True, stages=3)).source
-    body = src[src.index("__device__ __forceinline__ void run("):]
-    before, after = body.split("lg_pdl_wait();", 1)
-    assert "for (int i = 0; i < STAGES - 1; ++i) copy_next();" in before and "load_codes(" not in body
-    assert "cp_async_wait_ring();" in after and "ring_read(cw, ring, done % STAGES" in after
-    with pytest.raises(ValueError, match="more than a block gets"):
-        dense.gemv("float16", 4096, 11008, 1, "residual", quant=q, tuning=dense.GemvTuning(8, 8, whole_x=True, stages=4))

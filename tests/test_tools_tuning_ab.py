@@ -135,29 +135,6 @@ def test_joined_variants(tool):
     assert dense._quant_tuning("float16", 6144, 4096, 1, "rope", I4).warps == 4
 
 
-def test_ring_variants_replace_pipelined_int4_batches(tool):
-    """ring<S>: the pipelined int4 batch-1 GEMVs (gate/up, down, the 7B's qkv) copy their codes through
-    an S-stage shared-memory ring, the one-batch o_proj and int8 keep theirs; gu/qkv/down pick one GEMV."""
-    gu = ("float16", 2 * 11008, 4096, 1, "silu_mul", I4)
-    qkv = ("float16", 12288, 4096, 1, "rope", I4)
-    down = ("float16", 4096, 11008, 1, "residual", I4)
-    o = ("float16", 4096, 4096, 1, "residual", I4)
-    tool.patch("base")
-    base = {k: dense._quant_tuning(*k) for k in (gu, qkv, down, o)}
-    assert all(t.stages == 0 for t in base.values()) and base[gu].pipeline
-    tool.patch("ring3")
-    for k in (gu, qkv, down):
-        assert dense._quant_tuning(*k) == replace(base[k], pipeline=False, stages=3), k
-    assert dense._quant_tuning(*o) == base[o]
-    assert dense._quant_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", I8).stages == 0
-    tool.patch("ring2gu")
-    assert dense._quant_tuning(*gu).stages == 2 and dense._quant_tuning(*qkv) == base[qkv]
-    src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **Q4).source
-    assert "constexpr int STAGES = 2;" in src and "ring_issue(ring, copied % STAGES" in src
-    tool.patch("ring4down")
-    assert dense._quant_tuning(*down).stages == 4 and dense._quant_tuning(*gu) == base[gu]
-
-
 def test_tpf0_drops_the_next_tile_prefetch(tool):
     gu = dict(prologue="rmsnorm", eps=1e-5, quant=I4)
     next_tile = "prefetch_w(W4, w_scales, w_zeros, (tile + gridDim.x) * 16)"

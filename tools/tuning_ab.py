@@ -36,14 +36,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nore    quantized GEMVs with the residual epilogue (o_proj, down_proj) read their residual elements after
           the PDL wait (before 'researly' landed: today the first tile's are read before it, RES_EARLY)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
-  ring<S> int4 batch-1 16-bit GEMVs of pipelined batches (two sets of codes in registers: gate/up, down, the
-          7B's qkv) copy their codes through a shared-memory ring of S stages instead (GemvTuning.stages, S - 1
-          batches in flight across tiles); ring<S>gu / ring<S>qkv / ring<S>down: that GEMV only
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
-          2 KB, as the pre-wait prefetch; with a ring the copies run on across tiles already)
+          2 KB, as the pre-wait prefetch)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
-bf16early, pf0gu, half/half8, fill, researly) left this tool once docs/ab_h100.txt held their results.
+bf16early, pf0gu, half/half8, fill, researly, ring<S>) left this tool once docs/ab_h100.txt held their results.
 With TUNING_AB_LOGITS=PATH.npy the first variant's decode-step logits are saved there (to compare
 the logits of two source trees run one after the other). Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
@@ -110,14 +107,6 @@ def patch(variant: str) -> None:
             counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
             if counts and kind:
                 t = replace(t, tiles=counts[0])
-        for f in flags:
-            if f.startswith("ring"):
-                digits = "".join(ch for ch in f[4:] if ch.isdigit())
-                which = f[4 + len(digits):]
-                kind = {"": True, "gu": epilogue == "silu_mul", "qkv": epilogue == "rope",
-                        "down": epilogue == "residual" and K > N}[which]
-                if kind and q.scheme == "int4" and t.pipeline:
-                    t = replace(t, pipeline=False, stages=int(digits))
         return replace(t, whole_x=False) if "nox" in flags else t
 
     only = next((kind for name, kind in PF0_ONLY.items() if name in flags), None)

@@ -221,10 +221,6 @@ class GemvTuning:
             once, not one batch's columns before every batch (no barrier between batches).
     tiles:  quantized 16-bit W only: 16-column output tiles per block. Past 1 the grid shrinks to
             cdiv(tiles of N, tiles) and each block walks its tiles grid-stride, staging x once.
-    stages: int4 16-bit W only (0: off): the codes, scales and zeros of a batch are copied into a
-            per-thread ring of this many batches in shared memory (cp.async), stages - 1 batches in
-            flight without holding registers, the stream running on across the block's tiles; only
-            the batch being summed is in registers (replaces ``pipeline``).
     """
 
     warps: int
@@ -232,11 +228,10 @@ class GemvTuning:
     pipeline: bool = False
     whole_x: bool = False
     tiles: int = 1
-    stages: int = 0
 
     def tag(self) -> str:
         return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
-                + (f"t{self.tiles}" if self.tiles > 1 else "") + (f"s{self.stages}" if self.stages else ""))
+                + (f"t{self.tiles}" if self.tiles > 1 else ""))
 
     @property
     def min_blocks(self) -> int:
@@ -355,14 +350,15 @@ def _quant_tuning(dtype: str, N: int, K: int, row_tile: int, epilogue: str, quan
     block a SM, so the next kernel's blocks land beside them) lost 24% (tuning_ab half/half8); a grid
     of every resident slot, its tiles dealt 3 or 4 a block (264 blocks for the 8B gate/up, not 224 of
     4), lost 2.4% (docs/ab_h100.txt call 12; presumably the slots equal shares leave free serve the next kernel).
-    No default takes a codes ring (``stages``) yet: it is built and tested on the CPU side (2026-12-07)
-    but not yet measured; tools/tuning_ab.py's ring<S> variants (the default queue of
-    tools/device_session.sh) measure it against these tunings.
+    A per-thread shared-memory ring of codes, scales and zeros filled by cp.async (2 to 4 stages, so
+    stages - 1 batches in flight in no register) LOST 7-18% on every pipelined int4 GEMV against these
+    register pipelines (7B int4 step 521.4 -> 428.3 tok/s with 3 stages everywhere; docs/ab_h100.txt,
+    session 17) and was removed.
     fp32 (CUDA cores, not a speed path): a chunk or two per lane."""
     if dtype == "float32":
         per_lane = _cdiv(K // quant.chunk_k, 32)
         return GemvTuning(warps=8, unroll=max(1, min(2 if row_tile == 1 else 1, per_lane)))
-    mt = _w_rows(epilogue)
+    mt = 2 if epilogue == "silu_mul" else 1
     steps = _cdiv(K // quant.chunk_k, 4)
     warps, unroll, pipeline = 4, 4 if mt == 1 else 2, False
     if quant.scheme == "int8" and row_tile == 1:
@@ -403,28 +399,18 @@ def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> Gem
 
 
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
-MAX_BLOCK_SMEM = 227 * 1024  # the most shared memory a block gets on sm_90 (opting in past 48 KB)
 
 
-def _w_rows(epilogue: str) -> int:
-    """W rows per output column (the template's MT): 2 where gate and up rows pair up."""
-    return 2 if epilogue == "silu_mul" else 1
-
-
-def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None,
-                    epilogue: str = "none") -> int:
+def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None) -> int:
     """Dynamic shared memory of a quantized 16-bit GEMV: its x slab, row_tile rows of the k range
     one batch of steps covers, or every batch with ``whole_x`` (16-byte units, each row padded by 4
-    units against bank conflicts); must agree with the template's STAGE_U / RS. With ``stages``, the
-    codes ring after it: per stage and thread, U x MT x 2 chunks of 16 bytes and a 4-byte scale word
-    and zero word for each."""
+    units against bank conflicts); must agree with the template's STAGE_U / RS."""
     if quant is None or dtype == "float32":
         return 0
     step_units = 4 * quant.chunk_k // 8  # 8-value x units per step of 4 lanes
     batch_steps = tuning.warps * tuning.unroll
     batches = _cdiv(_cdiv(K // quant.chunk_k, 4), batch_steps) if tuning.whole_x else 1
-    ring = tuning.stages * tuning.unroll * _w_rows(epilogue) * 2 * tuning.warps * 32 * (16 + 2 * 4)
-    return row_tile * (batches * batch_steps * step_units + 4) * 16 + ring
+    return row_tile * (batches * batch_steps * step_units + 4) * 16
 
 
 @dataclass(frozen=True)
@@ -497,16 +483,6 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"quantized 16-bit GEMVs only")
     if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
-    if tuning.stages and (not isinstance(tuning.stages, int) or tuning.stages < 2 or tuning.pipeline
-                          or dtype == "float32" or quant is None or quant.scheme != "int4"):
-        raise ValueError(f"gemv tuning {tuning}: a codes ring takes at least 2 stages, without 'pipeline', and is "
-                         f"for int4 16-bit GEMVs only")
-    if tuning.stages:
-        red = tuning.warps * _w_rows(epilogue) * _cdiv(row_tile, 8) * 512  # the template's red[][][][4][32] floats
-        smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue) + red
-        if smem > MAX_BLOCK_SMEM:
-            raise ValueError(f"gemv tuning {tuning}: its codes ring, x slab and reduction take {smem} bytes of shared "
-                             f"memory, more than a block gets ({MAX_BLOCK_SMEM})")
 
 
 def gemv(
@@ -604,9 +580,7 @@ def gemv(
         quant=quant.scheme if quant else "none",
         group=(quant.group_size or 0) if quant else 0,
         folded=bool(quant and quant.folded),
-        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue),
-        slab=gemv_quant_smem(dtype, K, row_tile, replace(tuning, stages=0), quant),
-        stages=tuning.stages,
+        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant),
         res_early=res_early,
         **(rope.params() if rope else {}),
     )
@@ -630,7 +604,7 @@ def gemv_launch(
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
     return Shape((_cdiv(_cdiv(n_out, cols_per_block), tuning.tiles), 1, 1), (tuning.warps * 32, 1, 1),
-                 gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue))
+                 gemv_quant_smem(dtype, K, row_tile, tuning, quant))
 
 
 # ---------------------------------------------------------------------------------------------
