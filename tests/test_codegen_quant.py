@@ -337,4 +337,3 @@ def test_a_group_size_no_kernel_reads_is_a_one_line_error():
     msg = str(err.value)
     assert "\n" not in msg and "group_size 16, K=64" in msg and "% 32 == 0" in msg
     assert "%l0." in msg and ".w is int4" in msg
-
