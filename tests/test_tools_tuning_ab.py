@@ -26,6 +26,7 @@ def tool():
     # the package's own functions and constants back (``base`` installs wrappers around them)
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
     attention.DECODE_SPLIT_CAP, attention.DECODE_CHUNK = mod.DEFAULTS["split_cap"], mod.DEFAULTS["chunk"]
+    attention.DECODE_THREADS = mod.DEFAULTS["threads"]
 
 
 def _gate_up_smem():
@@ -151,12 +152,12 @@ def test_split_variants_shrink_the_decode_attention_grid(tool):
         return attention.attention_decode_launch(1, 32, 32, 128, 256)[0].grid
 
     tool.patch("base")
-    assert grid() == (32, 1, 8)
+    assert grid() == (32, 1, 8) and attention.DECODE_THREADS == 128
     tool.patch("sp2")
     assert grid() == (32, 1, 2)
     tool.patch("sp1+ch64")
     assert grid() == (32, 1, 1) and attention.decode_chunking(256) == (64, 1)
-    tool.patch("ch64")
-    assert grid() == (32, 1, 4)
+    tool.patch("ch64+dt256")
+    assert grid() == (32, 1, 4) and attention.attention_decode_launch(1, 32, 32, 128, 256)[0].block == (256, 1, 1)
     tool.patch("base")
-    assert grid() == (32, 1, 8)
+    assert grid() == (32, 1, 8) and attention.DECODE_THREADS == 128

@@ -42,6 +42,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           256-key cache gets 8 splits of 32 keys: 256 blocks for 32 heads). Fewer attention blocks leave each
           SM's registers to the o_proj blocks launched early beside them, which request their codes then
   ch<N>   decode attention splits keys N at a time at the finest grain (DECODE_CHUNK; today 32)
+  dt<N>   decode attention blocks of N threads (DECODE_THREADS; today 128: 8 key streams of 4 keys a batch,
+          one CHUNK of 32 keys; 256 threads take 64, so pair it with ch64)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>) left this tool once docs/ab_h100.txt held their results.
@@ -65,7 +67,7 @@ from llamagraph.codegen import attention, dense
 from llamagraph.ir import load_config
 
 DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                split_cap=attention.DECODE_SPLIT_CAP, chunk=attention.DECODE_CHUNK)
+                split_cap=attention.DECODE_SPLIT_CAP, chunk=attention.DECODE_CHUNK, threads=attention.DECODE_THREADS)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -85,9 +87,10 @@ def patch(variant: str) -> None:
     quant, render = DEFAULTS["quant"], DEFAULTS["render"]
     flags = set(variant.split("+"))
     numbered = {prefix: [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
-                for prefix in ("sp", "ch")}
+                for prefix in ("sp", "ch", "dt")}
     attention.DECODE_SPLIT_CAP = (numbered["sp"] or [DEFAULTS["split_cap"]])[0]
     attention.DECODE_CHUNK = (numbered["ch"] or [DEFAULTS["chunk"]])[0]
+    attention.DECODE_THREADS = (numbered["dt"] or [DEFAULTS["threads"]])[0]
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
         """The package's tuning with each part of the variant applied in turn (parts that touch
