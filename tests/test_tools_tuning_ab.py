@@ -26,7 +26,7 @@ def tool():
     # the package's own functions and constants back (``base`` installs wrappers around them)
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
     attention.DECODE_SPLIT_CAP, attention.DECODE_CHUNK = mod.DEFAULTS["split_cap"], mod.DEFAULTS["chunk"]
-    attention.DECODE_THREADS = mod.DEFAULTS["threads"]
+    attention.DECODE_THREADS, attention.DECODE_L2_PREFETCH = mod.DEFAULTS["threads"], mod.DEFAULTS["l2_prefetch"]
 
 
 def _gate_up_smem():
@@ -161,3 +161,12 @@ def test_split_variants_shrink_the_decode_attention_grid(tool):
     assert grid() == (32, 1, 4) and attention.attention_decode_launch(1, 32, 32, 128, 256)[0].block == (256, 1, 1)
     tool.patch("base")
     assert grid() == (32, 1, 8) and attention.DECODE_THREADS == 128
+
+
+def test_l2_variants_set_the_attention_prefetch(tool):
+    tool.patch("l2s")
+    assert attention.DECODE_L2_PREFETCH == "start"
+    tool.patch("sp2+l2w")
+    assert attention.DECODE_L2_PREFETCH == "wait" and attention.DECODE_SPLIT_CAP == 2
+    tool.patch("base")
+    assert attention.DECODE_L2_PREFETCH is None

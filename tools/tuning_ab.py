@@ -42,6 +42,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           256-key cache gets 8 splits of 32 keys: 256 blocks for 32 heads). Fewer attention blocks leave each
           SM's registers to the o_proj blocks launched early beside them, which request their codes then
   ch<N>   decode attention splits keys N at a time at the finest grain (DECODE_CHUNK; today 32)
+  l2s, l2w  decode attention asks L2 for the o_proj weights after it (attention.DECODE_L2_PREFETCH): at its
+          start (l2s, before its PDL wait) or just after the wait (l2w); today it does not. Attention is a
+          latency chain with HBM idle; o_proj's blocks that land only as attention's exit then read L2
   dt<N>   decode attention blocks of N threads (DECODE_THREADS; today 128: 8 key streams of 4 keys a batch,
           one CHUNK of 32 keys; 256 threads take 64, so pair it with ch64)
 A variant may join several with '+' (t8gu+q8pf0).
@@ -67,7 +70,8 @@ from llamagraph.codegen import attention, dense
 from llamagraph.ir import load_config
 
 DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                split_cap=attention.DECODE_SPLIT_CAP, chunk=attention.DECODE_CHUNK, threads=attention.DECODE_THREADS)
+                split_cap=attention.DECODE_SPLIT_CAP, chunk=attention.DECODE_CHUNK, threads=attention.DECODE_THREADS,
+                l2_prefetch=attention.DECODE_L2_PREFETCH)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -91,6 +95,8 @@ def patch(variant: str) -> None:
     attention.DECODE_SPLIT_CAP = (numbered["sp"] or [DEFAULTS["split_cap"]])[0]
     attention.DECODE_CHUNK = (numbered["ch"] or [DEFAULTS["chunk"]])[0]
     attention.DECODE_THREADS = (numbered["dt"] or [DEFAULTS["threads"]])[0]
+    attention.DECODE_L2_PREFETCH = ("start" if "l2s" in flags else "wait" if "l2w" in flags
+                                    else DEFAULTS["l2_prefetch"])
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
         """The package's tuning with each part of the variant applied in turn (parts that touch
