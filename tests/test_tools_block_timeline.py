@@ -7,12 +7,15 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llamagraph.codegen import nvrtc
 from llamagraph.compiler import compile_plan
 
 from test_compiled_plan import TINY
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +44,23 @@ def test_every_kernel_records_its_blocks(tool):
 def test_a_source_without_the_wait_is_refused(tool):
     with pytest.raises(RuntimeError, match="lg_pdl_wait's body was not found"):
         tool.traced('extern "C" __global__ void k() {}')
+
+
+def test_timeline_detail_reads_the_records(tmp_path):
+    """tools/timeline_detail.py: quantiles from the end of the launch before, late starts, blocks a SM."""
+    spec = importlib.util.spec_from_file_location("timeline_detail", TOOLS / "timeline_detail.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # launch 0 (embedding) ends at 1000 ns; launch 1 (layer 0's first op): 4 blocks on SMs 0, 0, 1, 2
+    launch = np.array([0, 1, 1, 1, 1])
+    start = np.array([0, 500, 600, 1500, 2000])
+    waited = np.array([0, 1200, 1200, 1600, 2100])
+    end = np.array([1000, 3000, 3000, 4000, 5000])
+    path = tmp_path / "t.npz"
+    np.savez(path, launch=launch, block=np.arange(5), sm=np.array([0, 0, 0, 1, 2]), start=start, waited=waited,
+             end=end, fns=np.array(["a", "b"]), ops=np.array(["embedding", "rms_qkv"]))
+    lines = mod.detail(str(path), [0])
+    assert lines[0].split() == ["1", "rms_qkv", "blocks", "4", "late", "2"]
+    assert [float(x) for x in lines[1].split()[1:]] == pytest.approx([-0.5, -0.47, 0.05, 0.85, 1.0])
+    assert lines[-1].endswith("[0, 2, 1]")  # SM 0 holds two blocks, SMs 1 and 2 one each
+    assert mod.detail(str(path), [3]) == []
