@@ -45,6 +45,10 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   l2s, l2w  decode attention asks L2 for the o_proj weights after it (attention.DECODE_L2_PREFETCH): at its
           start (l2s, before its PDL wait) or just after the wait (l2w); today it does not. Attention is a
           latency chain with HBM idle; o_proj's blocks that land only as attention's exit then read L2
+  b<S>[gu|qkv|down|o|head]  int4 16-bit batch-1 GEMVs (all, or one kind) read their codes through a bulk ring
+          of S stages (GemvTuning.bulk: one cp.async.bulk a W row and batch into shared memory, S batches in
+          flight in no register) instead of pipelined register batches; where S stages do not fit the
+          tile's batches the unroll halves first (Llama-2-7B's qkv at S = 4: U = 1)
   dt<N>   decode attention blocks of N threads (DECODE_THREADS; today 128: 8 key streams of 4 keys a batch,
           one CHUNK of 32 keys; 256 threads take 64, so pair it with ch64)
 A variant may join several with '+' (t8gu+q8pf0).
@@ -59,6 +63,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -84,6 +89,20 @@ Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual
 PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
 # variant -> the int8 GEMV epilogues it gives several tiles a block
 T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",), "t8head": ("none",)}
+
+
+def _with_bulk(t, stages: int, dtype, N, K, epilogue, q):
+    """t reading its codes through a bulk ring of ``stages``, its unroll halved until the tile's
+    batches take that many stages; t itself where none does."""
+    for unroll in (t.unroll, t.unroll // 2, t.unroll // 4):
+        b = replace(t, bulk=stages, pipeline=False, unroll=unroll)
+        try:
+            if unroll >= 1:
+                dense._bulk_check(dtype, N, K, 1, epilogue, b, q)
+                return b
+        except ValueError:
+            pass
+    return t
 
 
 def patch(variant: str) -> None:
@@ -121,6 +140,12 @@ def patch(variant: str) -> None:
         if q.scheme == "int8" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
             t = DEFAULTS["tiles"](t, cdiv(N // mt, 16), cdiv(cdiv(K // 16, 4), t.warps))
+        kinds = {"": True, "gu": epilogue == "silu_mul", "qkv": epilogue == "rope", "head": epilogue == "none",
+                 "down": epilogue == "residual" and K > N, "o": epilogue == "residual" and K <= N}
+        for f in flags:
+            m = re.fullmatch(r"b(\d+)(gu|qkv|down|o|head)?", f)
+            if m and q.scheme == "int4" and kinds[m.group(2) or ""]:
+                t = _with_bulk(t, int(m.group(1)), dtype, N, K, epilogue, q)
         for prefix, kind in (("gu", epilogue == "silu_mul"), ("o", epilogue == "residual" and K <= N)):
             counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
             if counts and kind:
