@@ -337,3 +337,65 @@ def test_a_group_size_no_kernel_reads_is_a_one_line_error():
     msg = str(err.value)
     assert "\n" not in msg and "group_size 16, K=64" in msg and "% 32 == 0" in msg
     assert "%l0." in msg and ".w is int4" in msg
+
+
+# ---- the bulk ring (GemvTuning.bulk: codes through shared memory by cp.async.bulk) ---------------
+
+I4 = dense.GemvQuant("int4", 128)
+# Llama-2-7B's and Llama-3-8B's int4 batch-1 GEMVs: (N, K, epilogue, prologue)
+BULK_SHAPES = [(2 * 11008, 4096, "silu_mul", "rmsnorm"), (12288, 4096, "rope", "rmsnorm"), (4096, 11008, "residual", "none"),
+               (2 * 14336, 4096, "silu_mul", "rmsnorm"), (4096, 14336, "residual", "none"), (32000, 4096, "none", "rmsnorm")]
+
+
+def _bulk_kernel(N, K, epi, pro, stages, dtype="float16"):
+    """The default tuning of the shape through a bulk ring of ``stages``, at the largest unroll that
+    takes it (the ring's stages fit the tile's batches and two blocks fit a SM)."""
+    t = dense.gemv_default_tuning(dtype, N, K, 1, epi, pro, I4)
+    for unroll in (t.unroll, 1):
+        t = dense.GemvTuning(t.warps, unroll, whole_x=t.whole_x, tiles=t.tiles, bulk=stages)
+        try:
+            dense._bulk_check(dtype, N, K, 1, epi, t, I4)
+            break
+        except ValueError:
+            pass
+    rope = dense.RopeEpilogue(32, 32, 128, "rotate_half", 4096) if epi == "rope" else None
+    return dense.gemv(dtype, N, K, 1, epi, prologue=pro, eps=EPS, quant=I4, rope=rope, tuning=t), t
+
+
+def test_bulk_ring_kernels_compile_without_spills_and_two_blocks_fit_a_sm():
+    _require_compiler()
+    built = [_bulk_kernel(*shape, stages) for shape in BULK_SHAPES for stages in (3, 4)]
+    res = nvrtc.compile_source(module_source([k for k, _ in built]), arch="sm_90", options=("--std=c++17",))
+    for (k, t), shape in zip(built, [s for s in BULK_SHAPES for _ in (3, 4)]):
+        r = res.kernels[k.name]
+        assert r.spill_stores == 0 and r.spill_loads == 0 and 0 < r.registers <= 128, (k.name, r)
+        smem = dense.gemv_launch("float16", shape[0], shape[1], 1, shape[2], t, shape[3], I4).smem
+        assert smem == dense.gemv_quant_smem("float16", shape[1], 1, t, I4, shape[2]) > 48 * 1024 or t.bulk == 3
+        assert 2 * (smem + r.shared_bytes + 1024) <= 228 * 1024, (k.name, smem)
+
+
+def test_bulk_ring_source_copies_weights_before_the_wait():
+    k, t = _bulk_kernel(2 * 11008, 4096, "silu_mul", "rmsnorm", 4)
+    assert k.name.endswith("_" + t.tag()) and t.tag().endswith("b4")
+    src = k.source
+    assert "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes" in src
+    assert "mbarrier.try_wait.parity" in src and "#error" in src  # (sm_90 only)
+    body = src[src.index("__device__ __forceinline__ void run("):]
+    before = body[: body.index("lg_pdl_wait();")]
+    assert "bulk_issue(i, my_tiles" in before and "load_codes(" not in before and "prefetch_w(" not in before
+    assert "bulk_read(cw, item" in body and "load_codes(ca" not in body
+    plain = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", prologue="rmsnorm", eps=EPS, quant=I4).source
+    assert "cp.async.bulk" not in plain and "mbarrier" not in plain
+
+
+@pytest.mark.parametrize("N,K,epi,quant,tuning,message", [
+    (4096, 4096, "residual", dense.GemvQuant("int8"), dense.GemvTuning(8, 2, bulk=3), "int4 16-bit"),
+    (4096, 4096, "residual", I4, dense.GemvTuning(8, 2, pipeline=True, bulk=3), "without 'pipeline'"),
+    (4096, 4096, "residual", I4, dense.GemvTuning(8, 2, bulk=1), "at least 2 stages"),
+    (4096, 4096, "residual", I4, dense.GemvTuning(8, 4, bulk=3), "1 batches a tile"),
+    (2 * 20, 128, "silu_mul", I4, dense.GemvTuning(4, 1, bulk=2), "16-byte copies"),
+    (2 * 4096, 8192, "silu_mul", I4, dense.GemvTuning(8, 4, bulk=3), "more than 2 blocks a SM get"),
+])
+def test_bulk_rings_no_kernel_can_run_are_refused(N, K, epi, quant, tuning, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dense.gemv("float16", N, K, 1, epi, quant=quant, tuning=tuning)

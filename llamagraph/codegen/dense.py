@@ -406,7 +406,7 @@ def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> Gem
 
 
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
-MAX_BLOCK_SMEM = 227 * 1024  # the most shared memory a block gets on sm_90 (opting in past 48 KB)
+SM_SMEM = 228 * 1024  # shared memory of a sm_90 SM, of which the system reserves 1 KB a block
 
 
 def _w_rows(epilogue: str) -> int:
@@ -533,11 +533,11 @@ def _bulk_check(dtype, N, K, row_tile, epilogue, tuning, quant) -> None:
     if (n_out % 16) * ng % 8 or (mt == 2 and n_out * ng % 8):
         raise ValueError(f"gemv tuning {tuning}: N={N}, K={K}, group {quant.group_size}: a tile's scale rows are not "
                          f"16-byte copies")
-    red = tuning.warps * mt * _cdiv(row_tile, 8) * 512  # the template's red[][][][4][32] floats
+    red = tuning.warps * mt * _cdiv(row_tile, 8) * 512 + 64  # the template's red[][][][4][32] floats, s_rstd
     smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue) + red
-    if smem > MAX_BLOCK_SMEM:
+    if tuning.min_blocks * (smem + 1024) > SM_SMEM:
         raise ValueError(f"gemv tuning {tuning}: its bulk ring, x slab and reduction take {smem} bytes of shared "
-                         f"memory, more than a block gets ({MAX_BLOCK_SMEM})")
+                         f"memory, more than {tuning.min_blocks} blocks a SM get ({SM_SMEM} a SM, 1 KB a block reserved)")
 
 
 def gemv(
