@@ -56,12 +56,7 @@ def _decode_kernels(dtype: str) -> list:
         for qstride in (H * D, (H + 2 * KV) * D):
             ks += A.attention_decode(dtype, H, KV, D, qstride, MAX_SEQ)
     ks += A.attention_decode(dtype, 32, 8, 128, 32 * 128, 131072)  # long cache: chunks of several CHUNKs
-    ks += [A.attention_decode_fused(dtype, 32, 8, 128, 48 * 128, 256, l2_prefetch=L2_REGIONS, l2_prefetch_at=at)
-           for at in ("start", "wait")]  # with the next GEMV's weights asked of L2
     return ks
-
-
-L2_REGIONS = (8 * 2**20, 262144, 262151)  # an int4 o_proj's codes, scales and zeros (the last one ragged)
 
 
 # prefill adds head dims off the tensor-core path (72: not a multiple of 16) and at its end (256)
@@ -279,29 +274,6 @@ def test_fused_decode_clusters_divide_the_splits():
     assert "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900" in short.source and "atomicAdd" in short.source
     prime = A.attention_decode_fused("float16", 32, 8, 128, 6144, 13 * 32)  # 13 splits: no cluster
     assert "_cl" not in prime.name and "LG_CLUSTER_Z" not in prime.source
-
-
-def test_fused_decode_l2_prefetch_of_the_next_weights():
-    """The fused decode kernel may ask L2 for up to three regions (the next GEMV's weight arrays),
-    each block its slice, at its start or right after its wait; the name tells the regions apart."""
-    plain = A.attention_decode_fused("float16", 32, 8, 128, 6144, 256)
-    start = A.attention_decode_fused("float16", 32, 8, 128, 6144, 256, l2_prefetch=L2_REGIONS)
-    wait = A.attention_decode_fused("float16", 32, 8, 128, 6144, 256, l2_prefetch=L2_REGIONS[:1],
-                                    l2_prefetch_at="wait")
-    assert "prefetch.L2" not in plain.source and "pf0" not in plain.source
-    assert len({plain.name, start.name, wait.name}) == 3
-    assert start.name.endswith("_pfs8388608_262144_262151") and wait.name.endswith("_pfw8388608_0_0")
-    for k in (start, wait):
-        assert "cp.async.bulk.prefetch.L2.global" in k.source and "const char* __restrict__ pf2)" in k.source
-    # where: before the wait (and before any block leaves early) or just after it
-    body = start.source.split(start.name + "(")[1]
-    assert body.index("_pf::l2_prefetch(pf0, pf1, pf2)") < body.index("if (t >= n_tokens) return;")
-    body = wait.source.split(wait.name + "(")[1]
-    assert body.index("lg_pdl_launch_dependents();") < body.index("_pf::l2_prefetch(pf0, pf1, pf2)")
-    assert "_pf::l2_prefetch" not in body.split("lg_pdl_wait();")[0]
-    for bad in (dict(l2_prefetch=(1, 2, 3, 4)), dict(l2_prefetch=(-1,)), dict(l2_prefetch=(16,), l2_prefetch_at="x")):
-        with pytest.raises(ValueError, match="l2_prefetch"):
-            A.attention_decode_fused("float16", 32, 8, 128, 6144, 256, **bad)
 
 
 def test_every_kernel_lets_its_dependents_launch_only_after_its_own_wait():

@@ -183,33 +183,3 @@ def test_a_quantized_weight_lowers_to_the_gemv_that_reads_its_codes():
     with pytest.raises(llamagraph.PlanError, match=rf"^linear_residual 'l0\.o': %l0\.o\.w is int4 group_size "
                                                     rf"{K // 2 + 16}, K={K}: .*group_size % 32 == 0[^\n]*$"):
         lowering.lower_graph(g)
-
-
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_decode_attention_can_ask_l2_for_the_o_proj_weights(monkeypatch, quantize):
-    """attention.DECODE_L2_PREFETCH: the decode attention launch passes the arrays of the projection
-    that reads its output (o_proj: W, then its scales and zeros where quantized) and the kernel is
-    rendered with their byte counts; off, the launch is as before."""
-    from llamagraph.codegen import attention
-
-    cfg = load_config(os.path.join(os.path.dirname(EXAMPLES[0]), "tinyllama-1.1b.json"))
-    q = dict(quantize=quantize, group_size=128 if quantize else None)
-    monkeypatch.setattr(attention, "DECODE_L2_PREFETCH", None)
-    off = compile_plan(cfg, dtype="float16", max_batch=1, max_seq=256, **q)
-    monkeypatch.setattr(attention, "DECODE_L2_PREFETCH", "wait")
-    on = compile_plan(cfg, dtype="float16", max_batch=1, max_seq=256, **q)
-    g = on.graph
-
-    def attention_launches(plan):
-        return [x for x in plan.phases["decode"] if plan.graph.nodes[x.node].op == "sdpa"]
-
-    for before, after in zip(attention_launches(off), attention_launches(on)):
-        node = g.nodes[after.node]
-        o_proj = next(n for n in g.nodes if n.inputs and n.inputs[0] == node.outputs[0])
-        w = g.values[o_proj.inputs[1]]
-        arrays = [w.name] + ([w.quant.scales, w.quant.zeros] if quantize else [])
-        assert after.args[:len(before.args)] == before.args
-        assert [a.ref for a in after.args[len(before.args):]] == arrays + [None] * (3 - len(arrays))
-        sizes = [g.values[a].nbytes(g.dims) for a in arrays] + [0] * (3 - len(arrays))
-        assert after.fn == before.fn + "_pfw" + "_".join(map(str, sizes))
-    assert len(attention_launches(on)) == cfg.num_layers

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamagraph.codegen import attention, dense
+from llamagraph.codegen import dense
 
 I4 = dense.GemvQuant("int4", 128)
 I8 = dense.GemvQuant("int8")
@@ -23,10 +23,8 @@ def tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     yield mod
-    # the package's own functions and constants back (``base`` installs wrappers around them)
+    # the package's own functions back (``base`` installs wrappers around them)
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
-    attention.DECODE_SPLIT_CAP, attention.DECODE_CHUNK = mod.DEFAULTS["split_cap"], mod.DEFAULTS["chunk"]
-    attention.DECODE_THREADS, attention.DECODE_L2_PREFETCH = mod.DEFAULTS["threads"], mod.DEFAULTS["l2_prefetch"]
 
 
 def _gate_up_smem():
@@ -145,28 +143,3 @@ def test_tpf0_drops_the_next_tile_prefetch(tool):
     tool.patch("tpf0")
     src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **gu).source
     assert next_tile not in src and "prefetch_w(W4, w_scales, w_zeros, col0)" in src
-
-
-def test_split_variants_shrink_the_decode_attention_grid(tool):
-    def grid():  # Llama-2-7B's decode attention at the tool's 256-key cache
-        return attention.attention_decode_launch(1, 32, 32, 128, 256)[0].grid
-
-    tool.patch("base")
-    assert grid() == (32, 1, 8) and attention.DECODE_THREADS == 128
-    tool.patch("sp2")
-    assert grid() == (32, 1, 2)
-    tool.patch("sp1+ch64")
-    assert grid() == (32, 1, 1) and attention.decode_chunking(256) == (64, 1)
-    tool.patch("ch64+dt256")
-    assert grid() == (32, 1, 4) and attention.attention_decode_launch(1, 32, 32, 128, 256)[0].block == (256, 1, 1)
-    tool.patch("base")
-    assert grid() == (32, 1, 8) and attention.DECODE_THREADS == 128
-
-
-def test_l2_variants_set_the_attention_prefetch(tool):
-    tool.patch("l2s")
-    assert attention.DECODE_L2_PREFETCH == "start"
-    tool.patch("sp2+l2w")
-    assert attention.DECODE_L2_PREFETCH == "wait" and attention.DECODE_SPLIT_CAP == 2
-    tool.patch("base")
-    assert attention.DECODE_L2_PREFETCH is None

@@ -38,22 +38,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
           2 KB, as the pre-wait prefetch)
-  sp<N>   decode attention takes at most N key splits a head (DECODE_SPLIT_CAP; today 64, so the bench's
-          256-key cache gets 8 splits of 32 keys: 256 blocks for 32 heads). Fewer attention blocks leave each
-          SM's registers to the o_proj blocks launched early beside them, which request their codes then
-  ch<N>   decode attention splits keys N at a time at the finest grain (DECODE_CHUNK; today 32)
-  l2s, l2w  decode attention asks L2 for the o_proj weights after it (attention.DECODE_L2_PREFETCH): at its
-          start (l2s, before its PDL wait) or just after the wait (l2w); today it does not. Attention is a
-          latency chain with HBM idle; o_proj's blocks that land only as attention's exit then read L2
-  b<S>[gu|qkv|down|o|head]  int4 16-bit batch-1 GEMVs (all, or one kind) read their codes through a bulk ring
-          of S stages (GemvTuning.bulk: one cp.async.bulk a W row and batch into shared memory, S batches in
-          flight in no register) instead of pipelined register batches; where S stages do not fit the
-          tile's batches the unroll halves first (Llama-2-7B's qkv at S = 4: U = 1)
-  dt<N>   decode attention blocks of N threads (DECODE_THREADS; today 128: 8 key streams of 4 keys a batch,
-          one CHUNK of 32 keys; 256 threads take 64, so pair it with ch64)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
-bf16early, pf0gu, half/half8, fill, researly, ring<S>) left this tool once docs/ab_h100.txt held their results.
+bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
+l2s/l2w o_proj L2 prefetch from attention, b<S> bulk-copy codes ring) left this tool once docs/ab_h100.txt held
+their results.
 With TUNING_AB_LOGITS=PATH.npy the first variant's decode-step logits are saved there (to compare
 the logits of two source trees run one after the other). Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
@@ -63,7 +52,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import sys
 from dataclasses import replace
 
@@ -71,12 +59,10 @@ import numpy as np
 
 import llamagraph
 from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
-from llamagraph.codegen import attention, dense
+from llamagraph.codegen import dense
 from llamagraph.ir import load_config
 
-DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                split_cap=attention.DECODE_SPLIT_CAP, chunk=attention.DECODE_CHUNK, threads=attention.DECODE_THREADS,
-                l2_prefetch=attention.DECODE_L2_PREFETCH)
+DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -91,31 +77,10 @@ PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
 T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",), "t8head": ("none",)}
 
 
-def _with_bulk(t, stages: int, dtype, N, K, epilogue, q):
-    """t reading its codes through a bulk ring of ``stages``, its unroll halved until the tile's
-    batches take that many stages; t itself where none does."""
-    for unroll in (t.unroll, t.unroll // 2, t.unroll // 4):
-        b = replace(t, bulk=stages, pipeline=False, unroll=unroll)
-        try:
-            if unroll >= 1:
-                dense._bulk_check(dtype, N, K, 1, epilogue, b, q)
-                return b
-        except ValueError:
-            pass
-    return t
-
-
 def patch(variant: str) -> None:
     """Point the codegen at ``variant``'s tunings (``base``: the package's own; a+b: both)."""
     quant, render = DEFAULTS["quant"], DEFAULTS["render"]
     flags = set(variant.split("+"))
-    numbered = {prefix: [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
-                for prefix in ("sp", "ch", "dt")}
-    attention.DECODE_SPLIT_CAP = (numbered["sp"] or [DEFAULTS["split_cap"]])[0]
-    attention.DECODE_CHUNK = (numbered["ch"] or [DEFAULTS["chunk"]])[0]
-    attention.DECODE_THREADS = (numbered["dt"] or [DEFAULTS["threads"]])[0]
-    attention.DECODE_L2_PREFETCH = ("start" if "l2s" in flags else "wait" if "l2w" in flags
-                                    else DEFAULTS["l2_prefetch"])
 
     def quant_tuning(dtype, N, K, row_tile, epilogue, q, has_bias=False):
         """The package's tuning with each part of the variant applied in turn (parts that touch
@@ -140,12 +105,6 @@ def patch(variant: str) -> None:
         if q.scheme == "int8" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
             t = DEFAULTS["tiles"](t, cdiv(N // mt, 16), cdiv(cdiv(K // 16, 4), t.warps))
-        kinds = {"": True, "gu": epilogue == "silu_mul", "qkv": epilogue == "rope", "head": epilogue == "none",
-                 "down": epilogue == "residual" and K > N, "o": epilogue == "residual" and K <= N}
-        for f in flags:
-            m = re.fullmatch(r"b(\d+)(gu|qkv|down|o|head)?", f)
-            if m and q.scheme == "int4" and kinds[m.group(2) or ""]:
-                t = _with_bulk(t, int(m.group(1)), dtype, N, K, epilogue, q)
         for prefix, kind in (("gu", epilogue == "silu_mul"), ("o", epilogue == "residual" and K <= N)):
             counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
             if counts and kind:

@@ -190,8 +190,7 @@ def attention_decode(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq:
 
 def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, max_seq: int,
                            chunk: int | None = None, max_splits: int | None = None,
-                           scale: float | None = None, l2_prefetch: tuple[int, ...] = (),
-                           l2_prefetch_at: str = "start") -> Kernel:
+                           scale: float | None = None) -> Kernel:
     """Split-KV decode attention as one kernel: the split kernel of ``attention_decode`` whose
     last block to finish, per (token, head group), merges the splits as the combine kernel does
     (the same operations in the same order, so the output is bit-identical to the pair's). On sm_90+
@@ -203,15 +202,7 @@ def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, ma
     [T, KV * head splits] (``attention_decode_counter_bytes``: zero before the first launch, and
     left zero by every launch), out [T, H*D], n_tokens. Launch with the split shape of
     ``attention_decode_launch``.
-
-    l2_prefetch: byte counts of up to 3 regions (the next GEMV's weight arrays), passed as 3 more
-    pointer arguments after n_tokens, that the grid asks L2 for (sm_90+) at ``l2_prefetch_at``:
-    "start" (before the PDL wait) or "wait" (just after it). Empty: no such arguments.
     """
-    if len(l2_prefetch) > 3 or any(int(b) < 0 for b in l2_prefetch) or l2_prefetch_at not in ("start", "wait"):
-        raise ValueError(f"l2_prefetch takes up to 3 byte counts at 'start' or 'wait', got {l2_prefetch} "
-                         f"at {l2_prefetch_at!r}")
-    pf = tuple(int(b) for b in l2_prefetch) + (0,) * (3 - len(l2_prefetch)) if any(l2_prefetch) else ()
     _check(dtype, H, KV, D)
     if qstride < H * D or qstride % D:
         raise ValueError(f"q stride {qstride} must be a multiple of D={D} and >= H*D={H * D}")
@@ -220,16 +211,12 @@ def attention_decode_fused(dtype: str, H: int, KV: int, D: int, qstride: int, ma
     tag = f"{DTYPES[dtype].short}_h{H}_kv{KV}_d{D}"
     tail = f"_s{max_seq}_c{chunk}_n{max_splits}" + ("" if scale == 1.0 / math.sqrt(D) else f"_sc{number_tag(scale)}")
     cluster = decode_cluster(max_splits)
-    name = (f"attn_decode_{tag}_q{qstride}{tail}" + (f"_cl{cluster}" if cluster > 1 else "")
-            + (f"_pf{l2_prefetch_at[0]}{'_'.join(map(str, pf))}" if pf else ""))
+    name = f"attn_decode_{tag}_q{qstride}{tail}" + (f"_cl{cluster}" if cluster > 1 else "")
     return Kernel(name, render("attention_decode", name=name, part="split", fused=True, dtype=dtype, H=H, KV=KV, D=D,
                                qstride=qstride, max_seq=max_seq, chunk=chunk, max_splits=max_splits,
-                               qscale=_c_float(scale * LOG2E), cluster=cluster, l2_prefetch=pf,
-                               l2_prefetch_at=l2_prefetch_at, **_decode_tiling(dtype, D, H // KV)))
+                               qscale=_c_float(scale * LOG2E), cluster=cluster, **_decode_tiling(dtype, D, H // KV)))
 
 
-DECODE_L2_PREFETCH = None  # "start" | "wait": decode attention asks L2 for the o_proj weights after it (see
-                           # attention_decode_fused); None: not (not yet measured a gain)
 DECODE_CLUSTER_MAX = 8  # the portable thread-block cluster size (H100, one process, logits bit-identical: the cluster
                         # merge took TinyLlama 963.5 -> 974.6 tok/s against the global merge; docs/ab_h100.txt)
 

@@ -221,12 +221,6 @@ class GemvTuning:
             once, not one batch's columns before every batch (no barrier between batches).
     tiles:  quantized 16-bit W only: 16-column output tiles per block. Past 1 the grid shrinks to
             cdiv(tiles of N, tiles) and each block walks its tiles grid-stride, staging x once.
-    bulk:   int4 16-bit W on sm_90 only (0: off): a ring of this many batches of the block's W rows
-            in shared memory, filled by the bulk copy engine (cp.async.bulk, one copy a W row and
-            batch, issued by one warp, completing on an mbarrier), each tile's scales and zeros with
-            its first batch; the warps read a batch's codes from the ring just before summing them,
-            so ``bulk`` batches are in flight in no register, the stream running on across the
-            block's tiles (replaces ``pipeline``).
     """
 
     warps: int
@@ -234,11 +228,10 @@ class GemvTuning:
     pipeline: bool = False
     whole_x: bool = False
     tiles: int = 1
-    bulk: int = 0
 
     def tag(self) -> str:
         return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
-                + (f"t{self.tiles}" if self.tiles > 1 else "") + (f"b{self.bulk}" if self.bulk else ""))
+                + (f"t{self.tiles}" if self.tiles > 1 else ""))
 
     @property
     def min_blocks(self) -> int:
@@ -406,40 +399,18 @@ def _with_resident_tiles(tuning: GemvTuning, n_tiles: int, per_warp: int) -> Gem
 
 
 WHOLE_X_SMEM = 48 * 1024  # the most dynamic shared memory a launch gets without opting in
-SM_SMEM = 228 * 1024  # shared memory of a sm_90 SM, of which the system reserves 1 KB a block
 
 
-def _w_rows(epilogue: str) -> int:
-    """W rows per output column (the template's MT): 2 where gate and up rows pair up."""
-    return 2 if epilogue == "silu_mul" else 1
-
-
-def bulk_ring_bytes(K: int, tuning: GemvTuning, quant: GemvQuant, epilogue: str) -> int:
-    """Shared memory of a ``bulk`` ring (0 without): per stage, the tile's MT x 16 W rows of one
-    batch (a row's bytes padded to 64 modulo 128, so the 16-byte reads of rows g and g + 1 fall in
-    different bank halves); two tiles' scales and zeros; a full and an empty mbarrier per stage.
-    Must agree with the template's RING_OFF .. BAR_OFF."""
-    if not tuning.bulk:
-        return 0
-    batch = tuning.warps * tuning.unroll
-    pitch = batch * 64 + (64 if batch % 2 == 0 else 0)
-    rows = 16 * _w_rows(epilogue)
-    side = _cdiv(rows * (K // quant.group_size) * 2, 16) * 16
-    return tuning.bulk * rows * pitch + 2 * 2 * side + 2 * tuning.bulk * 8
-
-
-def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None,
-                    epilogue: str = "none") -> int:
+def gemv_quant_smem(dtype: str, K: int, row_tile: int, tuning: GemvTuning, quant: GemvQuant | None) -> int:
     """Dynamic shared memory of a quantized 16-bit GEMV: its x slab, row_tile rows of the k range
     one batch of steps covers, or every batch with ``whole_x`` (16-byte units, each row padded by 4
-    units against bank conflicts); must agree with the template's STAGE_U / RS. Then a ``bulk``
-    ring's (``bulk_ring_bytes``)."""
+    units against bank conflicts); must agree with the template's STAGE_U / RS."""
     if quant is None or dtype == "float32":
         return 0
     step_units = 4 * quant.chunk_k // 8  # 8-value x units per step of 4 lanes
     batch_steps = tuning.warps * tuning.unroll
     batches = _cdiv(_cdiv(K // quant.chunk_k, 4), batch_steps) if tuning.whole_x else 1
-    return row_tile * (batches * batch_steps * step_units + 4) * 16 + bulk_ring_bytes(K, tuning, quant, epilogue)
+    return row_tile * (batches * batch_steps * step_units + 4) * 16
 
 
 @dataclass(frozen=True)
@@ -512,32 +483,6 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"quantized 16-bit GEMVs only")
     if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
-    if tuning.bulk:
-        _bulk_check(dtype, N, K, row_tile, epilogue, tuning, quant)
-
-
-def _bulk_check(dtype, N, K, row_tile, epilogue, tuning, quant) -> None:
-    """A ``bulk`` ring: int4 16-bit, not pipelined; its copies need 16-byte aligned sizes and
-    addresses (a ragged last tile's scales included), a tile's scales stay in one of two buffers
-    while the next is copied (batches a tile >= stages - 1), and all of it must fit a block."""
-    if (not isinstance(tuning.bulk, int) or tuning.bulk < 2 or tuning.pipeline or dtype == "float32"
-            or quant is None or quant.scheme != "int4"):
-        raise ValueError(f"gemv tuning {tuning}: a bulk ring takes at least 2 stages, without 'pipeline', and is "
-                         f"for int4 16-bit GEMVs only")
-    mt = _w_rows(epilogue)
-    n_out, ng = N // mt, K // quant.group_size
-    batches = _cdiv(_cdiv(K // quant.chunk_k, 4), tuning.warps * tuning.unroll)
-    if batches < tuning.bulk - 1:
-        raise ValueError(f"gemv tuning {tuning}: {batches} batches a tile, fewer than stages - 1 = {tuning.bulk - 1} "
-                         f"(a tile's scale buffer would be rewritten while read)")
-    if (n_out % 16) * ng % 8 or (mt == 2 and n_out * ng % 8):
-        raise ValueError(f"gemv tuning {tuning}: N={N}, K={K}, group {quant.group_size}: a tile's scale rows are not "
-                         f"16-byte copies")
-    red = tuning.warps * mt * _cdiv(row_tile, 8) * 512 + 64  # the template's red[][][][4][32] floats, s_rstd
-    smem = gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue) + red
-    if tuning.min_blocks * (smem + 1024) > SM_SMEM:
-        raise ValueError(f"gemv tuning {tuning}: its bulk ring, x slab and reduction take {smem} bytes of shared "
-                         f"memory, more than {tuning.min_blocks} blocks a SM get ({SM_SMEM} a SM, 1 KB a block reserved)")
 
 
 def gemv(
@@ -635,9 +580,7 @@ def gemv(
         quant=quant.scheme if quant else "none",
         group=(quant.group_size or 0) if quant else 0,
         folded=bool(quant and quant.folded),
-        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue),
-        slab=gemv_quant_smem(dtype, K, row_tile, replace(tuning, bulk=0), quant),
-        bulk=tuning.bulk,
+        smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant),
         res_early=res_early,
         **(rope.params() if rope else {}),
     )
@@ -661,7 +604,7 @@ def gemv_launch(
     n_out = N // 2 if epilogue == "silu_mul" else N
     cols_per_block = tuning.warps if dtype == "float32" else 16
     return Shape((_cdiv(_cdiv(n_out, cols_per_block), tuning.tiles), 1, 1), (tuning.warps * 32, 1, 1),
-                 gemv_quant_smem(dtype, K, row_tile, tuning, quant, epilogue))
+                 gemv_quant_smem(dtype, K, row_tile, tuning, quant))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -474,20 +474,6 @@ ATTN_PARTIALS = "attn_partials"  # decode: per-split softmax partials
 ATTN_COUNTERS = "attn_split_counters"  # decode: splits finished per (token, head block); zero between launches
 
 
-def _next_weights(c: Ctx, out: str) -> tuple[tuple[int, ...], tuple]:
-    """Byte counts and pointer args of the weight arrays (W; its scales and zeros where quantized)
-    of the projection that reads the attention output %out (o_proj), for the decode attention's L2
-    prefetch; ((), ()) where no single projection reads it."""
-    readers = [c.graph.nodes[i] for i in c.graph.users().get(out, [])]
-    if len(readers) != 1 or readers[0].op not in ("o_proj", "linear_residual") or readers[0].inputs[0] != out:
-        return (), ()
-    w = readers[0].inputs[1]
-    arrays = [w] + ([a for a in (c.v(w).quant.scales, c.v(w).quant.zeros) if a] if c.v(w).quant else [])
-    dims = c.graph.dims
-    return (tuple(c.v(a).nbytes(dims) for a in arrays),
-            tuple(value(a) for a in arrays) + (NULL,) * (3 - len(arrays)))
-
-
 @lowering("sdpa")
 def lower_sdpa(n: Node, c: Ctx) -> Lowered:
     """Decode: split-KV attention in one kernel (the last split block of each token and head
@@ -500,15 +486,12 @@ def lower_sdpa(n: Node, c: Ctx) -> Lowered:
     dt = c.dtype(q)
     max_batch, max_seq = c.v(kc).shape[:2]
     qstride = c.v(q).shape[1] * c.v(q).shape[2]  # q: [T, Hq, D]; Hq is H or H+2KV
-    pf_bytes, pf_args = _next_weights(c, out) if attention.DECODE_L2_PREFETCH else ((), ())
-    fused = attention.attention_decode_fused(dt, H, KV, D, qstride, max_seq, scale=scale, l2_prefetch=pf_bytes,
-                                             l2_prefetch_at=attention.DECODE_L2_PREFETCH or "start")
+    fused = attention.attention_decode_fused(dt, H, KV, D, qstride, max_seq, scale=scale)
     s_split, _ = attention.attention_decode_launch("T", H, KV, D, max_seq)
     partials = Workspace(ATTN_PARTIALS, attention.attention_decode_workspace_bytes(max_batch, H, D, max_seq))
     counters = Workspace(ATTN_COUNTERS, attention.attention_decode_counter_bytes(max_batch, H, KV), fill="zeros")
     decode = [replace(run(fused, s_split, value(q), value(kc), value(vc), value(pos), value(sid),
-                          workspace(partials.name), workspace(counters.name), value(out), step("T"), *pf_args),
-                      early=True)]
+                          workspace(partials.name), workspace(counters.name), value(out), step("T")), early=True)]
     prefill_k = attention.attention_prefill(dt, H, KV, D, qstride, max_seq, scale=scale)
     bq = attention.attention_prefill_rows(D)
     tiles = Workspace(f"seq_tiles.r{bq}", 8 * c.graph.dims["T"], fill="seq_tiles", source=sid, rows=bq)

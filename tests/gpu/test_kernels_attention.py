@@ -286,13 +286,11 @@ def test_decode_attention(dtype, heads, qkind):
 
 
 def _run_decode_fused(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids, launches=2,
-                      regions=(), at="start", **chunking):
+                      **chunking):
     """The one-kernel decode attention, launched ``launches`` times on the same inputs: each launch
-    must leave its split counters at 0, or the next would merge early. regions: 3 device arrays the
-    kernel asks L2 for (its l2_prefetch), at its start or after its wait."""
+    must leave its split counters at 0, or the next would merge early."""
     T = len(positions)
-    pf = dict(l2_prefetch=tuple(r.nbytes for r in regions), l2_prefetch_at=at) if regions else {}
-    f_fused = functions(A.attention_decode_fused(dtype, H, KV, D, qstride, max_seq, **pf, **chunking))[0]
+    f_fused = functions(A.attention_decode_fused(dtype, H, KV, D, qstride, max_seq, **chunking))[0]
     l_split, _ = A.attention_decode_launch(T, H, KV, D, max_seq, **chunking)
     ws = cupy.full(A.attention_decode_workspace_bytes(T, H, D, max_seq, **chunking) // 4, np.nan, cupy.float32)
     counters = cupy.zeros(A.attention_decode_counter_bytes(T, H, KV) // 4 + 1, cupy.int32)
@@ -303,7 +301,7 @@ def _run_decode_fused(dtype, H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, posi
     outs = []
     for _ in range(launches):
         out = poisoned((T + 2, H * D), dtype)
-        go(f_fused, l_split, (*args, out, np.int32(T), *regions))
+        go(f_fused, l_split, (*args, out, np.int32(T)))
         got = host(out, dtype)
         assert np.isnan(got[T:]).all(), "wrote past the last token"
         assert (cupy.asnumpy(counters[:-1]) == 0).all() and int(counters[-1]) == -7
@@ -329,26 +327,6 @@ def test_fused_decode_attention_is_bit_identical_to_split_and_combine(dtype, hea
     assert np.array_equal(first, pair) and np.array_equal(second, pair)
     ref = _sdpa(q, kc, vc, positions, seq_ids, H, KV, D)
     assert_close(first, rounded(ref, dtype), dtype, 1e-4, f"fused decode {dtype} H{H} KV{KV} D{D}")
-
-
-@pytest.mark.parametrize("at", ["start", "wait"])
-@pytest.mark.parametrize("max_seq", [256, 4096])
-def test_fused_decode_attention_with_l2_prefetch_is_unchanged(at, max_seq):
-    """Asking L2 for other arrays (an o_proj's codes, scales and zeros; one of a ragged size) changes
-    nothing of the output, in the cluster merge (256) and the global one (4096), launch after launch."""
-    H, KV, D = 32, 8, 128
-    rng = seeded("float16", at, max_seq)
-    lengths = [1, 33, 129, 256]
-    slots = [0, 1, 2, 3]
-    qstride = (H + 2 * KV) * D
-    q, kc, vc, kc_dev, vc_dev, positions, seq_ids = _attention_case(rng, "float16", H, KV, D, qstride, lengths, max_seq,
-                                                                    slots, 4)
-    pair = _run_decode("float16", H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids)
-    regions = (cupy.ones(8 * 2**20, cupy.uint8), cupy.ones(2**18, cupy.uint8), cupy.ones(2**18 + 7, cupy.uint8))
-    outs = _run_decode_fused("float16", H, KV, D, qstride, max_seq, q, kc_dev, vc_dev, positions, seq_ids,
-                             regions=regions, at=at)
-    assert all(np.array_equal(o, pair) for o in outs)
-    assert all(int(r.sum()) == r.size for r in regions)  # read-only: a prefetch writes nothing
 
 
 @pytest.mark.parametrize("max_seq", [256, 300, 100, 416])

@@ -57,19 +57,11 @@ CASES = {
     "rms_silu_ahead": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # int4's default past the resident 4-warp blocks (529 tiles, 4 blocks a SM): 2 tiles a block, AHEAD
     "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
-    # int4 bulk rings (16-bit, sm_90): 3 stages over 3 batches a tile (a ragged third), 13 tiles in 5 blocks,
-    # x staged once; 2 stages over 5 batches a tile restaging x per batch, one tile a block. With 3 rows
-    # the ring runs on across row tiles.
-    "rms_silu_bulk": (2 * 200, 2560, "silu_mul", "rmsnorm", False, None, 1,
-                      dense.GemvTuning(8, 1, whole_x=True, tiles=3, bulk=3)),
-    "rms_silu_bulk2": (2 * 136, 5120, "silu_mul", "rmsnorm", False, None, 1, dense.GemvTuning(8, 1, bulk=2)),
-    "rms_logits_bulk": (1000, 512, "none", "rmsnorm", False, "float32", 1, dense.GemvTuning(4, 1, tiles=2, bulk=2)),
 }
 # (N, K, bias, row_tile); the row tiles of 1: int4's 8-warp blocks with one batch of codes (K 2560) and
 # pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
 RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1),
-             (256, 5120, False, 1, 3),  # 16 tiles in 6 blocks
-             (256, 5120, True, 1, dense.GemvTuning(8, 2, whole_x=True, bulk=4))]  # int4 bulk ring, 3 batches
+             (256, 5120, False, 1, 3)]  # 16 tiles in 6 blocks
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 16),
@@ -80,8 +72,6 @@ ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     # Llama-2-7B's int4 qkv (a grid past the 4-warp slots) as a whole tuning: 8 warps, pipelined batches
     # of 2 steps (K 2560: a ragged second one), x staged once, 32 tiles in 11 blocks of 3
     (4, 2, 64, 2560, "rotate_half", None, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3)),
-    # the same through an int4 bulk ring of 3 stages (with a bias)
-    (4, 2, 64, 2560, "rotate_half", None, True, 1, dense.GemvTuning(8, 2, whole_x=True, tiles=3, bulk=3)),
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -100,22 +90,12 @@ TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than 
 def _tiled(dtype, q, N, K, rt, epi, pro, bias, tiles):
     """The default tuning with ``tiles`` column tiles a block, or the GemvTuning given (16-bit
     activations; fp32 has one)."""
-    if dtype == "float32" or not tiles or tiles[0] == 1 or (_bulk(tiles) and q.scheme != "int4"):
-        return None  # (a bulk case of another scheme is skipped)
+    if dtype == "float32" or not tiles or tiles[0] == 1:
+        return None
     if isinstance(tiles[0], dense.GemvTuning):
         return tiles[0]
     t = dense.gemv_default_tuning(dtype, N, K, rt, epi, pro, q, bias)
     return replace(t, tiles=tiles[0])
-
-
-def _bulk(tiles) -> bool:
-    """The case's tuning reads int4 codes through a bulk ring (int4, 16-bit only)."""
-    return bool(tiles) and isinstance(tiles[0], dense.GemvTuning) and tiles[0].bulk > 0
-
-
-def _skip_bulk(tiles, dtype, scheme):
-    if _bulk(tiles) and (scheme != "int4" or dtype == "float32"):
-        pytest.skip("a bulk ring is for int4 GEMVs with 16-bit activations")
 
 
 def _remember(kernel, tuning):
@@ -210,7 +190,6 @@ def _params(fits):
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_quantized_gemv(dtype, scheme, group, case):
     N, K, epi, pro, bias, out_dtype, rt, *tiles = CASES[case]
-    _skip_bulk(tiles, dtype, scheme)
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     q = _q(scheme, group)
@@ -239,15 +218,13 @@ def test_quantized_gemv(dtype, scheme, group, case):
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
-@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}"
-                         + "".join(t.tag() if isinstance(t, dense.GemvTuning) else f"t{t}" for t in c[4:]))
+@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}" + "".join(f"t{t}" for t in c[4:]))
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("res_early", [False, True], ids=["", "res_early"])
 def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early):
     """res_early: the first tile's residual elements are read before the wait (one element a thread:
     row tiles up to 8 rows a 4-warp block; larger tiles read after it), the rest after it."""
     N, K, bias, rt, *tiles = case
-    _skip_bulk(tiles, dtype, scheme)
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     if res_early and dtype == "float32":
@@ -278,7 +255,6 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
     H, KV, HD, K, layout, scaling, bias, rt, *tiles = case
-    _skip_bulk(tiles, dtype, scheme)
     if not _fits(group, K):
         pytest.skip(f"group {group} does not divide K={K}")
     q = _q(scheme, group)
