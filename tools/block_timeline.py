@@ -9,7 +9,9 @@ wave) can be read as times, not inferred from replay totals.
 
 How: the executor's module is compiled from a traced copy of the plan's source (the plan itself is
 untouched): every kernel's body opens with an RAII recorder whose constructor, in thread 0 of each
-block, takes a record slot (one atomic) and stores the start time, SM and block index, and whose
+block, reads the start time, then takes a record slot (one atomic) and stores them with the SM and
+block index (the tables in docs/profiles/timeline_h100.txt read the time after the atomic, so their
+starts include its L2 round trip, ~0.5 us), and whose
 destructor stores thread 0's end time; lg_pdl_wait stores the time its wait returned. The decode
 graph is replayed a few times, then once more with the records cleared. Records are matched to the
 step's launches by kernel and start order (two launches of one kernel always have another between
@@ -55,12 +57,12 @@ __device__ __forceinline__ bool lg_trace_lead() { return threadIdx.x == 0 && thr
 struct LgTrace {
     __device__ __forceinline__ explicit LgTrace(unsigned id) {
         if (!lg_trace_lead()) return;
+        const unsigned long long t = lg_trace_now();  // before the slot's atomic, whose L2 round trip it would count
         unsigned sm;
         asm volatile("mov.u32 %%0, %%%%smid;" : "=r"(sm));
         const unsigned s = atomicAdd(&lg_trace_n, 1u);
         lg_trace_slot = s;
         if (s >= LG_TRACE_MAX) return;
-        const unsigned long long t = lg_trace_now();
         const unsigned long long blk = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
         lg_trace_rec[4 * s] = t;
         lg_trace_rec[4 * s + 1] = t;

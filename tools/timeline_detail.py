@@ -1,7 +1,8 @@
 """Per-block detail of tools/block_timeline.py's records: for each launch of the chosen layers,
 quantiles (0, 10, 50, 90, 100 %) of its blocks' start, wait and end, in microseconds from the end
-of the launch before it, how many started only after that end ("late"), and how many SMs held
-0, 1, 2, ... of its blocks.
+of the launch before it, how many started only after that end ("late"), for those the gap since
+the last block of the launch before ended on the same SM ("slot gap": how long a freed slot
+stayed empty), and how many SMs held 0, 1, 2, ... of its blocks.
 
     python tools/timeline_detail.py OUT/timeline_llama-2-7b-int4.npz [LAYERS]
     python tools/timeline_detail.py out/timeline_llama-3-8b-int4.npz 10,11
@@ -37,6 +38,11 @@ def detail(npz: str, layers: list[int]) -> list[str]:
             lines.append(f"      {label:<6} " + " ".join(f"{x:7.2f}" for x in np.percentile(v, QUANTILES)))
         if late.any():
             lines.append("      late-start " + " ".join(f"{x:7.2f}" for x in np.percentile(s[late], QUANTILES)))
+            before = launch == i - 1
+            gaps = [(start[j] - end[before & (sm == sm[j])].max()) / 1e3 for j in np.flatnonzero(sel)[late]
+                    if (before & (sm == sm[j])).any()]
+            if gaps:
+                lines.append("      slot gap   " + " ".join(f"{x:7.2f}" for x in np.percentile(gaps, QUANTILES)))
         per_sm = np.bincount(sm[sel], minlength=int(sm.max()) + 1)
         lines.append(f"      SMs holding 0, 1, 2, ... blocks: {np.bincount(per_sm).tolist()}")
     return lines
