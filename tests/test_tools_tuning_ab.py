@@ -25,7 +25,6 @@ def tool():
     yield mod
     # the package's own functions back (``base`` installs wrappers around them)
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
-    dense.gemv_launch = mod.DEFAULTS["launch"]
 
 
 def _gate_up_smem():
@@ -144,16 +143,3 @@ def test_tpf0_drops_the_next_tile_prefetch(tool):
     tool.patch("tpf0")
     src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **gu).source
     assert next_tile not in src and "prefetch_w(W4, w_scales, w_zeros, col0)" in src
-
-
-def test_w16_takes_one_16_warp_block_a_sm(tool):
-    gate_up = (2 * 11008, 4096, 1, "silu_mul", None, "rmsnorm", I4)  # Llama-2-7B's int4 gate/up
-    base = dense.gemv_launch("float16", *gate_up)
-    tool.patch("w16gu")
-    t = dense._quant_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", I4)
-    assert (t.warps, t.unroll) == (16, 1) and t.tiles > 1 and t.min_blocks == 1  # (8 warps x U 1 x 2 blocks before)
-    shape = dense.gemv_launch("float16", *gate_up)
-    assert shape.grid == (dense.SMS, 1, 1) and shape.block == (512, 1, 1) and shape.smem == base.smem
-    assert dense.gemv_launch("float16", 4096, 11008, 1, "residual", None, "none", I4).grid == (256, 1, 1)  # not down
-    tool.patch("base")
-    assert dense.gemv_launch("float16", *gate_up) == base

@@ -24,9 +24,6 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   w8qkv   int4 batch-1 qkv GEMVs take 8 warps as o/down do (today: 4 warps x U = 4, four blocks a SM, where
           the tiles fit the 4-warp slots, as the 8B's 384: -3.3% with 8 warps; past them, as the 7B's 768,
           8 warps walking 3 tiles are the default: +2.0%)
-  w16[gu|qkv|down|o|head]  int4 batch-1 GEMVs (all, or one kind) take one 16-warp block a SM at the unroll
-          that keeps the bytes in flight a SM (two 8-warp blocks' or four 4-warp blocks'), so each SM swaps one block, not two, at
-          each kernel boundary (a freed slot stays empty ~0.1-1.8 us before the next kernel's block runs there)
   w8walk  int4 batch-1 GEMVs of 4-warp blocks that walk several tiles (today: the LM heads) take 8 warps
           and tiles as o/down would (8B -0.3%, 7B even)
   gu<T>   quantized batch-1 gate/up GEMVs take T column tiles a block, a grid of cdiv(tiles, T) blocks
@@ -44,8 +41,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
-l2s/l2w o_proj L2 prefetch from attention, b<S> bulk-copy codes ring) left this tool once docs/ab_h100.txt held
-their results.
+l2s/l2w o_proj L2 prefetch from attention, b<S> bulk-copy codes ring, w16 one 16-warp block a SM) left this tool
+once docs/ab_h100.txt held their results.
 With TUNING_AB_LOGITS=PATH.npy the first variant's decode-step logits are saved there (to compare
 the logits of two source trees run one after the other). Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
@@ -65,8 +62,7 @@ from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
 from llamagraph.codegen import dense
 from llamagraph.ir import load_config
 
-DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                launch=dense.gemv_launch)
+DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -100,13 +96,6 @@ def patch(variant: str) -> None:
             t = quant(dtype, N, K, row_tile, epilogue, q, has_bias)
         if dtype == "float32" or row_tile != 1:
             return replace(t, whole_x=False) if "nox" in flags else t
-        kinds = {"": True, "gu": epilogue == "silu_mul", "qkv": epilogue == "rope", "head": epilogue == "none",
-                 "down": epilogue == "residual" and K > N, "o": epilogue == "residual" and K <= N}
-        if q.scheme == "int4" and any(kinds[f[3:]] for f in flags if f.startswith("w16") and f[3:] in kinds):
-            w16 = replace(t, warps=16, unroll=max(1, t.unroll * t.warps * t.min_blocks // 16), tiles=1)
-            per_warp = cdiv(cdiv(K // 32, 4), 16)
-            w16 = replace(w16, pipeline=w16.pipeline and per_warp > w16.unroll)
-            t = DEFAULTS["tiles"](w16, cdiv(N // (2 if epilogue == "silu_mul" else 1), 16), per_warp)
         walks = "w8walk" in flags and epilogue != "silu_mul" and t.warps == 4 and t.tiles > 1
         if q.scheme == "int4" and (walks or ("w8qkv" in flags and epilogue == "rope")):
             small = quant(dtype, min(N, 2 * dense.SMS * 16), K, row_tile, epilogue, q, has_bias)  # o/down's branch
@@ -155,17 +144,7 @@ def patch(variant: str) -> None:
             src = src.replace(SC_EARLY, "constexpr bool SC_EARLY = false &&")
         return src
 
-    def gemv_launch(dtype, N, K, row_tile, epilogue="none", tuning=None, prologue="none", quant=None, has_bias=False):
-        """w16: a grid of one block a SM (or a tile each where fewer), its tiles dealt grid-stride
-        (5 or 6 a block for the 7B's 688 gate/up tiles), not cdiv(tiles, tiles a block) blocks."""
-        shape = DEFAULTS["launch"](dtype, N, K, row_tile, epilogue, tuning, prologue, quant, has_bias)
-        t = tuning or dense.gemv_default_tuning(dtype, N, K, row_tile, epilogue, prologue, quant, has_bias)
-        if t.warps == 16 and t.tiles > 1 and quant is not None and dtype != "float32":
-            n_tiles = dense._cdiv(N // (2 if epilogue == "silu_mul" else 1), 16)
-            shape = replace(shape, grid=(min(n_tiles, dense.SMS), 1, 1))
-        return shape
-
-    dense._quant_tuning, dense.render, dense.gemv_launch = quant_tuning, render_variant, gemv_launch
+    dense._quant_tuning, dense.render = quant_tuning, render_variant
 
 
 def main(argv: list[str]) -> None:
