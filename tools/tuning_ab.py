@@ -12,6 +12,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   pf0qkv, pf0res, pf0head  pf0 for one kind of GEMV only (qkv, o/down, the LM head)
   qpf0gu  int4 16-bit gate/up GEMVs ask L2 for nothing before their wait (as 16-bit and int8 W's gate/up;
           a tiled block's prefetch of its next tile stays; measured -2.4% on the 8B int4 step)
+  qpf0qkv int4 16-bit qkv GEMVs ask L2 for nothing before their wait (the wait after a residual GEMV returns
+          ~1.3 us after it in int4 plans, ~0.45 us in fp16 ones: docs/profiles/timeline_h100.txt)
   q8pf0, q8pf0qkv, q8pf0res, q8pf0head  int8 GEMVs (all / qkv / o and down / the LM head) ask L2 for nothing
           before their wait, as int8 gate/up since c3d539f
   nold    16-bit GEMVs let the kernel after them launch only as their blocks exit (no early trigger)
@@ -69,7 +71,7 @@ AHEAD = "constexpr bool AHEAD = true &&"
 NEXT_TILE_PF = "        if (tile + (int)gridDim.x < NTILES) prefetch_w(W4, w_scales, w_zeros, (tile + gridDim.x) * 16);\n"
 SC_EARLY = "constexpr bool SC_EARLY = true &&"
 # variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
-Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "q8pf0": ("int8", ("rope", "residual", "none")),
+Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "qpf0qkv": ("int4", ("rope",)), "q8pf0": ("int8", ("rope", "residual", "none")),
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
 # variant -> the 16-bit GEMV epilogue whose pre-wait prefetch it removes
 PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
