@@ -62,6 +62,7 @@ def test_timeline_detail_reads_the_records(tmp_path):
     lines = mod.detail(str(path), [0])
     assert lines[0].split() == ["1", "rms_qkv", "blocks", "4", "late", "2"]
     assert [float(x) for x in lines[1].split()[1:]] == pytest.approx([-0.5, -0.47, 0.05, 0.85, 1.0])
+    assert lines[-1].endswith("[0, 2, 1]")  # SM 0 holds two blocks, SMs 1 and 2 one each
     # the late blocks on SMs 1 and 2 held no block of launch 0; none on SM 0 started late
     assert not any("slot gap" in line for line in lines)
     sm = np.array([0, 0, 0, 0, 2])  # now the late block on SM 0 starts 500 ns after the embedding ended there
@@ -69,5 +70,8 @@ def test_timeline_detail_reads_the_records(tmp_path):
              fns=np.array(["a", "b"]), ops=np.array(["embedding", "rms_qkv"]))
     gap = next(line for line in mod.detail(str(path), [0]) if "slot gap" in line)
     assert [float(x) for x in gap.split()[2:]] == pytest.approx([0.5] * 5)
-    assert lines[-1].endswith("[0, 2, 1]")  # SM 0 holds two blocks, SMs 1 and 2 one each
     assert mod.detail(str(path), [3]) == []
+    # with each launch's layer recorded (block_timeline.py writes it), layers follow it, not five a layer
+    np.savez(path, launch=launch, block=np.arange(5), sm=sm, start=start, waited=waited, end=end,
+             fns=np.array(["a", "b"]), ops=np.array(["embedding", "rms_qkv"]), layers=np.array([-1, 3]))
+    assert mod.detail(str(path), [0]) == [] and mod.detail(str(path), [3])[0].startswith("  1 rms_qkv")

@@ -26,7 +26,8 @@ Prints, per op position in a layer (mean over LAYERS, default all but the first 
   tail us       last block's end after the median block's end (the last wave's share)
   busy %        SMs holding a block past its wait, sampled over the body, of all SMs
 and the step's total and the sum of the gaps (release latencies). Writes OUT_DIR/timeline_<name>.npz
-with every record (launch index, block, SM, start, wait, end in ns from the step's first start).
+with every record (launch index, block, SM, start, wait, end in ns from the step's first start) and
+each launch's kernel, op and decoder layer (-1 outside the layers).
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def main(argv: list[str]) -> None:
     np.savez_compressed(os.path.join(out_dir, f"timeline_{name}.npz"), launch=launch_of, block=blk, sm=sm,
                         start=start, waited=waited, end=end,
                         fns=np.array([launch.fn for launch in launches]),
-                        ops=np.array([r["op"] for r in rows]))
+                        ops=np.array([r["op"] for r in rows]),
+                        layers=np.array([-1 if r["layer"] is None else r["layer"] for r in rows]))
 
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     pick = [int(x) for x in argv[3].split(",")] if len(argv) > 3 else layers[1:-1] or layers
