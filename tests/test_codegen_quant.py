@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -196,6 +197,36 @@ def test_batch_one_grids_past_the_resident_blocks_walk_several_column_tiles():
     assert "AHEAD" not in dense.gemv("float16", 4096, 4096, 1, "residual", quant=q).source
     with pytest.raises(ValueError, match="several tiles"):
         dense.gemv("float16", 4096, 4096, 1, tuning=dense.GemvTuning(8, 2, tiles=2))
+
+
+
+def test_ahead2_is_an_opt_in_of_pipelined_tile_walks_that_compiles():
+    """GemvTuning.ahead2 (the next tile's first two batches requested behind this tile's last) is
+    off by default, refused where a block has no next tile or no second set of codes, and its
+    Llama-2-7B int4 kernels compile for sm_90 (the qkv without spills)."""
+    q = dense.GemvQuant("int4", 128)
+    rope7 = dense.RopeEpilogue(32, 32, 128, "rotate_half", 2048)
+    qkv7 = dict(prologue="rmsnorm", eps=EPS, rope=rope7, quant=q)
+    assert not dense.gemv_default_tuning("float16", 12288, 4096, 1, "rope", "rmsnorm", q).ahead2
+    for bad in (dense.GemvTuning(8, 2, pipeline=True, whole_x=True, ahead2=True),
+                dense.GemvTuning(8, 2, whole_x=True, tiles=3, ahead2=True)):
+        with pytest.raises(ValueError, match="ahead2"):
+            dense.gemv("float16", 12288, 4096, 1, "rope", tuning=bad, **qkv7)
+    _require_compiler()
+    ks = {}
+    for dt in ("float16", "bfloat16"):
+        for name, (N, K, epi, od) in {"qkv": (12288, 4096, "rope", None), "gate_up": (2 * 11008, 4096, "silu_mul", None),
+                                      "head": (32000, 4096, "none", "float32")}.items():
+            kw = qkv7 if epi == "rope" else dict(prologue="rmsnorm", eps=EPS, quant=q)
+            t = replace(dense.gemv_default_tuning(dt, N, K, 1, epi, "rmsnorm", q), ahead2=True)
+            ks[dt, name] = k = dense.gemv(dt, N, K, 1, epi, out_dtype=od, tuning=t, **kw)
+            assert "constexpr bool AHEAD2 = AHEAD && true;" in k.source and k.name.endswith("a2")
+    res = nvrtc.compile_source(module_source(list(ks.values())), arch="sm_90")
+    for (dt, name), k in ks.items():
+        r = res.kernels[k.name]
+        assert 0 < r.registers <= 128, (k.name, r)
+        if name == "qkv":
+            assert r.spill_stores == r.spill_loads == r.stack_bytes == 0, (k.name, r)
 
 
 # ---- every variant compiles, without spills --------------------------------------------------------

@@ -143,3 +143,22 @@ def test_tpf0_drops_the_next_tile_prefetch(tool):
     tool.patch("tpf0")
     src = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", **gu).source
     assert next_tile not in src and "prefetch_w(W4, w_scales, w_zeros, col0)" in src
+
+
+def test_ahead2_variants_set_the_tuning_of_tile_walking_int4_gemvs_only(tool):
+    gu7, qkv7, head7 = (("float16", 2 * 11008, 4096, 1, "silu_mul"), ("float16", 12288, 4096, 1, "rope"),
+                        ("float16", 32000, 4096, 1, "none"))
+    down = ("float16", 4096, 11008, 1, "residual")  # one tile a block: no next tile to request
+    on = lambda args, q=I4: dense._quant_tuning(*args, q).ahead2  # noqa: E731
+    tool.patch("base")
+    assert not any(on(a) for a in (gu7, qkv7, head7, down))
+    tool.patch("ahead2gu")
+    assert on(gu7) and not on(qkv7) and not on(head7)
+    tool.patch("ahead2qkv+ahead2head")
+    assert not on(gu7) and on(qkv7) and on(head7)
+    tool.patch("ahead2")
+    assert on(gu7) and on(qkv7) and on(head7) and not on(down) and not on(gu7, I8)  # (int8: one tile a block)
+    src = dense.gemv(*gu7, tuning=dense._quant_tuning(*gu7, I4), **Q4).source
+    assert "constexpr bool AHEAD2 = AHEAD && true;" in src
+    tool.patch("base")
+    assert "constexpr bool AHEAD2 = AHEAD && false;" in dense.gemv(*gu7, **Q4).source

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call that does as much as its limit allows, for sessions whose machine starts are scarce
 # (a start can cost more device time than the work): the tuning A/B queue first (tools/tuning_ab.py,
-# ~5 s a variant once the plan's kernels are compiled), then the GPU test files in order, each cut
-# to what is left of DEADLINE seconds. Logs land under $OUT as they are written, so a call cut
-# by its limit still brings back what ran.
-#   DEADLINE=540 bash tools/device_session.sh            -> $OUT/ab.txt, $OUT/tests.txt
-#   AB="examples/llama-3-8b.json int4 base,gu5,base" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
-# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; TESTS: space-separated FILE[:EXPR]:SECONDS, EXPR a pytest
-# -k expression with '~' for its spaces (ahead~and~float16). A run named "none" in AB is the 16-bit plan, the denominator of the quantized ratios.
+# ~5 s a variant once the plan's kernels are compiled), then Nsight Compute on one decoder layer
+# (tools/ncu_layer.py), then the GPU test files in order, each cut to what is left of DEADLINE
+# seconds. Logs land under $OUT as they are written, so a call cut by its limit still brings back what ran.
+#   DEADLINE=540 bash tools/device_session.sh            -> $OUT/ab.txt, $OUT/ncu*, $OUT/tests.txt
+#   AB="examples/llama-3-8b.json int4 base,gu5,base" NCU="" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
+# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; NCU: ';'-separated "CONFIG QUANT LAYER" runs; TESTS:
+# space-separated FILE[:EXPR]:SECONDS, EXPR a pytest -k expression with '~' for its spaces (ahead~and~float16).
+# A run named "none" in AB is the 16-bit plan, the denominator of the quantized ratios.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}; mkdir -p "$OUT"
@@ -16,8 +17,10 @@ DEADLINE=${DEADLINE:-540}
 # a bare machine: PYTHONPATH alone lacks the package data llamagraph.templates (templates/ at the root)
 python3 -c "import llamagraph.templates" 2>/dev/null || ln -sfn ../templates llamagraph/templates
 python3 -c "import llamagraph.templates" || { echo "llamagraph.templates does not import" | tee "$OUT/ab.txt"; exit 1; }
-AB=${AB-"examples/llama-2-7b.json int4 base,tpf0,base;examples/llama-2-7b.json none base"}
-TESTS=${TESTS-"test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
+AB=${AB-"examples/llama-2-7b.json int4 base,ahead2,ahead2gu,ahead2qkv,base;examples/llama-2-7b.json none base;\
+examples/llama-2-7b.json int4 base,qpf0qkv,qpf0gu,tpf0,base"}
+NCU=${NCU-"examples/llama-2-7b.json int4 10"}
+TESTS=${TESTS-"test_kernels_quant_gemv.py:ahead2:100 test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
 test_cuda_e2e.py:150 test_profile_cuda.py:90 test_kernels_fused_gemv.py:90"}
 
 left() { local t=$((DEADLINE - SECONDS)); echo $(( $1 < t ? $1 : t )); }
@@ -31,6 +34,14 @@ for r in "${runs[@]}"; do
   timeout "$t" python3 tools/tuning_ab.py $r 2>&1 | tee -a "$OUT/ab.txt"
 done
 echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
+
+IFS=';' read -ra runs <<< "$NCU"
+for r in "${runs[@]}"; do
+  [ -z "${r// }" ] && continue
+  t=$(left 150); [ "$t" -lt 60 ] && { echo "no time for ncu: $r" | tee -a "$OUT/ncu.txt"; continue; }
+  # shellcheck disable=SC2086
+  timeout "$t" python3 tools/ncu_layer.py $r "$OUT" 2>&1 | tail -n 80 | tee -a "$OUT/ncu.txt"
+done
 
 : > "$OUT/tests.txt"
 for spec in $TESTS; do

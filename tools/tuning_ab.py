@@ -40,6 +40,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
           2 KB, as the pre-wait prefetch)
+  ahead2, ahead2gu, ahead2qkv, ahead2head  int4 GEMVs of several tiles a block (all / gate-up / qkv / the LM
+          head) request the next tile's first two batches of codes behind this tile's last, not one
+          (GemvTuning.ahead2: two batches in flight through the tile's sums and epilogue; unmeasured)
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
@@ -75,6 +78,9 @@ Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "qpf0qkv": ("int4", ("rope",)), "q8p
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
 # variant -> the 16-bit GEMV epilogue whose pre-wait prefetch it removes
 PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
+# variant -> the int4 GEMV epilogues whose tile-walking blocks it gives GemvTuning.ahead2
+AHEAD2 = {"ahead2": ("silu_mul", "rope", "none", "residual"), "ahead2gu": ("silu_mul",), "ahead2qkv": ("rope",),
+          "ahead2head": ("none",)}
 # variant -> the int8 GEMV epilogues it gives several tiles a block
 T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",), "t8head": ("none",)}
 
@@ -111,6 +117,9 @@ def patch(variant: str) -> None:
             counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
             if counts and kind:
                 t = replace(t, tiles=counts[0])
+        ahead2 = sum((kinds for name, kinds in AHEAD2.items() if name in flags), ())
+        if q.scheme == "int4" and epilogue in ahead2 and t.pipeline and t.tiles > 1:
+            t = replace(t, ahead2=True)
         return replace(t, whole_x=False) if "nox" in flags else t
 
     only = next((kind for name, kind in PF0_ONLY.items() if name in flags), None)

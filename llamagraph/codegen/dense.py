@@ -221,6 +221,10 @@ class GemvTuning:
             once, not one batch's columns before every batch (no barrier between batches).
     tiles:  quantized 16-bit W only: 16-column output tiles per block. Past 1 the grid shrinks to
             cdiv(tiles of N, tiles) and each block walks its tiles grid-stride, staging x once.
+    ahead2: pipelined blocks of several tiles only: behind a tile's last batch the block requests the
+            next tile's first two batches of codes, not only its first (the template's AHEAD2), so two
+            batches stay in flight through the tile's sums and epilogue. Not a default: unmeasured on a
+            GPU (tools/tuning_ab.py ahead2*); int4 gate/up and LM heads spill 4 bytes with it (ptxas).
     """
 
     warps: int
@@ -228,10 +232,11 @@ class GemvTuning:
     pipeline: bool = False
     whole_x: bool = False
     tiles: int = 1
+    ahead2: bool = False
 
     def tag(self) -> str:
         return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
-                + (f"t{self.tiles}" if self.tiles > 1 else ""))
+                + (f"t{self.tiles}" if self.tiles > 1 else "") + ("a2" if self.ahead2 else ""))
 
     @property
     def min_blocks(self) -> int:
@@ -483,6 +488,8 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"quantized 16-bit GEMVs only")
     if not isinstance(tuning.tiles, int) or tuning.tiles < 1:
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
+    if tuning.ahead2 and not (tuning.pipeline and tuning.tiles > 1):
+        raise ValueError(f"gemv tuning {tuning}: ahead2 is for pipelined blocks of several tiles")
 
 
 def gemv(
@@ -574,6 +581,7 @@ def gemv(
         pipeline=tuning.pipeline,
         whole_x=tuning.whole_x,
         tiles=tuning.tiles,
+        ahead2=tuning.ahead2,
         min_blocks=tuning.min_blocks,
         prologue=prologue,
         eps=repr(float(eps)) + "f",

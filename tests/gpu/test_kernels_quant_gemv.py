@@ -57,11 +57,16 @@ CASES = {
     "rms_silu_ahead": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # int4's default past the resident 4-warp blocks (529 tiles, 4 blocks a SM): 2 tiles a block, AHEAD
     "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
+    # GemvTuning.ahead2 (opt-in): the next tile's first two batches requested behind this tile's last
+    "rms_silu_ahead2": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, {"tiles": 3, "ahead2": True}),
+    "rms_logits_ahead2": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1,
+                          {"tiles": 2, "ahead2": True}),
 }
 # (N, K, bias, row_tile); the row tiles of 1: int4's 8-warp blocks with one batch of codes (K 2560) and
 # pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
 RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1),
-             (256, 5120, False, 1, 3)]  # 16 tiles in 6 blocks
+             (256, 5120, False, 1, 3),  # 16 tiles in 6 blocks
+             (256, 4096, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, ahead2=True))]
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 16),
@@ -72,6 +77,9 @@ ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     # Llama-2-7B's int4 qkv (a grid past the 4-warp slots) as a whole tuning: 8 warps, pipelined batches
     # of 2 steps (K 2560: a ragged second one), x staged once, 32 tiles in 11 blocks of 3
     (4, 2, 64, 2560, "rotate_half", None, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3)),
+    # the same with ahead2 (opt-in), K 4096: two pipelined batches a tile, both of the next tile's requested early
+    (4, 2, 64, 4096, "rotate_half", None, False, 1,
+     dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, ahead2=True)),
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -88,14 +96,14 @@ TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than 
 
 
 def _tiled(dtype, q, N, K, rt, epi, pro, bias, tiles):
-    """The default tuning with ``tiles`` column tiles a block, or the GemvTuning given (16-bit
-    activations; fp32 has one)."""
+    """The default tuning with ``tiles`` column tiles a block (or with the fields of a dict), or the
+    GemvTuning given (16-bit activations; fp32 has one)."""
     if dtype == "float32" or not tiles or tiles[0] == 1:
         return None
     if isinstance(tiles[0], dense.GemvTuning):
         return tiles[0]
     t = dense.gemv_default_tuning(dtype, N, K, rt, epi, pro, q, bias)
-    return replace(t, tiles=tiles[0])
+    return replace(t, **tiles[0]) if isinstance(tiles[0], dict) else replace(t, tiles=tiles[0])
 
 
 def _remember(kernel, tuning):
@@ -218,7 +226,8 @@ def test_quantized_gemv(dtype, scheme, group, case):
 
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
-@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}" + "".join(f"t{t}" for t in c[4:]))
+@pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}"
+                         + "".join(t.tag() if isinstance(t, dense.GemvTuning) else f"t{t}" for t in c[4:]))
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("res_early", [False, True], ids=["", "res_early"])
 def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early):
