@@ -162,3 +162,29 @@ def test_ahead2_variants_set_the_tuning_of_tile_walking_int4_gemvs_only(tool):
     assert "constexpr bool AHEAD2 = AHEAD;" in src
     tool.patch("base")
     assert "AHEAD2" not in dense.gemv(*gu7, **Q4).source  # (the default kernels are as before it)
+
+
+def test_diagnostic_variants_drop_what_they_say_and_compile(tool):
+    from llamagraph.codegen import nvrtc
+    from llamagraph.codegen.render import module_source
+
+    gu7 = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    o7 = ("float16", 4096, 4096, 1, "residual")  # one unpipelined batch: batch() stages its own slab
+    tool.patch("nosz")
+    src = dense.gemv(*gu7, **Q4).source
+    assert tool.SCALE_LOAD not in src and tool.ZERO_LOAD not in src and "(unsigned short)0x3C00;" in src
+    tool.patch("noz")
+    src = dense.gemv(*gu7, **Q4).source
+    assert tool.SCALE_LOAD in src and tool.ZERO_LOAD not in src
+    tool.patch("noalugu")
+    assert "sink(ca, acc);" in dense.gemv(*gu7, **Q4).source
+    assert "sink(" not in dense.gemv(*o7, quant=I4).source
+    tool.patch("noalu+nosz")
+    ks = [dense.gemv(*gu7, **Q4), dense.gemv(*o7, quant=I4)]
+    assert all("sink(ca, acc);" in k.source and not tool.BATCH_CALL.search(k.source) for k in ks)
+    if nvrtc.available() is None:
+        pytest.skip("no CUDA compiler here")
+    res = nvrtc.compile_source(module_source(ks), arch="sm_90")
+    assert all(res.kernels[k.name].registers > 0 for k in ks)
+    tool.patch("base")
+    assert tool.BATCH_CALL.search(dense.gemv(*gu7, **Q4).source) and "sink(" not in dense.gemv(*gu7, **Q4).source

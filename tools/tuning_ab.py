@@ -43,6 +43,12 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   ahead2, ahead2gu, ahead2qkv, ahead2head  int4 GEMVs of several tiles a block (all / gate-up / qkv / the LM
           head) request the next tile's first two batches of codes behind this tile's last, not one
           (GemvTuning.ahead2: two batches in flight through the tile's sums and epilogue; unmeasured)
+Diagnostics (they change the numbers: their logits differ from base; what they measure is the time):
+  nosz    int4 16-bit GEMVs load no scales or zeros (constants s = 1, z = 8): what those 2-byte loads cost
+  noz     the same for the zeros only
+  noalu, noalugu  int4 16-bit GEMVs (all / gate-up) fold each batch's codes into one register by XOR
+          instead of dequantizing them into mma fragments (the loads, staging, sums and epilogues stay): the
+          kernel's streaming rate without its arithmetic
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -78,6 +85,24 @@ Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "qpf0qkv": ("int4", ("rope",)), "q8p
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
 # variant -> the 16-bit GEMV epilogue whose pre-wait prefetch it removes
 PF0_ONLY = {"pf0qkv": "rope", "pf0res": "residual", "pf0head": "none"}
+SCALE_LOAD = "cw.sv[u][m][h] = ld_u16(w_scales + (wr[m][h] + grp));"
+ZERO_LOAD = "cw.zv[u][m][h] = ld_u16(w_zeros + (wr[m][h] + grp));"
+BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const Codes& cw"
+BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
+# noalu: a batch's codes, scales and zeros folded into one accumulator element (every load is waited for)
+SINK = """__device__ __forceinline__ void sink(const Codes& cw, float (&acc)[MT][NT][4]) {
+    unsigned v = 0u;
+    #pragma unroll
+    for (int u = 0; u < U; ++u)
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h)
+                v ^= cw.w[u][m][h].x ^ cw.w[u][m][h].y ^ cw.w[u][m][h].z ^ cw.w[u][m][h].w ^ cw.sv[u][m][h] ^ cw.zv[u][m][h];
+    acc[0][0][0] += __uint_as_float(v & 0x007FFFFFu);
+}
+
+"""
 # variant -> the int4 GEMV epilogues whose tile-walking blocks it gives GemvTuning.ahead2
 AHEAD2 = {"ahead2": ("silu_mul", "rope", "none", "residual"), "ahead2gu": ("silu_mul",), "ahead2qkv": ("rope",),
           "ahead2head": ("none",)}
@@ -153,6 +178,17 @@ def patch(variant: str) -> None:
         if "nosc" in flags and template == "gemv" and kw.get("quant") == "int8" and kw.get("dtype") != "float32":
             assert SC_EARLY in src, "the GEMV template changed: update 'nosc'"
             src = src.replace(SC_EARLY, "constexpr bool SC_EARLY = false &&")
+        int4 = template == "gemv" and kw.get("quant") == "int4" and kw.get("dtype") != "float32"
+        if int4 and flags & {"nosz", "noz"}:
+            assert SCALE_LOAD in src and ZERO_LOAD in src, "the GEMV template changed: update 'nosz' / 'noz'"
+            src = src.replace(ZERO_LOAD, "cw.zv[u][m][h] = (unsigned short)8;")
+            if "nosz" in flags:
+                one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
+                src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
+        if int4 and ("noalu" in flags or ("noalugu" in flags and kw.get("epilogue") == "silu_mul")):
+            assert BATCH_DEF in src and BATCH_CALL.search(src), "the GEMV template changed: update 'noalu'"
+            src = src.replace(BATCH_DEF, SINK + BATCH_DEF, 1)
+            src = BATCH_CALL.sub(lambda m: f"sink({m.group(2)}, acc);", src)
         return src
 
     dense._quant_tuning, dense.render = quant_tuning, render_variant
