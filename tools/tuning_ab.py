@@ -49,6 +49,11 @@ Diagnostics (they change the numbers: their logits differ from base; what they m
   noalu, noalugu  int4 16-bit GEMVs (all / gate-up) fold each batch's codes into one register by XOR
           instead of dequantizing them into mma fragments (the loads, staging, sums and epilogues stay): the
           kernel's streaming rate without its arithmetic
+  lin, lingu, linqkv  int4 16-bit GEMVs with the rmsnorm prologue (gate-up and qkv / gate-up / qkv) read
+          each 16-row tile's codes as if stored chunk-major (16 B chunk c of tile row r at (c * 16 + r) * 16
+          bytes into the tile's rows, which are one contiguous block): a warp's load takes four whole
+          128-byte lines, not eight half lines. The bytes read are the same; what a layout pass storing
+          the codes in that order would gain
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
@@ -89,6 +94,10 @@ SCALE_LOAD = "cw.sv[u][m][h] = ld_u16(w_scales + (wr[m][h] + grp));"
 ZERO_LOAD = "cw.zv[u][m][h] = ld_u16(w_zeros + (wr[m][h] + grp));"
 BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const Codes& cw"
 BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
+ROW_ADDR = "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + col) * C;"
+CODE_LOAD = "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u));"
+# variant -> the int4 GEMV epilogues (with the rmsnorm prologue) it reads chunk-major
+LIN = {"lin": ("silu_mul", "rope"), "lingu": ("silu_mul",), "linqkv": ("rope",)}
 # noalu: a batch's codes, scales and zeros folded into one accumulator element (every load is waited for)
 SINK = """__device__ __forceinline__ void sink(const Codes& cw, float (&acc)[MT][NT][4]) {
     unsigned v = 0u;
@@ -185,6 +194,11 @@ def patch(variant: str) -> None:
             if "nosz" in flags:
                 one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
                 src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
+        lin = sum((kinds for name, kinds in LIN.items() if name in flags), ())
+        if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin:
+            assert ROW_ADDR in src and CODE_LOAD in src, "the GEMV template changed: update 'lin'"
+            src = src.replace(ROW_ADDR, "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + first) * C + (g + 8 * h);")
+            src = src.replace(CODE_LOAD, "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u) * 16u);")
         if int4 and ("noalu" in flags or ("noalugu" in flags and kw.get("epilogue") == "silu_mul")):
             assert BATCH_DEF in src and BATCH_CALL.search(src), "the GEMV template changed: update 'noalu'"
             src = src.replace(BATCH_DEF, SINK + BATCH_DEF, 1)
