@@ -195,7 +195,8 @@ def patch(variant: str) -> None:
                 one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
                 src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
         lin = sum((kinds for name, kinds in LIN.items() if name in flags), ())
-        if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin:
+        n_out = kw.get("N", 0) // (2 if kw.get("epilogue") == "silu_mul" else 1)
+        if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin and n_out % 16 == 0:  # (whole tiles)
             assert ROW_ADDR in src and CODE_LOAD in src, "the GEMV template changed: update 'lin'"
             src = src.replace(ROW_ADDR, "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + first) * C + (g + 8 * h);")
             src = src.replace(CODE_LOAD, "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u) * 16u);")
