@@ -369,3 +369,33 @@ def test_a_group_size_no_kernel_reads_is_a_one_line_error():
     msg = str(err.value)
     assert "\n" not in msg and "group_size 16, K=64" in msg and "% 32 == 0" in msg
     assert "%l0." in msg and ".w is int4" in msg
+
+
+def test_tile16_codes_lower_to_kernels_that_read_them(monkeypatch):
+    """With int4 codes stored "tile16" (opt-in) every decode GEMV and prefill dequantize kernel of the
+    quantized weights reads that order (c16 in its name, the chunk-major address in its source) and
+    the plan compiles; where the GEMV cannot read it (fp32, ragged tiles) it is refused."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("llamagraph.passes.quantize_weights"), "INT4_CODE_ORDER", "tile16")
+    plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize="int4", group_size=32)
+    g = plan.graph
+    ordered = {n for n, v in g.values.items() if v.quant is not None and v.quant.code_order == "tile16"}
+    assert ordered
+    for phase, prefix in (("decode", "gemv_"), ("prefill", "dequant_")):
+        reading = [x for x in plan.phases[phase] if x.fn.startswith(prefix) and x.args[1 if prefix == "gemv_" else 0].ref in ordered]
+        assert reading and all("_i4g32c16_" in x.fn for x in reading), phase
+    src = plan.source
+    assert "(ok ? c : 0u) * 16u" in src and "(m * N_OUT + first) * C + (g + 8 * h)" in src  # the GEMV
+    assert "((j / 16) * 16 + (int)(n % 16)) * 16 + j % 16" in src  # the dequantize kernel
+    q = dense.GemvQuant("int4", 128, "tile16")
+    with pytest.raises(ValueError, match="needs 16-bit activations and whole 16-column tiles"):
+        dense.gemv("float32", 4096, 4096, 1, quant=q)
+    with pytest.raises(ValueError, match="N_out=200"):
+        dense.gemv("float16", 400, 4096, 1, "silu_mul", quant=q)
+    with pytest.raises(ValueError, match="'tile16' order"):
+        dense.GemvQuant("int8", None, "tile16").check(4096)
+    if nvrtc.available() is not None:
+        res = nvrtc.compile_source(plan.source, "sm_90")
+        assert set(plan.kernels) <= set(res.kernels)
+        assert not {k: r for k, r in res.kernels.items() if r.spill_stores or r.spill_loads}

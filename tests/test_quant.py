@@ -318,3 +318,81 @@ def test_quantized_8b_keeps_the_fused_decode_step(scheme, group):
             q = g.values[name].quant
             if q is not None:  # a quantized weight's launch reads its scales (and zeros) too
                 assert q.scales in refs and (q.zeros is None or q.zeros in refs)
+
+
+# ---- "tile16" code order (opt-in: passes/quantize_weights.INT4_CODE_ORDER) ---------------------------
+
+def test_tile16_order_puts_each_blocks_chunk_c_of_16_rows_side_by_side():
+    """order_codes stores byte j of row n at (n // 16) * 16 * B + ((j // 16) * 16 + n % 16) * 16 + j % 16
+    (the address the decode GEMV and the dequantize kernel compute); unorder_codes inverts it."""
+    from llamagraph.ir.quant import order_codes, unorder_codes
+
+    rng = np.random.default_rng(0)
+    N, B = 48, 64  # 3 blocks of 16 rows, 4 chunks a row
+    codes = rng.integers(0, 256, (N, B), dtype=np.uint8)
+    stored = order_codes(codes, "tile16")
+    assert stored.shape == (N, B) and stored.flags.c_contiguous
+    flat = stored.reshape(-1)
+    for n in range(N):
+        for j in range(B):
+            assert flat[(n // 16) * 16 * B + ((j // 16) * 16 + n % 16) * 16 + j % 16] == codes[n, j]
+    assert np.array_equal(unorder_codes(stored, "tile16"), codes)
+    assert order_codes(codes, None) is codes and unorder_codes(codes, None) is codes
+    with pytest.raises(ValueError, match=r"rows % 16 == 0 .* got codes \[40, 64\]"):
+        order_codes(codes[:40], "tile16")
+    with pytest.raises(ValueError, match="unknown code order 'tile8'"):
+        order_codes(codes, "tile8")
+
+
+def test_pass_orders_int4_codes_only_where_asked_and_16_bit(monkeypatch):
+    import importlib
+
+    qw = importlib.import_module("llamagraph.passes.quantize_weights")
+    cfg = _tiny()
+    default = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
+    assert all(v.quant.code_order is None for v in default.values.values() if v.quant is not None)
+    monkeypatch.setattr(qw, "INT4_CODE_ORDER", "tile16")
+    g = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
+    ordered = {n: v.shape for n, v in g.values.items() if v.quant is not None and v.quant.code_order == "tile16"}
+    assert ordered and all(N % 32 == 0 for N, K in ordered.values())
+    assert {n for n, v in g.values.items() if v.quant is not None and v.quant.code_order is None} == {
+        n for n, v in g.values.items() if v.quant is not None and v.shape[0] % 32}  # (rows not in 16-row blocks)
+    for again in (Graph.from_text(str(g)), Graph.from_json(g.to_json())):  # the order travels with the plan
+        assert {n: v.quant for n, v in again.values.items() if v.quant} == {n: v.quant for n, v in g.values.items() if v.quant}
+    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float32", quantize="int4",
+                                                                   group_size=32).values.values() if v.quant)
+    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float16", quantize="int8").values.values()
+               if v.quant)
+
+
+def test_a_code_order_the_kernels_cannot_read_is_a_graph_error():
+    from llamagraph.ir.errors import GraphError
+    from llamagraph.ir.verify import verify
+
+    g = compile_graph(_tiny(), dtype="float16", quantize="int4", group_size=32)
+    v = next(v for v in g.values.values() if v.quant is not None)
+    v.quant = type(v.quant)(**{**v.quant.__dict__, "code_order": "tile8"})
+    with pytest.raises(GraphError, match="code order 'tile8' is not one of tile16"):
+        verify(g)
+
+
+def test_the_cuda_executor_uploads_codes_in_their_values_order(monkeypatch):
+    """CudaExecutor._device_order (called on every weight array it uploads) orders int4 codes of a
+    "tile16" value and leaves every other array as the loader handed it over (numpy stands in for cupy)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from llamagraph.ir.quant import order_codes
+    from llamagraph.runtime.cuda import CudaExecutor
+
+    monkeypatch.setattr(importlib.import_module("llamagraph.passes.quantize_weights"), "INT4_CODE_ORDER", "tile16")
+    g = compile_graph(_tiny(), dtype="float16", quantize="int4", group_size=32)
+    fake = SimpleNamespace(graph=g, cp=np)
+    rng = np.random.default_rng(1)
+    name = next(n for n, v in g.values.items() if v.quant is not None and v.quant.code_order == "tile16")
+    codes = rng.integers(0, 256, g.values[name].shape[:1] + (g.values[name].shape[1] // 2,), dtype=np.uint8)
+    assert np.array_equal(CudaExecutor._device_order(fake, name, codes), order_codes(codes, "tile16"))
+    scales = g.values[name].quant.scales
+    arr = rng.standard_normal(g.values[scales].shape).astype(np.float16)
+    assert CudaExecutor._device_order(fake, scales, arr) is arr
+    assert CudaExecutor._device_order(fake, "embed.w", arr) is arr

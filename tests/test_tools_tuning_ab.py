@@ -212,3 +212,13 @@ def test_chunk_major_reads_cover_the_same_bytes(tool):
         assert nvrtc.compile_source(module_source([k]), arch="sm_90").kernels[k.name].registers > 0
     tool.patch("base")
     assert tool.ROW_ADDR in dense.gemv(*gu7, **Q4).source
+
+
+def test_ct16_stores_int4_codes_tile16_and_base_puts_rows_back(tool):
+    import importlib
+
+    qw = importlib.import_module("llamagraph.passes.quantize_weights")
+    tool.patch("ct16")
+    assert qw.INT4_CODE_ORDER == "tile16"
+    tool.patch("base")
+    assert qw.INT4_CODE_ORDER is None

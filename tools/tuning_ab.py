@@ -40,6 +40,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
           2 KB, as the pre-wait prefetch)
+  ct16    int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
+          chunk-major, repacked at upload; passes/quantize_weights.INT4_CODE_ORDER): a GEMV warp's load takes
+          four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
   ahead2, ahead2gu, ahead2qkv, ahead2head  int4 GEMVs of several tiles a block (all / gate-up / qkv / the LM
           head) request the next tile's first two batches of codes behind this tile's last, not one
           (GemvTuning.ahead2: two batches in flight through the tile's sums and epilogue; unmeasured)
@@ -67,6 +70,7 @@ best of 3). The patches live here only: the package has no switches for them.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import re
 import sys
@@ -79,7 +83,9 @@ from llamagraph.bench import _cupy_sync, _decode_time, _free_cupy
 from llamagraph.codegen import dense
 from llamagraph.ir import load_config
 
-DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles)
+quantize_weights = importlib.import_module("llamagraph.passes.quantize_weights")  # the module (its function shares the name)
+DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
+                code_order=quantize_weights.INT4_CODE_ORDER)
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -207,6 +213,7 @@ def patch(variant: str) -> None:
         return src
 
     dense._quant_tuning, dense.render = quant_tuning, render_variant
+    quantize_weights.INT4_CODE_ORDER = "tile16" if "ct16" in flags else DEFAULTS["code_order"]
 
 
 def main(argv: list[str]) -> None:

@@ -255,10 +255,13 @@ class GemvQuant:
             scale and zero per group of ``group_size`` columns of a row: w' = (q - z) * s.
     Each lane reads 16 bytes of codes at a time, ``chunk_k`` columns, and a chunk never straddles
     a group: int4 needs group_size % 32 == 0, and K must be a multiple of the chunk.
+    code_order: int4 only: None, W's rows in order; "tile16", each block of 16 rows stored chunk-major
+    (``llamagraph.ir.quant.order_codes``), so a warp's 16-byte loads of one step take whole lines.
     """
 
     scheme: str
     group_size: int | None = None
+    code_order: str | None = None
 
     @property
     def chunk_k(self) -> int:
@@ -274,7 +277,7 @@ class GemvQuant:
         return self.scheme == "int4" and self.group_size % 128 == 0
 
     def tag(self) -> str:
-        return "i8" if self.scheme == "int8" else f"i4g{self.group_size}"
+        return "i8" if self.scheme == "int8" else f"i4g{self.group_size}" + ("c16" if self.code_order else "")
 
     def check(self, K: int) -> None:
         """ValueError (one line) when this GEMV cannot read the layout."""
@@ -287,6 +290,9 @@ class GemvQuant:
                                  f"time and needs group_size % 32 == 0 dividing K")
         elif self.group_size is not None:
             raise ValueError(f"int8 has one scale per row, got group_size {self.group_size}")
+        if self.code_order not in (None, "tile16") or (self.code_order and self.scheme != "int4"):
+            raise ValueError(f"{self.scheme} codes in order {self.code_order!r}: the GEMV reads int4 codes in rows or "
+                             f"in 'tile16' order")
         if K % self.chunk_k:
             raise ValueError(f"{self.scheme} group_size {self.group_size}, K={K}: the {self.scheme} GEMV reads 16 "
                              f"bytes ({self.chunk_k} columns) at a time and needs K % {self.chunk_k} == 0")
@@ -490,6 +496,10 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
     if tuning.ahead2 and not (tuning.pipeline and tuning.tiles > 1):
         raise ValueError(f"gemv tuning {tuning}: ahead2 is for pipelined blocks of several tiles")
+    n_out = N // 2 if epilogue == "silu_mul" else N
+    if quant is not None and quant.code_order and (dtype == "float32" or n_out % 16):
+        raise ValueError(f"gemv of int4 codes in {quant.code_order!r} order needs 16-bit activations and whole "
+                         f"16-column tiles (N_out % 16 == 0), got {dtype}, N_out={n_out}")
 
 
 def gemv(
@@ -588,6 +598,7 @@ def gemv(
         quant=quant.scheme if quant else "none",
         group=(quant.group_size or 0) if quant else 0,
         folded=bool(quant and quant.folded),
+        chunk_major=bool(quant and quant.code_order),
         smem=gemv_quant_smem(dtype, K, row_tile, tuning, quant),
         res_early=res_early,
         **(rope.params() if rope else {}),
@@ -626,8 +637,8 @@ def dequant(dtype: str, N: int, K: int, quant: GemvQuant) -> Kernel:
     """out[n, k] = w'[n, k] rounded to dtype, with w' from ``llamagraph.ir.quant.dequantize`` (fp32).
 
     Args: (const unsigned char* W, const T* scales, const T* zeros_or_null, T* out).
-    W: int8 [N, K] or packed int4 [N, K/2]; scales [N] (int8) or scales, zeros [N, K/G] (int4);
-    out: [N, K]. One thread per 8 columns.
+    W: int8 [N, K] or packed int4 [N, K/2] (in ``quant.code_order``); scales [N] (int8) or scales,
+    zeros [N, K/G] (int4); out: [N, K]. One thread per 8 columns.
     """
     _check_dtype(dtype)
     _check_dim("N", N)
@@ -635,9 +646,11 @@ def dequant(dtype: str, N: int, K: int, quant: GemvQuant) -> Kernel:
     if not isinstance(quant, GemvQuant):
         raise ValueError(f"dequant needs a GemvQuant, got {quant!r}")
     quant.check(K)
+    if quant.code_order and N % 16:
+        raise ValueError(f"dequant of int4 codes in {quant.code_order!r} order needs N % 16 == 0, got N={N}")
     name = f"dequant_{quant.tag()}_{_tag(dtype)}_n{N}_k{K}"
     src = render("dequant", name=name, dtype=dtype, N=N, K=K, quant=quant.scheme, group=quant.group_size or 0,
-                 threads=DEQUANT_THREADS)
+                 threads=DEQUANT_THREADS, chunk_major=bool(quant.code_order))
     return Kernel(name, src)
 
 

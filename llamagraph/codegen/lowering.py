@@ -104,7 +104,7 @@ def _weight_layout(c: Ctx, w: str) -> dense.GemvQuant | None:
     v = c.v(w)  # a sharded weight is an ordinary one here: the rank graph's shape is the rank's slice
     if v.quant is None:
         return None
-    q = dense.GemvQuant(v.quant.scheme, v.quant.group_size if v.quant.scheme == "int4" else None)
+    q = dense.GemvQuant(v.quant.scheme, v.quant.group_size if v.quant.scheme == "int4" else None, v.quant.code_order)
     try:
         q.check(v.shape[1])
     except ValueError as e:

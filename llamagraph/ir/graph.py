@@ -38,12 +38,15 @@ class Quant:
     scheme "int8": symmetric, one scale per output row (``scales``: [N]); group_size None.
     scheme "int4": asymmetric, one scale and zero per group of ``group_size`` consecutive input
     columns of an output row (``scales``, ``zeros``: [N, K / group_size]).
+    code_order: how the codes are stored on the device (``llamagraph.ir.quant.order_codes``): None,
+    rows in order; "tile16", each block of 16 rows chunk-major. The logical array is row-major.
     """
 
     scheme: str
     scales: str
     group_size: int | None = None
     zeros: str | None = None
+    code_order: str | None = None
 
 
 QUANT_SCHEMES = {"int8": "int8", "int4": "int4"}  # scheme -> the dtype of its codes

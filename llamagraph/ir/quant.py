@@ -18,6 +18,12 @@ zeros, repacked into this layout, run 1..16 (``llamagraph.runtime.quant_checkpoi
 
 Packed int4 storage: [N, K / 2] uint8, two codes to a byte along K, the even column in the low
 nibble (``llamagraph.ir.dtypes``: "low nibble first").
+
+Code order on the device (``Quant.code_order``): None stores the packed rows one after another.
+"tile16" stores each block of 16 consecutive rows chunk-major: 16-byte chunk c of row 16 i + r sits
+at byte 16 i B + (16 c + r) 16 of the weight's B bytes a row, so the 16 rows' chunk c are 256
+contiguous bytes (``order_codes``). The logical array, which the reference backend and the loaders
+hold, is always the row-major one; the CUDA executor orders it as it uploads it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from .dtypes import to_float32, to_storage
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
+CODE_ORDERS = ("tile16",)  # besides None (rows in order)
+TILE_ROWS = 16  # rows of a "tile16" block: the decode GEMV's 16-column output tile
+CHUNK = 16  # bytes of one chunk: one lane's 16-byte load
 
 
 def _f32(xp, x):
@@ -111,3 +120,33 @@ def dequantize(codes, scales, zeros, scheme: str, group_size: int | None, xp=np)
         g = (q.reshape(N, K // group_size, group_size) - z[:, :, None]) * s[:, :, None]
         return g.reshape(N, K)
     raise ValueError(f"unknown quantization scheme {scheme!r}; schemes are {', '.join(SCHEMES)}")
+
+
+def _check_order(codes, code_order: str) -> tuple[int, int]:
+    if code_order not in CODE_ORDERS:
+        raise ValueError(f"unknown code order {code_order!r}; orders are None, {', '.join(CODE_ORDERS)}")
+    N, B = codes.shape
+    if N % TILE_ROWS or B % CHUNK:
+        raise ValueError(f"code order {code_order!r} needs rows % {TILE_ROWS} == 0 and bytes a row % {CHUNK} == 0, "
+                         f"got codes [{N}, {B}]")
+    return N, B
+
+
+def order_codes(codes, code_order: str | None, xp=np):
+    """Row-major codes [N, B] (bytes a row) -> the same bytes in ``code_order`` (see the module
+    doc), as an [N, B] array; None returns ``codes``."""
+    if code_order is None:
+        return codes
+    N, B = _check_order(codes, code_order)
+    # codes[16 i + r, 16 c + b] -> stored[i, c, r, b]
+    blocks = codes.reshape(N // TILE_ROWS, TILE_ROWS, B // CHUNK, CHUNK).transpose(0, 2, 1, 3)
+    return xp.ascontiguousarray(blocks).reshape(N, B)
+
+
+def unorder_codes(stored, code_order: str | None, xp=np):
+    """The inverse of ``order_codes``."""
+    if code_order is None:
+        return stored
+    N, B = _check_order(stored, code_order)
+    blocks = stored.reshape(N // TILE_ROWS, B // CHUNK, TILE_ROWS, CHUNK).transpose(0, 2, 1, 3)
+    return xp.ascontiguousarray(blocks).reshape(N, B)

@@ -20,6 +20,7 @@ from .errors import GraphError
 from .layout import ROW_ORDERS, row_order
 from .graph import ACTIVATION, CACHE_LAYOUTS, INPUT, KV_CACHE, QUANT_SCHEMES, ROLES, WEIGHT, Graph, Value
 from .ops import OPS
+from .quant import CHUNK, CODE_ORDERS, TILE_ROWS
 
 
 def verify(graph: Graph, where: str = "") -> None:
@@ -169,6 +170,11 @@ def _quant_problem(graph: Graph, v: Value) -> str | None:
         if q.zeros is None:
             return "int4 is asymmetric: it needs zeros"
         want = {"scales": (N, K // q.group_size), "zeros": (N, K // q.group_size)}
+    if q.code_order is not None:
+        if q.code_order not in CODE_ORDERS or q.scheme != "int4":
+            return f"code order {q.code_order!r} is not one of {', '.join(CODE_ORDERS)} for int4 codes"
+        if N % TILE_ROWS or (K // 2) % CHUNK:
+            return f"code order {q.code_order!r} needs N % {TILE_ROWS} == 0 and K % {2 * CHUNK} == 0, got [{N}, {K}]"
     for field_name, shape in want.items():
         ref = getattr(q, field_name)
         other = graph.values.get(ref)

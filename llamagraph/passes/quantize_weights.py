@@ -27,6 +27,12 @@ from __future__ import annotations
 from llamagraph.ir import WEIGHT, Graph, Quant
 from llamagraph.ir.errors import ConfigError
 
+# How int4 codes are stored on the device in 16-bit plans (``Quant.code_order``): None, rows in order (the
+# measured default); "tile16", each 16-row block chunk-major (a decode GEMV warp's load then takes four
+# whole 128-byte lines, not eight half lines). Not a default until measured (tools/tuning_ab.py ct16);
+# ``graph.meta["quantize"]["code_order"]`` overrides it. fp32 plans (CUDA-core GEMVs) keep rows in order.
+INT4_CODE_ORDER: str | None = None
+
 
 def quantized_weights(graph: Graph) -> list[str]:
     """The weights the pass quantizes: every 2-D weight with the "matrix" role."""
@@ -60,6 +66,8 @@ def quantize_weights(graph: Graph) -> Graph:
             G = K // group_size
             scales = out.add_value(name + ".scales", (N, G), act, WEIGHT, role="scales", **common)
             zeros = out.add_value(name + ".zeros", (N, G), act, WEIGHT, role="zeros", **common)
-            v.quant = Quant("int4", scales, group_size, zeros)
+            # (N % 32: the gate/up GEMV's up rows start at N / 2, which must begin a 16-row block too)
+            order = spec.get("code_order", INT4_CODE_ORDER) if act != "float32" and N % 32 == 0 and K % 32 == 0 else None
+            v.quant = Quant("int4", scales, group_size, zeros, order)
             v.dtype = "int4"
     return out

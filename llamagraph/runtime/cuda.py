@@ -30,6 +30,7 @@ from llamagraph.ir.dtypes import DTYPES, to_storage
 from llamagraph.ir.memory import align
 
 from llamagraph.ir.layout import assemble
+from llamagraph.ir.quant import order_codes
 
 from .calls import COLLECTIVES, LIBRARY, early_launch_supported, launch_kernel, launch_kernel_early
 from .weights import check_fits, nonfinite_counts, nonfinite_error, part_seed, quantize_value
@@ -195,7 +196,7 @@ class CudaExecutor:
                 items = quantize_value(g, v.name, x, xp=cp) if v.quant is not None else [(v.name, to_storage(x, v.dtype, xp=cp))]
                 del x
                 for name, arr in items:
-                    out[name] = arr
+                    out[name] = self._device_order(name, arr)
                     bar(g.values[name].nbytes(g.dims), name)
             return out
         # a dict of arrays (checked on the host when it was resolved), or an iterator of (name,
@@ -204,7 +205,7 @@ class CudaExecutor:
         items = weights if streamed else weights.items()
         for name, arr in items:
             arr = np.ascontiguousarray(arr)
-            out[name] = cp.asarray(arr)
+            out[name] = self._device_order(name, cp.asarray(arr))
             dtype = g.values[name].dtype
             if streamed and DTYPES[dtype].kind == "float" and nonfinite_counts(out[name], dtype, xp=cp) != (0, 0):
                 raise nonfinite_error(g, name, arr)  # found on the device; named from the host copy
@@ -213,6 +214,12 @@ class CudaExecutor:
         if missing:
             raise WeightError(f"no array for graph weight {missing[0]!r}")
         return out
+
+    def _device_order(self, name: str, arr):
+        """A weight array as the kernels read it: int4 codes in their value's code order
+        (``llamagraph.ir.quant.order_codes``; the loaders hand over the row-major logical array)."""
+        q = self.graph.values[name].quant
+        return arr if q is None or q.code_order is None else order_codes(arr, q.code_order, xp=self.cp)
 
     def _random_slice(self, v, weights: RandomOnDevice):
         """Rank ``weights.rank``'s slice of weight ``v`` drawn on the device part by part (each part

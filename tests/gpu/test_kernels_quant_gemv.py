@@ -27,7 +27,7 @@ from llamagraph.codegen.render import module_source  # noqa: E402
 from llamagraph.ir import ops  # noqa: E402
 from llamagraph.ir.dtypes import to_float32  # noqa: E402
 from llamagraph.ir.layout import rope_pair_order  # noqa: E402
-from llamagraph.ir.quant import dequantize, quantize  # noqa: E402
+from llamagraph.ir.quant import dequantize, order_codes, quantize  # noqa: E402
 from llamagraph.runtime.calls import launch_kernel  # noqa: E402
 
 from .test_kernels_dense import NULL, SPARE, dev, host, poisoned, randn, rounded, storage  # noqa: E402
@@ -36,7 +36,9 @@ pytestmark = pytest.mark.gpu
 
 EPS = 1e-5
 DTYPES = ("float32", "float16", "bfloat16")
-QUANTS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+# "int4c16": int4 codes stored "tile16" (llamagraph.ir.quant.order_codes: 16-row blocks chunk-major), 16-bit
+# activations and whole 16-column output tiles only
+QUANTS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4c16", 128)]
 ROWS = (1, 3, 8, 16)
 # (N, K, epilogue, prologue, bias, out_dtype, row_tile); K = 2560 is 20 int4 steps / 40 int8 steps:
 # more than one batch of steps and a ragged last one
@@ -57,6 +59,8 @@ CASES = {
     "rms_silu_ahead": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # int4's default past the resident 4-warp blocks (529 tiles, 4 blocks a SM): 2 tiles a block, AHEAD
     "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
+    # 16 whole output tiles ("int4c16" reads them; 3 a block, 6 blocks)
+    "rms_silu_whole_tiles": (2 * 256, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # GemvTuning.ahead2 (opt-in): the next tile's first two batches requested behind this tile's last
     "rms_silu_ahead2": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, {"tiles": 3, "ahead2": True}),
     "rms_logits_ahead2": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1,
@@ -85,11 +89,18 @@ MAX_BATCH, MAX_SEQ = 3, 40
 
 
 def _q(scheme, group):
-    return dense.GemvQuant(scheme, group)
+    return dense.GemvQuant("int4", group, "tile16") if scheme == "int4c16" else dense.GemvQuant(scheme, group)
 
 
-def _fits(group, K):
-    return group is None or K % group == 0
+def _fits(group, K, dtype=None, scheme=None, n_out=16):
+    """Whether the GEMV reads this layout: a group size dividing K; "tile16" codes in 16-bit plans
+    with whole 16-column tiles."""
+    return (group is None or K % group == 0) and (scheme != "int4c16" or (dtype != "float32" and n_out % 16 == 0))
+
+
+def _skip_unless_fits(group, K, dtype, scheme, n_out):
+    if not _fits(group, K, dtype, scheme, n_out):
+        pytest.skip(f"group {group}, K={K}, {dtype}, {scheme}, N_out={n_out}: not a layout the GEMV reads")
 
 
 TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than the default (its launch needs it)
@@ -143,13 +154,13 @@ def _module():
     for dt in DTYPES:
         for scheme, group in QUANTS:
             q = _q(scheme, group)
-            ks += [_case_kernel(dt, q, *c) for c in CASES.values() if _fits(group, c[1])]
-            ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1])]
+            ks += [_case_kernel(dt, q, *c) for c in CASES.values() if _fits(group, c[1], dt, scheme, _n_out(c[0], c[2]))]
+            ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0])]
             if dt != "float32":
-                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES if _fits(group, c[1])]
+                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0])]
             if dt != "float32":
-                ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3])]
-            ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K)]
+                ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3], dt, scheme)]
+            ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K, dt, scheme, N)]
     ks = list({k.name: k for k in ks}.values())
     return cupy.RawModule(code=module_source(ks), backend="nvrtc")
 
@@ -159,13 +170,20 @@ def run(kernel, shape, *args):
     cupy.cuda.get_current_stream().synchronize()
 
 
+def _n_out(N, epilogue):
+    return N // 2 if epilogue == "silu_mul" else N
+
+
 def _weight(rng, N, K, dtype, scheme, group):
-    """A random weight quantized as the loader does: (device codes, scales, zeros or NULL) and w' (fp32)."""
+    """A random weight quantized as the loader does: (device codes, scales, zeros or NULL) and w' (fp32);
+    "int4c16" codes go to the device in "tile16" order, as the CUDA executor uploads them."""
     w = rng.standard_normal((N, K)).astype(np.float32) / np.float32(np.sqrt(K))
-    codes, scales, zeros = quantize(w, scheme, group, dtype)
-    w_deq = dequantize(codes, to_float32(scales, dtype), None if zeros is None else to_float32(zeros, dtype), scheme,
+    base = "int4" if scheme == "int4c16" else scheme
+    codes, scales, zeros = quantize(w, base, group, dtype)
+    w_deq = dequantize(codes, to_float32(scales, dtype), None if zeros is None else to_float32(zeros, dtype), base,
                        group)
-    dev_args = (cupy.asarray(codes), cupy.asarray(scales), NULL if zeros is None else cupy.asarray(zeros))
+    stored = order_codes(codes, "tile16") if scheme == "int4c16" else codes
+    dev_args = (cupy.asarray(stored), cupy.asarray(scales), NULL if zeros is None else cupy.asarray(zeros))
     return dev_args, w_deq
 
 
@@ -198,8 +216,7 @@ def _params(fits):
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_quantized_gemv(dtype, scheme, group, case):
     N, K, epi, pro, bias, out_dtype, rt, *tiles = CASES[case]
-    if not _fits(group, K):
-        pytest.skip(f"group {group} does not divide K={K}")
+    _skip_unless_fits(group, K, dtype, scheme, _n_out(N, epi))
     q = _q(scheme, group)
     k = _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt, *tiles)
     out_dt = dtype if dtype == "float32" else (out_dtype or dtype)
@@ -234,8 +251,7 @@ def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early
     """res_early: the first tile's residual elements are read before the wait (one element a thread:
     row tiles up to 8 rows a 4-warp block; larger tiles read after it), the rest after it."""
     N, K, bias, rt, *tiles = case
-    if not _fits(group, K):
-        pytest.skip(f"group {group} does not divide K={K}")
+    _skip_unless_fits(group, K, dtype, scheme, N)
     if res_early and dtype == "float32":
         pytest.skip("res_early is for 16-bit activations")
     q = _q(scheme, group)
@@ -264,8 +280,7 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
     H, KV, HD, K, layout, scaling, bias, rt, *tiles = case
-    if not _fits(group, K):
-        pytest.skip(f"group {group} does not divide K={K}")
+    _skip_unless_fits(group, K, dtype, scheme, (H + 2 * KV) * HD)
     q = _q(scheme, group)
     k = _rope_kernel(dtype, q, *case)
     N = (H + 2 * KV) * HD
@@ -312,8 +327,7 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
 def test_dequantize_kernel_is_exact(dtype, scheme, group, shape):
     """The prefill path's w': dequantize() in fp32, rounded once to the activation dtype, bit for bit."""
     N, K = shape
-    if not _fits(group, K):
-        pytest.skip(f"group {group} does not divide K={K}")
+    _skip_unless_fits(group, K, dtype, scheme, N)
     q = _q(scheme, group)
     k = dense.dequant(dtype, N, K, q)
     rng = np.random.default_rng(N + K)
