@@ -6,9 +6,11 @@ throughput and per-instruction samples can be read beside the block timelines (b
     python tools/ncu_layer.py examples/llama-2-7b.json int4 10 out
     python tools/ncu_layer.py examples/llama-2-7b.json none 10 out     (the fp16 plan, for comparison)
 
-QUANT: none | int8 | int4 (G 128). Writes OUT_DIR/ncu_<model>_<quant>_l<LAYER>.ncu-rep and, from it,
-.details.txt (ncu --page details), .raw.csv (every metric) and .source.csv (per-SASS-instruction
-samples, where this ncu prints them), and prints the details page's stall and throughput lines.
+QUANT: none | int8 | int4 (G 128). Writes OUT_DIR/ncu_<model>_<quant>_l<LAYER>.txt (ncu's details page,
+then its raw page: every metric as CSV, the warp stall breakdown among them) and .source.csv (per-SASS-
+instruction samples, where this ncu prints them); the report itself (.ncu-rep) stays in NCU_REPORTS
+(default /tmp/ncu_reports: two files a run keep a device call's $OUT within its file count). Prints the
+details page's stall and throughput lines.
 
 How: the plan is lowered here without a GPU to find which launches of the decode phase belong to
 LAYER (the launch index of its first kernel among the launches of the same kernels, ncu's
@@ -106,24 +108,29 @@ def main(argv: list[str]) -> None:
     if ncu is None:
         raise SystemExit("ncu_layer: no ncu on PATH (Nsight Compute)")
     spec = layer_spec(compile_plan(config, **plan_kwargs(quant)), layer)
+    reports = os.environ.get("NCU_REPORTS", "/tmp/ncu_reports")
     os.makedirs(out, exist_ok=True)
-    model = os.path.splitext(os.path.basename(config))[0]
-    report = os.path.join(out, f"ncu_{model}_{quant}_l{layer}")
+    os.makedirs(reports, exist_ok=True)
+    stem = f"ncu_{os.path.splitext(os.path.basename(config))[0]}_{quant}_l{layer}"
+    report = os.path.join(reports, stem)
     print(f"{config} {quant}: layer {layer}: {spec.count} kernels {list(spec.names)}, skipping {spec.skip} launches",
           flush=True)
     subprocess.run(ncu_command(spec, report, config, quant, ncu), check=True)
-    pages = {"details.txt": ["--page", "details"], "raw.csv": ["--page", "raw", "--csv"],
-             "source.csv": ["--page", "source", "--csv", "--print-source", "sass"]}
-    for suffix, page in pages.items():
-        done = subprocess.run([ncu, "--import", report + ".ncu-rep", *page], capture_output=True, text=True)
-        with open(f"{report}.{suffix}", "w") as f:
-            f.write(done.stdout if done.returncode == 0 else f"ncu {' '.join(page)} failed: {done.stderr[-2000:]}")
+
+    def page(*args: str) -> str:
+        done = subprocess.run([ncu, "--import", report + ".ncu-rep", *args], capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else f"ncu {' '.join(args)} failed: {done.stderr[-2000:]}\n"
+
+    details = page("--page", "details")
+    with open(os.path.join(out, stem + ".txt"), "w") as f:
+        f.write(details + "\n# ---- raw page (CSV) ----\n" + page("--page", "raw", "--csv"))
+    with open(os.path.join(out, stem + ".source.csv"), "w") as f:
+        f.write(page("--page", "source", "--csv", "--print-source", "sass"))
     keep = re.compile(r"^\s*(gemv_|attn_|Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|Achieved Occupancy|"
                       r"Registers Per Thread|Warp Cycles Per Issued|Issued Ipc|.*[Ss]tall)")
-    with open(f"{report}.details.txt") as f:
-        for line in f:
-            if keep.match(line):
-                print(line.rstrip())
+    for line in details.splitlines():
+        if keep.match(line):
+            print(line)
 
 
 if __name__ == "__main__":
