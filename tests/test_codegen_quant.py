@@ -12,6 +12,7 @@ import functools
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 import llamagraph
@@ -399,3 +400,37 @@ def test_tile16_codes_lower_to_kernels_that_read_them(monkeypatch):
         res = nvrtc.compile_source(plan.source, "sm_90")
         assert set(plan.kernels) <= set(res.kernels)
         assert not {k: r for k, r in res.kernels.items() if r.spill_stores or r.spill_loads}
+
+
+def test_zsum_is_an_opt_in_whose_step_sums_give_the_zero_subtracted_sum():
+    """GemvTuning.zsum (opt-in): the mma sums the codes as the magic-exponent values nibbles() makes
+    (fp16: 1024 + q for the even columns of each 8-column unit, 1024 + 16 q for the odd ones, whose x
+    is staged / 16; bf16: 128 + q), and each step's sum loses MAGIC * A + z * X (A: the staged x
+    values summed, X: the x values the codes multiply): the identity, exactly, on random steps. The
+    kernels compile; a layout without whole-step groups or a whole staged row is refused."""
+    rng = np.random.default_rng(3)
+    for magic, scaled in ((1024.0, True), (128.0, False)):
+        for _ in range(20):
+            q = rng.integers(0, 16, 128).astype(np.float64)
+            x = (rng.uniform(0.01, 4.0, 128) * rng.choice([-1, 1], 128)).astype(np.float16).astype(np.float64)
+            z = float(rng.integers(0, 16))
+            high = (np.arange(128) % 8) % 2 == 1 if scaled else np.zeros(128, bool)
+            v = np.where(high, (x / 16).astype(np.float16).astype(np.float64), x)  # the staged values
+            codes = np.where(high, magic + 16 * q, magic + q)
+            part = float(codes @ v)
+            A, X = float(v.sum()), float(np.where(high, 16 * v, v).sum())
+            x_eff = np.where(high, 16 * v, v)
+            assert part - magic * A - z * X == pytest.approx(float((q - z) @ x_eff), abs=1e-9)
+            assert np.array_equal(x_eff, x)  # (x / 16 is exact in fp16 above 2^-10: no subnormals)
+    q4 = dense.GemvQuant("int4", 128)
+    t = replace(dense.gemv_default_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", "rmsnorm", q4), zsum=True)
+    assert not dense.gemv_default_tuning("float16", 2 * 11008, 4096, 1, "silu_mul", "rmsnorm", q4).zsum
+    k = dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", prologue="rmsnorm", eps=EPS, quant=q4, tuning=t)
+    assert "stage_zsum(" in k.source and "MAGIC_F * sums.x" in k.source and k.name.endswith("zs")
+    for bad_q, bad_t in ((dense.GemvQuant("int4", 64), t), (q4, replace(t, whole_x=False))):
+        with pytest.raises(ValueError, match="zsum is for int4 groups of whole 128-column steps"):
+            dense.gemv("float16", 2 * 11008, 4096, 1, "silu_mul", prologue="rmsnorm", eps=EPS, quant=bad_q, tuning=bad_t)
+    _require_compiler()
+    res = nvrtc.compile_source(module_source([k]), arch="sm_90")
+    r = res.kernels[k.name]
+    assert 0 < r.registers <= 128 and r.spill_stores == 0, r

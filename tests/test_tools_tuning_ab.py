@@ -222,3 +222,17 @@ def test_ct16_stores_int4_codes_tile16_and_base_puts_rows_back(tool):
     assert qw.INT4_CODE_ORDER == "tile16"
     tool.patch("base")
     assert qw.INT4_CODE_ORDER is None
+
+
+def test_zsum_variants_take_the_int4_gemvs_with_a_whole_staged_row(tool):
+    gu7, down7, o7 = (("float16", 2 * 11008, 4096, 1, "silu_mul"), ("float16", 4096, 11008, 1, "residual"),
+                      ("float16", 4096, 4096, 1, "residual"))
+    zs = lambda args, q=I4: dense._quant_tuning(*args, q).zsum  # noqa: E731
+    tool.patch("zsumgu")
+    assert zs(gu7) and not zs(down7)
+    tool.patch("zsum")
+    assert zs(gu7) and zs(down7) and not zs(o7)  # (o_proj: one batch, staged inside it, no whole row)
+    assert not zs(gu7, dense.GemvQuant("int4", 64)) and not zs(gu7, I8)  # (groups within a step; int8)
+    assert "stage_zsum(" in dense.gemv(*gu7, tuning=dense._quant_tuning(*gu7, I4), **Q4).source
+    tool.patch("base")
+    assert not zs(gu7) and "zsum" not in dense.gemv(*gu7, **Q4).source

@@ -43,6 +43,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   ct16    int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
           chunk-major, repacked at upload; passes/quantize_weights.INT4_CODE_ORDER): a GEMV warp's load takes
           four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
+  zsum, zsumgu  int4 batch-1 GEMVs with a whole staged x row (all / gate-up; GemvTuning.zsum): codes enter the
+          mma as 1024 + q (bf16 128 + q), the zeros and the magic come off once per step from x sums staged
+          with the slab: 4 fewer instructions per 8 codes (sums in another order: logits move by rounding)
   ahead2, ahead2gu, ahead2qkv, ahead2head  int4 GEMVs of several tiles a block (all / gate-up / qkv / the LM
           head) request the next tile's first two batches of codes behind this tile's last, not one
           (GemvTuning.ahead2: two batches in flight through the tile's sums and epilogue; unmeasured)
@@ -157,6 +160,8 @@ def patch(variant: str) -> None:
             counts = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
             if counts and kind:
                 t = replace(t, tiles=counts[0])
+        if q.scheme == "int4" and q.folded and t.whole_x and ("zsum" in flags or ("zsumgu" in flags and epilogue == "silu_mul")):
+            t = replace(t, zsum=True)
         ahead2 = sum((kinds for name, kinds in AHEAD2.items() if name in flags), ())
         if q.scheme == "int4" and epilogue in ahead2 and t.pipeline and t.tiles > 1:
             t = replace(t, ahead2=True)

@@ -225,6 +225,11 @@ class GemvTuning:
             next tile's first two batches of codes, not only its first (the template's AHEAD2), so two
             batches stay in flight through the tile's sums and epilogue. Not a default: unmeasured on a
             GPU (tools/tuning_ab.py ahead2*); int4 gate/up and LM heads spill 4 bytes with it (ptxas).
+    zsum:   int4 with whole-step groups and a whole staged x row only: the codes enter the mma as their
+            magic-exponent values (1024 + q; bf16 128 + q) without the per-pair zero subtraction, and each
+            step's sum loses the magic times the step's staged x sum and z times its x sum (both staged with
+            the slab): 4 fewer instructions per 8 codes, sums in another order. Not a default: unmeasured
+            (tools/tuning_ab.py zsum).
     """
 
     warps: int
@@ -233,10 +238,12 @@ class GemvTuning:
     whole_x: bool = False
     tiles: int = 1
     ahead2: bool = False
+    zsum: bool = False
 
     def tag(self) -> str:
         return (f"w{self.warps}u{self.unroll}" + ("p" if self.pipeline else "") + ("x" if self.whole_x else "")
-                + (f"t{self.tiles}" if self.tiles > 1 else "") + ("a2" if self.ahead2 else ""))
+                + (f"t{self.tiles}" if self.tiles > 1 else "") + ("a2" if self.ahead2 else "")
+                + ("zs" if self.zsum else ""))
 
     @property
     def min_blocks(self) -> int:
@@ -496,6 +503,9 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
         raise ValueError(f"bad gemv tuning {tuning}: tiles must be a positive int")
     if tuning.ahead2 and not (tuning.pipeline and tuning.tiles > 1):
         raise ValueError(f"gemv tuning {tuning}: ahead2 is for pipelined blocks of several tiles")
+    if tuning.zsum and not (quant is not None and quant.folded and dtype != "float32" and tuning.whole_x):
+        raise ValueError(f"gemv tuning {tuning}: zsum is for int4 groups of whole 128-column steps, 16-bit "
+                         f"activations and a whole staged x row (whole_x), got {quant}, {dtype}")
     n_out = N // 2 if epilogue == "silu_mul" else N
     if quant is not None and quant.code_order and (dtype == "float32" or n_out % 16):
         raise ValueError(f"gemv of int4 codes in {quant.code_order!r} order needs 16-bit activations and whole "
@@ -592,6 +602,7 @@ def gemv(
         whole_x=tuning.whole_x,
         tiles=tuning.tiles,
         ahead2=tuning.ahead2,
+        zsum=tuning.zsum,
         min_blocks=tuning.min_blocks,
         prologue=prologue,
         eps=repr(float(eps)) + "f",

@@ -61,6 +61,9 @@ CASES = {
     "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
     # 16 whole output tiles ("int4c16" reads them; 3 a block, 6 blocks)
     "rms_silu_whole_tiles": (2 * 256, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
+    # GemvTuning.zsum (opt-in; int4 G % 128 == 0): zeros and the magic taken off per step from staged x sums
+    "rms_silu_zsum": (2 * 256, 4096, "silu_mul", "rmsnorm", False, None, 1, {"tiles": 3, "zsum": True}),
+    "rms_logits_zsum": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1, {"zsum": True}),
     # GemvTuning.ahead2 (opt-in): the next tile's first two batches requested behind this tile's last
     "rms_silu_ahead2": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, {"tiles": 3, "ahead2": True}),
     "rms_logits_ahead2": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1,
@@ -70,7 +73,8 @@ CASES = {
 # pipelined batches (K 5120, a ragged third one); int8's pipelined batches of 4 steps
 RES_CASES = [(256, 2560, True, 8), (4096, 4096, False, 16), (256, 2560, True, 1), (256, 5120, False, 1),
              (256, 5120, False, 1, 3),  # 16 tiles in 6 blocks
-             (256, 4096, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, ahead2=True))]
+             (256, 4096, False, 1, dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, ahead2=True)),
+             (256, 5120, False, 1, {"zsum": True})]  # zsum with a ragged last batch (its steps' sums are 0)
 ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     (4, 2, 64, 256, "rotate_half", None, False, 8),
     (8, 2, 128, 512, "interleaved", None, True, 16),
@@ -84,6 +88,9 @@ ROPE_CASES = [  # (H, KV, HD, K, layout, scaling, bias, row_tile)
     # the same with ahead2 (opt-in), K 4096: two pipelined batches a tile, both of the next tile's requested early
     (4, 2, 64, 4096, "rotate_half", None, False, 1,
      dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, ahead2=True)),
+    # zsum (opt-in): the qkv of the 7B's tuning with the zeros taken off per step
+    (4, 2, 64, 4096, "rotate_half", None, True, 1,
+     dense.GemvTuning(8, 2, pipeline=True, whole_x=True, tiles=3, zsum=True)),
 ]
 MAX_BATCH, MAX_SEQ = 3, 40
 
@@ -92,15 +99,17 @@ def _q(scheme, group):
     return dense.GemvQuant("int4", group, "tile16") if scheme == "int4c16" else dense.GemvQuant(scheme, group)
 
 
-def _fits(group, K, dtype=None, scheme=None, n_out=16):
+def _fits(group, K, dtype=None, scheme=None, n_out=16, tiles=()):
     """Whether the GEMV reads this layout: a group size dividing K; "tile16" codes in 16-bit plans
-    with whole 16-column tiles."""
-    return (group is None or K % group == 0) and (scheme != "int4c16" or (dtype != "float32" and n_out % 16 == 0))
+    with whole 16-column tiles; a zsum tuning (in ``tiles``) with int4 groups of whole steps, 16-bit."""
+    zsum = any(t.get("zsum") if isinstance(t, dict) else getattr(t, "zsum", False) for t in tiles)
+    return ((group is None or K % group == 0) and (scheme != "int4c16" or (dtype != "float32" and n_out % 16 == 0))
+            and (not zsum or (scheme in ("int4", "int4c16") and group % 128 == 0 and dtype != "float32")))
 
 
-def _skip_unless_fits(group, K, dtype, scheme, n_out):
-    if not _fits(group, K, dtype, scheme, n_out):
-        pytest.skip(f"group {group}, K={K}, {dtype}, {scheme}, N_out={n_out}: not a layout the GEMV reads")
+def _skip_unless_fits(group, K, dtype, scheme, n_out, tiles=()):
+    if not _fits(group, K, dtype, scheme, n_out, tiles):
+        pytest.skip(f"group {group}, K={K}, {dtype}, {scheme}, N_out={n_out}, {tiles}: not a layout the GEMV reads")
 
 
 TUNINGS: dict[str, dense.GemvTuning] = {}  # kernel name -> a tuning other than the default (its launch needs it)
@@ -154,12 +163,14 @@ def _module():
     for dt in DTYPES:
         for scheme, group in QUANTS:
             q = _q(scheme, group)
-            ks += [_case_kernel(dt, q, *c) for c in CASES.values() if _fits(group, c[1], dt, scheme, _n_out(c[0], c[2]))]
-            ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0])]
+            ks += [_case_kernel(dt, q, *c) for c in CASES.values()
+                   if _fits(group, c[1], dt, scheme, _n_out(c[0], c[2]), c[7:])]
+            ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0], c[4:])]
             if dt != "float32":
-                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0])]
+                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES
+                       if _fits(group, c[1], dt, scheme, c[0], c[4:])]
             if dt != "float32":
-                ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3], dt, scheme)]
+                ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3], dt, scheme, 16, c[8:])]
             ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K, dt, scheme, N)]
     ks = list({k.name: k for k in ks}.values())
     return cupy.RawModule(code=module_source(ks), backend="nvrtc")
@@ -216,7 +227,7 @@ def _params(fits):
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_quantized_gemv(dtype, scheme, group, case):
     N, K, epi, pro, bias, out_dtype, rt, *tiles = CASES[case]
-    _skip_unless_fits(group, K, dtype, scheme, _n_out(N, epi))
+    _skip_unless_fits(group, K, dtype, scheme, _n_out(N, epi), tiles)
     q = _q(scheme, group)
     k = _case_kernel(dtype, q, N, K, epi, pro, bias, out_dtype, rt, *tiles)
     out_dt = dtype if dtype == "float32" else (out_dtype or dtype)
@@ -244,14 +255,15 @@ def test_quantized_gemv(dtype, scheme, group, case):
 
 @pytest.mark.parametrize("dtype,scheme,group", _params(lambda dt, g: True))
 @pytest.mark.parametrize("case", RES_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[3]}"
-                         + "".join(t.tag() if isinstance(t, dense.GemvTuning) else f"t{t}" for t in c[4:]))
+                         + "".join(t.tag() if isinstance(t, dense.GemvTuning) else f"t{t}" if isinstance(t, int)
+                                   else "".join(sorted(t)) for t in c[4:]))
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("res_early", [False, True], ids=["", "res_early"])
 def test_quantized_gemv_residual(dtype, scheme, group, case, in_place, res_early):
     """res_early: the first tile's residual elements are read before the wait (one element a thread:
     row tiles up to 8 rows a 4-warp block; larger tiles read after it), the rest after it."""
     N, K, bias, rt, *tiles = case
-    _skip_unless_fits(group, K, dtype, scheme, N)
+    _skip_unless_fits(group, K, dtype, scheme, N, tiles)
     if res_early and dtype == "float32":
         pytest.skip("res_early is for 16-bit activations")
     q = _q(scheme, group)
@@ -280,7 +292,7 @@ def test_quantized_gemv_rope_epilogue(dtype, scheme, group, case):
     """W (and its scales / zeros) in rope pair order, quantized as the pass does (rows commute with
     the order); q rotated to q_out, k and v into the caches, positions past the cache dropped."""
     H, KV, HD, K, layout, scaling, bias, rt, *tiles = case
-    _skip_unless_fits(group, K, dtype, scheme, (H + 2 * KV) * HD)
+    _skip_unless_fits(group, K, dtype, scheme, (H + 2 * KV) * HD, tiles)
     q = _q(scheme, group)
     k = _rope_kernel(dtype, q, *case)
     N = (H + 2 * KV) * HD
