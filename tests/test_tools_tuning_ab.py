@@ -23,8 +23,9 @@ def tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     yield mod
-    # the package's own functions back (``base`` installs wrappers around them)
+    # the package's own functions back (``base`` installs wrappers around them), and its int4 code order
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
+    mod.quantize_weights.INT4_CODE_ORDER = mod.DEFAULTS["code_order"]
 
 
 def _gate_up_smem():
