@@ -237,3 +237,19 @@ def test_zsum_variants_take_the_int4_gemvs_with_a_whole_staged_row(tool):
     assert "stage_zsum(" in dense.gemv(*gu7, tuning=dense._quant_tuning(*gu7, I4), **Q4).source
     tool.patch("base")
     assert not zs(gu7) and "zsum" not in dense.gemv(*gu7, **Q4).source
+
+
+def test_nwpf_asks_l1_for_the_norm_weight_before_the_wait(tool):
+    from llamagraph.codegen import nvrtc
+    from llamagraph.codegen.render import module_source
+
+    gu7 = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    tool.patch("nwpf")
+    src = dense.gemv(*gu7, **Q4).source
+    assert src.index("prefetch.global.L1") < src.index(tool.Q_WAIT)
+    assert "prefetch.global.L1" not in dense.gemv("float16", 4096, 11008, 1, "residual", quant=I4).source  # (no norm)
+    if nvrtc.available() is not None:
+        k = dense.gemv(*gu7, **Q4)
+        assert nvrtc.compile_source(module_source([k]), arch="sm_90").kernels[k.name].registers > 0
+    tool.patch("base")
+    assert "prefetch.global.L1" not in dense.gemv(*gu7, **Q4).source

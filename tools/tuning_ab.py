@@ -43,6 +43,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   ct16    int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
           chunk-major, repacked at upload; passes/quantize_weights.INT4_CODE_ORDER): a GEMV warp's load takes
           four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
+  nwpf    quantized 16-bit GEMVs with the rmsnorm prologue ask L1 for the norm weight's lines before their PDL
+          wait (a weight: no kernel writes it), so staging x after the wait finds it there, not in L2
   zsum, zsumgu  int4 batch-1 GEMVs with a whole staged x row (all / gate-up; GemvTuning.zsum): codes enter the
           mma as 1024 + q (bf16 128 + q), the zeros and the magic come off once per step from x sums staged
           with the slab: 4 fewer instructions per 8 codes (sums in another order: logits move by rounding)
@@ -104,6 +106,10 @@ ZERO_LOAD = "cw.zv[u][m][h] = ld_u16(w_zeros + (wr[m][h] + grp));"
 BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const Codes& cw"
 BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
 ROW_ADDR = "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + col) * C;"
+Q_WAIT = "    lg_pdl_wait();  // x, res and out only after this\n"
+NW_PREFETCH = """    for (int i = threadIdx.x; i < (int)(K * sizeof(*norm_w) / 128); i += THREADS)  // nwpf: the norm weight, to L1
+        asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(norm_w) + i * 128));
+"""
 CODE_LOAD = "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u));"
 # variant -> the int4 GEMV epilogues (with the rmsnorm prologue) it reads chunk-major
 LIN = {"lin": ("silu_mul", "rope"), "lingu": ("silu_mul",), "linqkv": ("rope",)}
@@ -206,6 +212,10 @@ def patch(variant: str) -> None:
                 one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
                 src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
         lin = sum((kinds for name, kinds in LIN.items() if name in flags), ())
+        if "nwpf" in flags and template == "gemv" and kw.get("quant") != "none" and kw.get("dtype") != "float32" \
+                and kw.get("prologue") == "rmsnorm":
+            assert Q_WAIT in src, "the GEMV template changed: update 'nwpf'"
+            src = src.replace(Q_WAIT, NW_PREFETCH + Q_WAIT)
         n_out = kw.get("N", 0) // (2 if kw.get("epilogue") == "silu_mul" else 1)
         if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin and n_out % 16 == 0:  # (whole tiles)
             assert ROW_ADDR in src and CODE_LOAD in src, "the GEMV template changed: update 'lin'"
