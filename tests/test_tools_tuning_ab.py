@@ -253,3 +253,19 @@ def test_nwpf_asks_l1_for_the_norm_weight_before_the_wait(tool):
         assert nvrtc.compile_source(module_source([k]), arch="sm_90").kernels[k.name].registers > 0
     tool.patch("base")
     assert "prefetch.global.L1" not in dense.gemv(*gu7, **Q4).source
+
+
+def test_lcn_moves_the_first_codes_behind_the_wait(tool):
+    gu7, qkv7 = ("float16", 2 * 11008, 4096, 1, "silu_mul"), ("float16", 12288, 4096, 1, "rope")
+    rope7 = dense.RopeEpilogue(32, 32, 128, "rotate_half", 2048)
+    first = "    load_codes(ca, 0, warp, t, wrow, wr, w_scales, w_zeros);\n"
+    tool.patch("base")
+    src = dense.gemv(*gu7, **Q4).source
+    assert src.index("\n" + first) < src.index(tool.Q_WAIT)
+    tool.patch("lcngu")
+    src = dense.gemv(*gu7, **Q4).source
+    assert src.index(tool.Q_TRIGGER + first) > 0 and src.count("\n" + first) == 1
+    qkv = dense.gemv(*qkv7, rope=rope7, **Q4).source
+    assert qkv.index("\n" + first) < qkv.index(tool.Q_WAIT)  # (qkv: as before)
+    tool.patch("lcn")
+    assert tool.Q_TRIGGER + first in dense.gemv(*qkv7, rope=rope7, **Q4).source

@@ -43,6 +43,11 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   ct16    int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
           chunk-major, repacked at upload; passes/quantize_weights.INT4_CODE_ORDER): a GEMV warp's load takes
           four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
+  lcn, lcnqkv, lcngu  int4 16-bit GEMVs with the rmsnorm prologue (qkv, gate-up and the LM head / qkv / gate-up)
+          request their first batch of codes right after the PDL wait, not before it (the tile is asked of L2
+          before it either way): does the wait return only once the block's outstanding loads have? (the
+          wait after a residual GEMV returns ~1.3 us after it ends where the blocks started within ~1 us of
+          that end, 0.5 us where they started earlier: docs/profiles/timeline_h100.txt)
   nwpf    quantized 16-bit GEMVs with the rmsnorm prologue ask L1 for the norm weight's lines before their PDL
           wait (a weight: no kernel writes it), so staging x after the wait finds it there, not in L2
   zsum, zsumgu  int4 batch-1 GEMVs with a whole staged x row (all / gate-up; GemvTuning.zsum): codes enter the
@@ -107,6 +112,10 @@ BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const
 BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
 ROW_ADDR = "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + col) * C;"
 Q_WAIT = "    lg_pdl_wait();  // x, res and out only after this\n"
+Q_TRIGGER = Q_WAIT + "    lg_pdl_launch_dependents();\n"
+FIRST_CODES = re.compile(r"^    load_codes\(ca, 0, warp, t, wrow, wr, w_scales, w_zeros\);\n", re.M)  # the pre-wait one
+# variant -> the epilogues of the int4 rmsnorm GEMVs it gives late first codes
+LCN = {"lcn": ("rope", "silu_mul", "none"), "lcnqkv": ("rope",), "lcngu": ("silu_mul",)}
 NW_PREFETCH = """    for (int i = threadIdx.x; i < (int)(K * sizeof(*norm_w) / 128); i += THREADS)  // nwpf: the norm weight, to L1
         asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(norm_w) + i * 128));
 """
@@ -216,6 +225,11 @@ def patch(variant: str) -> None:
                 and kw.get("prologue") == "rmsnorm":
             assert Q_WAIT in src, "the GEMV template changed: update 'nwpf'"
             src = src.replace(Q_WAIT, NW_PREFETCH + Q_WAIT)
+        lcn = sum((kinds for name, kinds in LCN.items() if name in flags), ())
+        if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lcn:
+            assert len(FIRST_CODES.findall(src)) == 1 and Q_TRIGGER in src, "the GEMV template changed: update 'lcn'"
+            line = FIRST_CODES.search(src).group(0)
+            src = FIRST_CODES.sub("", src).replace(Q_TRIGGER, Q_TRIGGER + line)
         n_out = kw.get("N", 0) // (2 if kw.get("epilogue") == "silu_mul" else 1)
         if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin and n_out % 16 == 0:  # (whole tiles)
             assert ROW_ADDR in src and CODE_LOAD in src, "the GEMV template changed: update 'lin'"
