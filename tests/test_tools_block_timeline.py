@@ -75,3 +75,17 @@ def test_timeline_detail_reads_the_records(tmp_path):
     np.savez(path, launch=launch, block=np.arange(5), sm=sm, start=start, waited=waited, end=end,
              fns=np.array(["a", "b"]), ops=np.array(["embedding", "rms_qkv"]), layers=np.array([-1, 3]))
     assert mod.detail(str(path), [0]) == [] and mod.detail(str(path), [3])[0].startswith("  1 rms_qkv")
+
+
+def test_a_variant_patches_the_kernels_the_timeline_compiles(tool):
+    from llamagraph.codegen import dense
+
+    q4 = dict(prologue="rmsnorm", eps=1e-5, quant=dense.GemvQuant("int4", 128))
+    gu = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    before = dense.gemv(*gu, **q4).source
+    ab = tool.apply_variant("lcngu")
+    try:
+        assert ab.Q_TRIGGER + "    load_codes(ca, 0," in dense.gemv(*gu, **q4).source
+    finally:  # the package's own functions back
+        dense._quant_tuning, dense.render = ab.DEFAULTS["quant"], ab.DEFAULTS["render"]
+    assert dense.gemv(*gu, **q4).source == before

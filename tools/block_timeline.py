@@ -3,9 +3,13 @@ PDL wait (lg_pdl_wait) and ends, on the GPU's global timer, so the boundaries be
 (early-launched blocks, the wait's release after the kernel before ends, the tail of the last
 wave) can be read as times, not inferred from replay totals.
 
-    python tools/block_timeline.py CONFIG QUANT [OUT_DIR] [LAYERS]
+    python tools/block_timeline.py CONFIG QUANT [OUT_DIR] [LAYERS] [--variant V]
     python tools/block_timeline.py examples/llama-3-8b.json int4 out
     python tools/block_timeline.py examples/llama-2-7b.json none out 1,2,3
+    python tools/block_timeline.py examples/llama-2-7b.json int4 out --variant lcn
+
+--variant V: the plan's kernels as tools/tuning_ab.py's variant V patches them (its npz is named for it),
+to see where a variant's time goes, not only its tok/s.
 
 How: the executor's module is compiled from a traced copy of the plan's source (the plan itself is
 untouched): every kernel's body opens with an RAII recorder whose constructor, in thread 0 of each
@@ -32,6 +36,7 @@ each launch's kernel, op and decoder layer (-1 outside the layers).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -123,9 +128,25 @@ def clear(module) -> None:
     cp.ndarray((1,), np.uint32, module.get_global("lg_trace_n")).fill(0)
 
 
+def apply_variant(variant: str):
+    """Patch the codegen as tools/tuning_ab.py's ``variant`` does; returns that tool's module."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_ab.py")
+    spec = importlib.util.spec_from_file_location("tuning_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("tuning_ab", ab)
+    spec.loader.exec_module(ab)
+    ab.patch(variant)
+    return ab
+
+
 def main(argv: list[str]) -> None:
     import cupy as cp
 
+    variant = None
+    if "--variant" in argv:
+        at = argv.index("--variant")
+        variant, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+        apply_variant(variant)
     config, quantize = argv[0], (None if argv[1] == "none" else argv[1])
     out_dir = argv[2] if len(argv) > 2 else "."
     cfg = load_config(config)
@@ -198,7 +219,8 @@ def main(argv: list[str]) -> None:
                          busy=100.0 * float(np.mean(active)) / n_sm))
         prev_end = e.max()
     step_us = (end.max() - start.min()) / 1e3
-    name = os.path.splitext(os.path.basename(config))[0] + (f"-{quantize}" if quantize else "")
+    name = os.path.splitext(os.path.basename(config))[0] + (f"-{quantize}" if quantize else "") + (
+        f"-{variant}" if variant else "")
     os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(os.path.join(out_dir, f"timeline_{name}.npz"), launch=launch_of, block=blk, sm=sm,
                         start=start, waited=waited, end=end,
@@ -208,7 +230,7 @@ def main(argv: list[str]) -> None:
 
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     pick = [int(x) for x in argv[3].split(",")] if len(argv) > 3 else layers[1:-1] or layers
-    print(f"{config} {quantize or 'float16'}: {len(launches)} launches, {len(rec)} block records, step "
+    print(f"{config} {quantize or 'float16'}{' ' + variant if variant else ''}: {len(launches)} launches, {len(rec)} block records, step "
           f"{step_us:.1f} us on the global timer; sum of releases {sum(r['release'] for r in rows):.1f} us, "
           f"of tails {sum(r['tail'] for r in rows):.1f} us")
     print(f"{'pos':>3} {'op':<24} {'blocks':>6} {'early':>6} {'release us':>10} {'body us':>8} {'tail us':>8} "
