@@ -6,7 +6,8 @@
 # seconds. Logs land under $OUT as they are written, so a call cut by its limit still brings back what ran.
 #   DEADLINE=540 bash tools/device_session.sh            -> $OUT/ab.txt, $OUT/ncu*, $OUT/tests.txt
 #   AB="examples/llama-3-8b.json int4 base,gu5,base" NCU="" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
-# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; NCU: ';'-separated "CONFIG QUANT LAYER" runs; TESTS:
+# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; TIMELINE: ';'-separated "CONFIG QUANT [VARIANT]" block timelines
+# (tools/block_timeline.py, npz under $OUT); NCU: ';'-separated "CONFIG QUANT LAYER" runs; TESTS:
 # space-separated FILE[:EXPR]:SECONDS, EXPR a pytest -k expression with '~' for its spaces (ahead~and~float16).
 # A run named "none" in AB is the 16-bit plan, the denominator of the quantized ratios.
 set -uo pipefail
@@ -37,6 +38,15 @@ for r in "${runs[@]}"; do
   timeout "$t" python3 tools/tuning_ab.py $r 2>&1 | tee -a "$OUT/ab.txt"
 done
 echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
+
+IFS=';' read -ra runs <<< "${TIMELINE:-}"
+for r in "${runs[@]}"; do
+  [ -z "${r// }" ] && continue
+  t=$(left 120); [ "$t" -lt 45 ] && { echo "no time for timeline: $r" | tee -a "$OUT/timeline.txt"; continue; }
+  set -- $r  # CONFIG QUANT [VARIANT]
+  # shellcheck disable=SC2086
+  timeout "$t" python3 tools/block_timeline.py "$1" "$2" "$OUT" ${3:+--variant "$3"} 2>&1 | tee -a "$OUT/timeline.txt"
+done
 
 IFS=';' read -ra runs <<< "$NCU"
 for r in "${runs[@]}"; do
