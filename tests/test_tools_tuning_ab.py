@@ -269,3 +269,19 @@ def test_lcn_moves_the_first_codes_behind_the_wait(tool):
     assert qkv.index("\n" + first) < qkv.index(tool.Q_WAIT)  # (qkv: as before)
     tool.patch("lcn")
     assert tool.Q_TRIGGER + first in dense.gemv(*qkv7, rope=rope7, **Q4).source
+
+
+def test_wef_loads_codes_evict_first_and_compiles(tool):
+    from llamagraph.codegen import nvrtc
+    from llamagraph.codegen.render import module_source
+
+    gu7 = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    tool.patch("wef")
+    ks = [dense.gemv(*gu7, **Q4), dense.gemv("float16", 4096, 11008, 1, "residual", quant=I8)]
+    assert all(tool.Q_LOAD not in k.source and "L2::evict_first" in k.source for k in ks)
+    assert "L2::evict_first" not in dense.gemv("float16", 4096, 11008, 1, "residual").source  # (16-bit W: as before)
+    if nvrtc.available() is not None:
+        res = nvrtc.compile_source(module_source(ks), arch="sm_90")
+        assert all(res.kernels[k.name].registers > 0 for k in ks)
+    tool.patch("base")
+    assert tool.Q_LOAD in dense.gemv(*gu7, **Q4).source

@@ -48,6 +48,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           before it either way): does the wait return only once the block's outstanding loads have? (the
           wait after a residual GEMV returns ~1.3 us after it ends where the blocks started within ~1 us of
           that end, 0.5 us where they started earlier: docs/profiles/timeline_h100.txt)
+  wef     quantized 16-bit GEMVs load their codes with an L2 evict-first policy (createpolicy; today: evict-normal),
+          so the streamed weights stop displacing what is read again (the next tile's and the next kernel's
+          prefetched lines, scales, activations)
   nwpf    quantized 16-bit GEMVs with the rmsnorm prologue ask L1 for the norm weight's lines before their PDL
           wait (a weight: no kernel writes it), so staging x after the wait finds it there, not in L2
   zsum, zsumgu  int4 batch-1 GEMVs with a whole staged x row (all / gate-up; GemvTuning.zsum): codes enter the
@@ -112,6 +115,14 @@ BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const
 BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
 ROW_ADDR = "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + col) * C;"
 Q_WAIT = "    lg_pdl_wait();  // x, res and out only after this\n"
+Q_LOAD = """    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 { %0, %1, %2, %3 }, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+"""
+Q_LOAD_EF = """    unsigned long long pol;  // wef: evict first from L2
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 { %0, %1, %2, %3 }, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(pol));
+"""
 Q_TRIGGER = Q_WAIT + "    lg_pdl_launch_dependents();\n"
 FIRST_CODES = re.compile(r"^    load_codes\(ca, 0, warp, t, wrow, wr, w_scales, w_zeros\);\n", re.M)  # the pre-wait one
 # variant -> the epilogues of the int4 rmsnorm GEMVs it gives late first codes
@@ -221,6 +232,9 @@ def patch(variant: str) -> None:
                 one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
                 src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
         lin = sum((kinds for name, kinds in LIN.items() if name in flags), ())
+        if "wef" in flags and template == "gemv" and kw.get("quant") != "none" and kw.get("dtype") != "float32":
+            assert Q_LOAD in src, "the GEMV template changed: update 'wef'"
+            src = src.replace(Q_LOAD, Q_LOAD_EF)
         if "nwpf" in flags and template == "gemv" and kw.get("quant") != "none" and kw.get("dtype") != "float32" \
                 and kw.get("prologue") == "rmsnorm":
             assert Q_WAIT in src, "the GEMV template changed: update 'nwpf'"
