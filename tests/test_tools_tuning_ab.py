@@ -285,3 +285,13 @@ def test_wef_loads_codes_evict_first_and_compiles(tool):
         assert all(res.kernels[k.name].registers > 0 for k in ks)
     tool.patch("base")
     assert tool.Q_LOAD in dense.gemv(*gu7, **Q4).source
+
+
+def test_tpf2_asks_l2_for_the_tile_after_next_too(tool):
+    gu = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    tool.patch("tpf2")
+    src = dense.gemv(*gu, **Q4).source
+    assert tool.NEXT_TILE_PF in src
+    assert "if (tile + 2 * (int)gridDim.x < NTILES) prefetch_w(W4, w_scales, w_zeros, (tile + 2 * gridDim.x) * 16);" in src
+    tool.patch("base")
+    assert "2 * gridDim.x" not in dense.gemv(*gu, **Q4).source

@@ -48,6 +48,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
           before it either way): does the wait return only once the block's outstanding loads have? (the
           wait after a residual GEMV returns ~1.3 us after it ends where the blocks started within ~1 us of
           that end, 0.5 us where they started earlier: docs/profiles/timeline_h100.txt)
+  tpf2    quantized GEMVs of several tiles a block ask L2 for the tile after next too (today: the next tile only),
+          so each tile's codes are requested two tiles ahead
   wef     quantized 16-bit GEMVs load their codes with an L2 evict-first policy (createpolicy; today: evict-normal),
           so the streamed weights stop displacing what is read again (the next tile's and the next kernel's
           prefetched lines, scales, activations)
@@ -206,6 +208,10 @@ def patch(variant: str) -> None:
                 if name in flags):
             assert Q_PREFETCH in src, f"the GEMV template changed: update '{variant}'"
             src = src.replace(Q_PREFETCH, "")
+        if "tpf2" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
+            assert NEXT_TILE_PF in src, "the GEMV template changed: update 'tpf2'"
+            src = src.replace(NEXT_TILE_PF, NEXT_TILE_PF + NEXT_TILE_PF.replace("gridDim.x", "2 * gridDim.x")
+                              .replace("(int)2 * gridDim.x", "2 * (int)gridDim.x"))
         if "tpf0" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
             assert NEXT_TILE_PF in src, "the GEMV template changed: update 'tpf0'"
             src = src.replace(NEXT_TILE_PF, "")
