@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call that does as much as its limit allows, for sessions whose machine starts are scarce
 # (a start can cost more device time than the work): the tuning A/B queue first (tools/tuning_ab.py,
-# ~5 s a variant once the plan's kernels are compiled), then Nsight Compute on one decoder layer
-# (tools/ncu_layer.py), then the GPU test files in order, each cut to what is left of DEADLINE
-# seconds. Logs land under $OUT as they are written, so a call cut by its limit still brings back what ran.
-#   DEADLINE=540 bash tools/device_session.sh            -> $OUT/ab.txt, $OUT/ncu*, $OUT/tests.txt
+# ~5 s a variant once the plan's kernels are compiled), then block timelines (tools/block_timeline.py),
+# then Nsight Compute on one decoder layer (tools/ncu_layer.py), then the GPU test files in order, each
+# cut to what is left of DEADLINE seconds. Logs land under $OUT as they are written, so a call cut by its
+# limit still brings back what ran.
+#   DEADLINE=540 bash tools/device_session.sh    -> $OUT/ab.txt, [timeline*], [ncu*], $OUT/tests.txt
 #   AB="examples/llama-3-8b.json int4 base,gu5,base" NCU="" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
 # AB: ';'-separated "CONFIG QUANT VARIANTS" runs; TIMELINE: ';'-separated "CONFIG QUANT [VARIANT]" block timelines
 # (tools/block_timeline.py, npz under $OUT); NCU: ';'-separated "CONFIG QUANT LAYER" runs; TESTS:
