@@ -39,7 +39,7 @@ def test_cuda_quantized_matches_the_quantized_reference(hf_model, name, scheme, 
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("group", [32, 64])  # (the tiny models' K is 64)
 def test_tile16_codes_give_the_row_order_plans_bits(hf_model, monkeypatch, dtype, group):
     """int4 codes stored "tile16" (opt-in, repacked at upload) are read by the same arithmetic in the same
     order: prefill (dequantize + cuBLAS) and decode (the GEMVs) logits bit-identical to the row-order plan's,
