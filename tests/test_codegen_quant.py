@@ -20,6 +20,7 @@ from llamagraph.codegen import dense, lowering, nvrtc
 from llamagraph.codegen.launch import NULL, value, workspace
 from llamagraph.codegen.render import module_source
 from llamagraph.compiler import compile_plan
+from llamagraph.ir.quant import order_codes
 
 DTYPES = ("float16", "bfloat16", "float32")
 QUANTS = (dense.GemvQuant("int8"), dense.GemvQuant("int4", 32), dense.GemvQuant("int4", 64),
@@ -389,6 +390,20 @@ def test_tile16_codes_lower_to_kernels_that_read_them(monkeypatch):
     src = plan.source
     assert "(ok ? c : 0u) * 16u" in src and "(m * N_OUT + first) * C + (g + 8 * h)" in src  # the GEMV
     assert "((j / 16) * 16 + (int)(n % 16)) * 16 + j % 16" in src  # the dequantize kernel
+    # the dequantize kernel is the row-order one but for where a unit's 4 code bytes are read: at byte
+    # (n / 16) * 16 * B + ((j / 16) * 16 + n % 16) * 16 + j % 16, which holds codes[n, j : j + 4]
+    rows_src, tiled_src = (k.source.replace(k.name, "NAME") for k in (
+        dense.dequant("float16", 64, 256, dense.GemvQuant("int4", 32, order)) for order in (None, "tile16")))
+    address = ("tile16", "const int j = c / 2;", "const lg_i64 at =", "reinterpret_cast<const unsigned*>(W)[")
+    same = [[ln for ln in src.splitlines() if not any(a in ln for a in address)] for src in (rows_src, tiled_src)]
+    assert same[0] == same[1] and "f[e] = __fmul_rn(" in tiled_src
+    codes = np.random.default_rng(5).integers(0, 256, (64, 128), dtype=np.uint8)  # K = 256: B = 128
+    flat = order_codes(codes, "tile16").reshape(-1)
+    for n in (0, 5, 17, 63):
+        for c in range(0, 256, 8):
+            j = c // 2
+            at = (n // 16) * 16 * 128 + ((j // 16) * 16 + n % 16) * 16 + j % 16
+            assert at % 4 == 0 and np.array_equal(flat[at: at + 4], codes[n, j: j + 4])
     q = dense.GemvQuant("int4", 128, "tile16")
     with pytest.raises(ValueError, match="needs 16-bit activations and whole 16-column tiles"):
         dense.gemv("float32", 4096, 4096, 1, quant=q)
