@@ -191,30 +191,6 @@ def test_diagnostic_variants_drop_what_they_say_and_compile(tool):
     assert tool.BATCH_CALL.search(dense.gemv(*gu7, **Q4).source) and "sink(" not in dense.gemv(*gu7, **Q4).source
 
 
-def test_chunk_major_reads_cover_the_same_bytes(tool):
-    """lin reads each tile's codes chunk-major: over a tile, the (row, chunk) -> offset map is a
-    permutation of the row-major one (the same bytes), and one warp load's 32 lanes take 4 whole lines."""
-    gu7 = ("float16", 2 * 11008, 4096, 1, "silu_mul")
-    tool.patch("lingu")
-    src = dense.gemv(*gu7, **Q4).source
-    assert tool.ROW_ADDR not in src and "(ok ? c : 0u) * 16u" in src
-    assert tool.ROW_ADDR in dense.gemv("float16", 4096, 4096, 1, "residual", quant=I4).source  # (no prologue)
-    C = 4096 // 32  # 16-byte chunks of a row
-    row_major = {r * C + c for r in range(16) for c in range(C)}
-    chunk_major = {c * 16 + r for r in range(16) for c in range(C)}
-    assert chunk_major == row_major
-    lines = {((c0 + t) * 16 + g) * 16 // 128 for g in range(8) for t in range(4) for c0 in (8,)}
-    assert len(lines) == 4
-    from llamagraph.codegen import nvrtc
-    from llamagraph.codegen.render import module_source
-
-    if nvrtc.available() is not None:
-        k = dense.gemv(*gu7, **Q4)
-        assert nvrtc.compile_source(module_source([k]), arch="sm_90").kernels[k.name].registers > 0
-    tool.patch("base")
-    assert tool.ROW_ADDR in dense.gemv(*gu7, **Q4).source
-
-
 def test_ct16_stores_int4_codes_tile16_and_base_puts_rows_back(tool):
     import importlib
 

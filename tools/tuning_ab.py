@@ -67,16 +67,12 @@ Diagnostics (they change the numbers: their logits differ from base; what they m
   noalu, noalugu  int4 16-bit GEMVs (all / gate-up) fold each batch's codes into one register by XOR
           instead of dequantizing them into mma fragments (the loads, staging, sums and epilogues stay): the
           kernel's streaming rate without its arithmetic
-  lin, lingu, linqkv  int4 16-bit GEMVs with the rmsnorm prologue (gate-up and qkv / gate-up / qkv) read
-          each 16-row tile's codes as if stored chunk-major (16 B chunk c of tile row r at (c * 16 + r) * 16
-          bytes into the tile's rows, which are one contiguous block): a warp's load takes four whole
-          128-byte lines, not eight half lines. The bytes read are the same; what a layout pass storing
-          the codes in that order would gain
 A variant may join several with '+' (t8gu+q8pf0).
 Variants measured and settled (w8, w4tail, pf4k/pf8k, gpb4/gpb8, nocl, late, gu1p, gu4u2, w4p, wlate,
 bf16early, pf0gu, half/half8, fill, researly, ring<S>, and session 18's sp<N>/ch<N>/dt<N> decode-attention splits,
 l2s/l2w o_proj L2 prefetch from attention, b<S> bulk-copy codes ring, w16 one 16-warp block a SM) left this tool
 once docs/ab_h100.txt held their results.
+(lin, the chunk-major read of row-major codes, gave way to ct16 before it ran.)
 With TUNING_AB_LOGITS=PATH.npy the first variant's decode-step logits are saved there (to compare
 the logits of two source trees run one after the other). Decode is timed as ``llamagraph bench`` times it (pipelined generate, prompt 128, 128 new tokens,
 best of 3). The patches live here only: the package has no switches for them.
@@ -115,7 +111,6 @@ SCALE_LOAD = "cw.sv[u][m][h] = ld_u16(w_scales + (wr[m][h] + grp));"
 ZERO_LOAD = "cw.zv[u][m][h] = ld_u16(w_zeros + (wr[m][h] + grp));"
 BATCH_DEF = "__device__ __forceinline__ void batch(int b, int warp, int t, const Codes& cw"
 BATCH_CALL = re.compile(r"batch\((b|b \+ 1), warp, t, (c[ab]), \w+_xs, xoff, x, row0, here, nw4, s_rstd, acc\);")
-ROW_ADDR = "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + col) * C;"
 Q_WAIT = "    lg_pdl_wait();  // x, res and out only after this\n"
 Q_LOAD = """    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 { %0, %1, %2, %3 }, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -132,9 +127,6 @@ LCN = {"lcn": ("rope", "silu_mul", "none"), "lcnqkv": ("rope",), "lcngu": ("silu
 NW_PREFETCH = """    for (int i = threadIdx.x; i < (int)(K * sizeof(*norm_w) / 128); i += THREADS)  // nwpf: the norm weight, to L1
         asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(norm_w) + i * 128));
 """
-CODE_LOAD = "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u));"
-# variant -> the int4 GEMV epilogues (with the rmsnorm prologue) it reads chunk-major
-LIN = {"lin": ("silu_mul", "rope"), "lingu": ("silu_mul",), "linqkv": ("rope",)}
 # noalu: a batch's codes, scales and zeros folded into one accumulator element (every load is waited for)
 SINK = """__device__ __forceinline__ void sink(const Codes& cw, float (&acc)[MT][NT][4]) {
     unsigned v = 0u;
@@ -154,6 +146,11 @@ AHEAD2 = {"ahead2": ("silu_mul", "rope", "none", "residual"), "ahead2gu": ("silu
           "ahead2head": ("none",)}
 # variant -> the int8 GEMV epilogues it gives several tiles a block
 T8 = {"t8": ("silu_mul", "rope", "none", "residual"), "t8gu": ("silu_mul",), "t8qkv": ("rope",), "t8head": ("none",)}
+
+
+def kinds_of(table: dict[str, tuple[str, ...]], flags: set[str]) -> tuple[str, ...]:
+    """The GEMV epilogues that the variant's flags name in ``table`` (variant -> epilogues)."""
+    return sum((kinds for name, kinds in table.items() if name in flags), ())
 
 
 def patch(variant: str) -> None:
@@ -180,7 +177,7 @@ def patch(variant: str) -> None:
             small = quant(dtype, min(N, 2 * dense.SMS * 16), K, row_tile, epilogue, q, has_bias)  # o/down's branch
             t = DEFAULTS["tiles"](replace(small, tiles=1), cdiv(N, 16), cdiv(cdiv(K // 32, 4), small.warps))
             t = replace(t, whole_x=t.pipeline)  # (batches of 2 steps: stage x once)
-        which = sum((kinds for name, kinds in T8.items() if name in flags), ())
+        which = kinds_of(T8, flags)
         if q.scheme == "int8" and epilogue in which:
             mt = 2 if epilogue == "silu_mul" else 1
             t = DEFAULTS["tiles"](t, cdiv(N // mt, 16), cdiv(cdiv(K // 16, 4), t.warps))
@@ -190,7 +187,7 @@ def patch(variant: str) -> None:
                 t = replace(t, tiles=counts[0])
         if q.scheme == "int4" and q.folded and t.whole_x and ("zsum" in flags or ("zsumgu" in flags and epilogue == "silu_mul")):
             t = replace(t, zsum=True)
-        ahead2 = sum((kinds for name, kinds in AHEAD2.items() if name in flags), ())
+        ahead2 = kinds_of(AHEAD2, flags)
         if q.scheme == "int4" and epilogue in ahead2 and t.pipeline and t.tiles > 1:
             t = replace(t, ahead2=True)
         return replace(t, whole_x=False) if "nox" in flags else t
@@ -237,7 +234,6 @@ def patch(variant: str) -> None:
             if "nosz" in flags:
                 one = "0x3F80" if kw.get("dtype") == "bfloat16" else "0x3C00"
                 src = src.replace(SCALE_LOAD, f"cw.sv[u][m][h] = (unsigned short){one};")
-        lin = sum((kinds for name, kinds in LIN.items() if name in flags), ())
         if "wef" in flags and template == "gemv" and kw.get("quant") != "none" and kw.get("dtype") != "float32":
             assert Q_LOAD in src, "the GEMV template changed: update 'wef'"
             src = src.replace(Q_LOAD, Q_LOAD_EF)
@@ -245,16 +241,11 @@ def patch(variant: str) -> None:
                 and kw.get("prologue") == "rmsnorm":
             assert Q_WAIT in src, "the GEMV template changed: update 'nwpf'"
             src = src.replace(Q_WAIT, NW_PREFETCH + Q_WAIT)
-        lcn = sum((kinds for name, kinds in LCN.items() if name in flags), ())
+        lcn = kinds_of(LCN, flags)
         if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lcn:
             assert len(FIRST_CODES.findall(src)) == 1 and Q_TRIGGER in src, "the GEMV template changed: update 'lcn'"
             line = FIRST_CODES.search(src).group(0)
             src = FIRST_CODES.sub("", src).replace(Q_TRIGGER, Q_TRIGGER + line)
-        n_out = kw.get("N", 0) // (2 if kw.get("epilogue") == "silu_mul" else 1)
-        if int4 and kw.get("prologue") == "rmsnorm" and kw.get("epilogue") in lin and n_out % 16 == 0:  # (whole tiles)
-            assert ROW_ADDR in src and CODE_LOAD in src, "the GEMV template changed: update 'lin'"
-            src = src.replace(ROW_ADDR, "wrow[m][h] = W4 + (lg_i64)(m * N_OUT + first) * C + (g + 8 * h);")
-            src = src.replace(CODE_LOAD, "cw.w[u][m][h] = ld_weight(wrow[m][h] + (ok ? c : 0u) * 16u);")
         if int4 and ("noalu" in flags or ("noalugu" in flags and kw.get("epilogue") == "silu_mul")):
             assert BATCH_DEF in src and BATCH_CALL.search(src), "the GEMV template changed: update 'noalu'"
             src = src.replace(BATCH_DEF, SINK + BATCH_DEF, 1)
