@@ -373,44 +373,56 @@ def test_a_group_size_no_kernel_reads_is_a_one_line_error():
     assert "%l0." in msg and ".w is int4" in msg
 
 
-def test_tile16_codes_lower_to_kernels_that_read_them(monkeypatch):
-    """With int4 codes stored "tile16" (opt-in) every decode GEMV and prefill dequantize kernel of the
-    quantized weights reads that order (c16 in its name, the chunk-major address in its source) and
+# scheme -> (group size, kernel-name tag, where the dequantize kernel reads a unit's codes, that load's bytes)
+TILE16_CASES = {
+    "int4": (32, "_i4g32c16_", ("const int j = c / 2;", "reinterpret_cast<const unsigned*>(W)["), 4),
+    "int8": (None, "_i8c16_", ("reinterpret_cast<const uint2*>(W)[",), 8),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(TILE16_CASES))
+def test_tile16_codes_lower_to_kernels_that_read_them(monkeypatch, scheme):
+    """With int8 or int4 codes stored "tile16" (opt-in) every decode GEMV and prefill dequantize kernel of
+    the quantized weights reads that order (c16 in its name, the chunk-major address in its source) and
     the plan compiles; where the GEMV cannot read it (fp32, ragged tiles) it is refused."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("llamagraph.passes.quantize_weights"), "INT4_CODE_ORDER", "tile16")
-    plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize="int4", group_size=32)
+    group, tag, address, unit_bytes = TILE16_CASES[scheme]
+    monkeypatch.setitem(importlib.import_module("llamagraph.passes.quantize_weights").CODE_ORDER, scheme, "tile16")
+    plan = compile_plan(_tiny(), dtype="float16", max_batch=2, max_seq=64, quantize=scheme,
+                        **({"group_size": group} if group else {}))
     g = plan.graph
     ordered = {n for n, v in g.values.items() if v.quant is not None and v.quant.code_order == "tile16"}
     assert ordered
     for phase, prefix in (("decode", "gemv_"), ("prefill", "dequant_")):
         reading = [x for x in plan.phases[phase] if x.fn.startswith(prefix) and x.args[1 if prefix == "gemv_" else 0].ref in ordered]
-        assert reading and all("_i4g32c16_" in x.fn for x in reading), phase
+        assert reading and all(tag in x.fn for x in reading), phase
     src = plan.source
     assert "(ok ? c : 0u) * 16u" in src and "(m * N_OUT + first) * C + (g + 8 * h)" in src  # the GEMV
-    assert "((j / 16) * 16 + (int)(n % 16)) * 16 + j % 16" in src  # the dequantize kernel
-    # the dequantize kernel is the row-order one but for where a unit's 4 code bytes are read: at byte
-    # (n / 16) * 16 * B + ((j / 16) * 16 + n % 16) * 16 + j % 16, which holds codes[n, j : j + 4]
+    assert "* 16 + (int)(n % 16)) * 16 + " in src  # the dequantize kernel
+    # the dequantize kernel is the row-order one but for where a unit's code bytes are read: at byte
+    # (n / 16) * 16 * B + ((j / 16) * 16 + n % 16) * 16 + j % 16 of B bytes a row, which holds
+    # codes[n, j : j + unit_bytes] (j: the unit's first byte of its row)
     rows_src, tiled_src = (k.source.replace(k.name, "NAME") for k in (
-        dense.dequant("float16", 64, 256, dense.GemvQuant("int4", 32, order)) for order in (None, "tile16")))
-    address = ("tile16", "const int j = c / 2;", "const lg_i64 at =", "reinterpret_cast<const unsigned*>(W)[")
+        dense.dequant("float16", 64, 256, dense.GemvQuant(scheme, group, order)) for order in (None, "tile16")))
+    address = ("tile16", "const lg_i64 at =") + address
     same = [[ln for ln in src.splitlines() if not any(a in ln for a in address)] for src in (rows_src, tiled_src)]
-    assert same[0] == same[1] and "f[e] = __fmul_rn(" in tiled_src
-    codes = np.random.default_rng(5).integers(0, 256, (64, 128), dtype=np.uint8)  # K = 256: B = 128
+    assert same[0] == same[1] and "f[e] = __fmul_rn(" in tiled_src and rows_src != tiled_src
+    B = 256 * unit_bytes // 8  # bytes a row of K = 256 codes
+    codes = np.random.default_rng(5).integers(0, 256, (64, B), dtype=np.uint8)
     flat = order_codes(codes, "tile16").reshape(-1)
     for n in (0, 5, 17, 63):
         for c in range(0, 256, 8):
-            j = c // 2
-            at = (n // 16) * 16 * 128 + ((j // 16) * 16 + n % 16) * 16 + j % 16
-            assert at % 4 == 0 and np.array_equal(flat[at: at + 4], codes[n, j: j + 4])
-    q = dense.GemvQuant("int4", 128, "tile16")
+            j = c * unit_bytes // 8
+            at = (n // 16) * 16 * B + ((j // 16) * 16 + n % 16) * 16 + j % 16
+            assert at % unit_bytes == 0 and np.array_equal(flat[at: at + unit_bytes], codes[n, j: j + unit_bytes])
+    q = dense.GemvQuant(scheme, group and 128, "tile16")
     with pytest.raises(ValueError, match="needs 16-bit activations and whole 16-column tiles"):
         dense.gemv("float32", 4096, 4096, 1, quant=q)
     with pytest.raises(ValueError, match="N_out=200"):
         dense.gemv("float16", 400, 4096, 1, "silu_mul", quant=q)
     with pytest.raises(ValueError, match="'tile16' order"):
-        dense.GemvQuant("int8", None, "tile16").check(4096)
+        dense.GemvQuant(scheme, group, "tile8").check(4096)
     if nvrtc.available() is not None:
         res = nvrtc.compile_source(plan.source, "sm_90")
         assert set(plan.kernels) <= set(res.kernels)

@@ -320,7 +320,7 @@ def test_quantized_8b_keeps_the_fused_decode_step(scheme, group):
                 assert q.scales in refs and (q.zeros is None or q.zeros in refs)
 
 
-# ---- "tile16" code order (opt-in: passes/quantize_weights.INT4_CODE_ORDER) ---------------------------
+# ---- "tile16" code order (opt-in: passes/quantize_weights.CODE_ORDER) --------------------------------
 
 def test_tile16_order_puts_each_blocks_chunk_c_of_16_rows_side_by_side():
     """order_codes stores byte j of row n at (n // 16) * 16 * B + ((j // 16) * 16 + n % 16) * 16 + j % 16
@@ -344,25 +344,28 @@ def test_tile16_order_puts_each_blocks_chunk_c_of_16_rows_side_by_side():
         order_codes(codes, "tile8")
 
 
-def test_pass_orders_int4_codes_only_where_asked_and_16_bit(monkeypatch):
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_pass_orders_codes_only_where_asked_and_16_bit(monkeypatch, scheme):
     import importlib
 
     qw = importlib.import_module("llamagraph.passes.quantize_weights")
     cfg = _tiny()
-    default = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
+    opts = dict(quantize=scheme, **({"group_size": 32} if scheme == "int4" else {}))
+    other = dict(quantize="int8") if scheme == "int4" else dict(quantize="int4", group_size=32)
+    default = compile_graph(cfg, dtype="float16", **opts)
     assert all(v.quant.code_order is None for v in default.values.values() if v.quant is not None)
-    monkeypatch.setattr(qw, "INT4_CODE_ORDER", "tile16")
-    g = compile_graph(cfg, dtype="float16", quantize="int4", group_size=32)
+    monkeypatch.setitem(qw.CODE_ORDER, scheme, "tile16")
+    g = compile_graph(cfg, dtype="float16", **opts)
     ordered = {n: v.shape for n, v in g.values.items() if v.quant is not None and v.quant.code_order == "tile16"}
     assert ordered and all(N % 32 == 0 for N, K in ordered.values())
     assert {n for n, v in g.values.items() if v.quant is not None and v.quant.code_order is None} == {
         n for n, v in g.values.items() if v.quant is not None and v.shape[0] % 32}  # (rows not in 16-row blocks)
     for again in (Graph.from_text(str(g)), Graph.from_json(g.to_json())):  # the order travels with the plan
         assert {n: v.quant for n, v in again.values.items() if v.quant} == {n: v.quant for n, v in g.values.items() if v.quant}
-    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float32", quantize="int4",
-                                                                   group_size=32).values.values() if v.quant)
-    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float16", quantize="int8").values.values()
+    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float32", **opts).values.values()
                if v.quant)
+    assert all(v.quant.code_order is None for v in compile_graph(cfg, dtype="float16", **other).values.values()
+               if v.quant)  # (the other scheme keeps its own default)
 
 
 def test_a_code_order_the_kernels_cannot_read_is_a_graph_error():
@@ -374,10 +377,20 @@ def test_a_code_order_the_kernels_cannot_read_is_a_graph_error():
     v.quant = type(v.quant)(**{**v.quant.__dict__, "code_order": "tile8"})
     with pytest.raises(GraphError, match="code order 'tile8' is not one of tile16"):
         verify(g)
+    v.quant = type(v.quant)(**{**v.quant.__dict__, "code_order": "tile16"})
+    verify(g)  # int4 and int8 codes alike, in whole 16-byte chunks of 16-row blocks
+    g8 = compile_graph(_tiny(), dtype="float16", quantize="int8")
+    w = g8.values["l0.o.w"]
+    w.quant = type(w.quant)(**{**w.quant.__dict__, "code_order": "tile16"})
+    verify(g8)
+    w.shape = (w.shape[0], 72)  # 72 bytes of int8 codes a row: not whole chunks
+    with pytest.raises(GraphError, match=r"code order 'tile16' needs N % 16 == 0 and whole 16-byte chunks of int8 "
+                                         r"codes a row, got \[64, 72\]"):
+        verify(g8)
 
 
 def test_the_cuda_executor_uploads_codes_in_their_values_order(monkeypatch):
-    """CudaExecutor._device_order (called on every weight array it uploads) orders int4 codes of a
+    """CudaExecutor._device_order (called on every weight array it uploads) orders the codes of a
     "tile16" value and leaves every other array as the loader handed it over (numpy stands in for cupy)."""
     import importlib
     from types import SimpleNamespace
@@ -385,7 +398,7 @@ def test_the_cuda_executor_uploads_codes_in_their_values_order(monkeypatch):
     from llamagraph.ir.quant import order_codes
     from llamagraph.runtime.cuda import CudaExecutor
 
-    monkeypatch.setattr(importlib.import_module("llamagraph.passes.quantize_weights"), "INT4_CODE_ORDER", "tile16")
+    monkeypatch.setitem(importlib.import_module("llamagraph.passes.quantize_weights").CODE_ORDER, "int4", "tile16")
     g = compile_graph(_tiny(), dtype="float16", quantize="int4", group_size=32)
     fake = SimpleNamespace(graph=g, cp=np)
     rng = np.random.default_rng(1)

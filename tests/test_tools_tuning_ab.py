@@ -23,9 +23,9 @@ def tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     yield mod
-    # the package's own functions back (``base`` installs wrappers around them), and its int4 code order
+    # the package's own functions back (``base`` installs wrappers around them), and its code orders
     dense._quant_tuning, dense.render = mod.DEFAULTS["quant"], mod.DEFAULTS["render"]
-    mod.quantize_weights.INT4_CODE_ORDER = mod.DEFAULTS["code_order"]
+    mod.quantize_weights.CODE_ORDER.update(mod.DEFAULTS["code_order"])
 
 
 def _gate_up_smem():
@@ -191,14 +191,14 @@ def test_diagnostic_variants_drop_what_they_say_and_compile(tool):
     assert tool.BATCH_CALL.search(dense.gemv(*gu7, **Q4).source) and "sink(" not in dense.gemv(*gu7, **Q4).source
 
 
-def test_ct16_stores_int4_codes_tile16_and_base_puts_rows_back(tool):
+def test_ct16_stores_int8_and_int4_codes_tile16_and_base_puts_rows_back(tool):
     import importlib
 
     qw = importlib.import_module("llamagraph.passes.quantize_weights")
     tool.patch("ct16")
-    assert qw.INT4_CODE_ORDER == "tile16"
+    assert qw.CODE_ORDER == {"int8": "tile16", "int4": "tile16"}
     tool.patch("base")
-    assert qw.INT4_CODE_ORDER is None
+    assert qw.CODE_ORDER == {"int8": None, "int4": None}
 
 
 def test_zsum_variants_take_the_int4_gemvs_with_a_whole_staged_row(tool):

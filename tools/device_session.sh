@@ -19,12 +19,12 @@ DEADLINE=${DEADLINE:-540}
 # a bare machine: PYTHONPATH alone lacks the package data llamagraph.templates (templates/ at the root)
 python3 -c "import llamagraph.templates" 2>/dev/null || ln -sfn ../templates llamagraph/templates
 python3 -c "import llamagraph.templates" || { echo "llamagraph.templates does not import" | tee "$OUT/ab.txt"; exit 1; }
-# (default: session 19's first call; its second: AB="examples/llama-2-7b.json int4 base,noalu,tpf0,tpf2,qpf0qkv,nosz,ahead2gu,ahead2qkv,zsumgu,lcngu,base"
+# (default: session 19's first call, with session 20's int8 ct16; its second: AB="examples/llama-2-7b.json int4 base,noalu,tpf0,tpf2,qpf0qkv,nosz,ahead2gu,ahead2qkv,zsumgu,lcngu,base"
 #  NCU="examples/llama-2-7b.json int4 10;examples/llama-2-7b.json none 10" TESTS="", docs/ab_h100.txt)
 AB=${AB-"examples/llama-2-7b.json int4 base,ahead2,ct16,zsum,nwpf,lcn,wef,ct16+ahead2,base;\
-examples/llama-2-7b.json none base"}
+examples/llama-2-7b.json int8 base,ct16,base;examples/llama-2-7b.json none base"}
 NCU=${NCU-""}
-TESTS=${TESTS-"test_kernels_quant_gemv.py:ahead2~or~int4c16~or~zsum:150 test_quant_e2e.py:tile16:90 \
+TESTS=${TESTS-"test_kernels_quant_gemv.py:ahead2~or~c16~or~zsum:150 test_quant_e2e.py:tile16:90 \
 test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
 test_cuda_e2e.py:150 test_profile_cuda.py:90 test_kernels_fused_gemv.py:90"}
 

@@ -40,8 +40,8 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
           2 KB, as the pre-wait prefetch)
-  ct16    int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
-          chunk-major, repacked at upload; passes/quantize_weights.INT4_CODE_ORDER): a GEMV warp's load takes
+  ct16    int8 / int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
+          chunk-major, repacked at upload; passes/quantize_weights.CODE_ORDER): a GEMV warp's load takes
           four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
   lcn, lcnqkv, lcngu  int4 16-bit GEMVs with the rmsnorm prologue (qkv, gate-up and the LM head / qkv / gate-up)
           request their first batch of codes right after the PDL wait, not before it (the tile is asked of L2
@@ -96,7 +96,7 @@ from llamagraph.ir import load_config
 
 quantize_weights = importlib.import_module("llamagraph.passes.quantize_weights")  # the module (its function shares the name)
 DEFAULTS = dict(quant=dense._quant_tuning, render=dense.render, tiles=dense._with_resident_tiles,
-                code_order=quantize_weights.INT4_CODE_ORDER)
+                code_order=dict(quantize_weights.CODE_ORDER))
 Q_PREFETCH = "    if (NB_FULL + TAIL > 1) prefetch_w(W4, w_scales, w_zeros, col0);"
 TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
@@ -253,7 +253,7 @@ def patch(variant: str) -> None:
         return src
 
     dense._quant_tuning, dense.render = quant_tuning, render_variant
-    quantize_weights.INT4_CODE_ORDER = "tile16" if "ct16" in flags else DEFAULTS["code_order"]
+    quantize_weights.CODE_ORDER.update({s: "tile16" for s in ("int8", "int4")} if "ct16" in flags else DEFAULTS["code_order"])
 
 
 def main(argv: list[str]) -> None:

@@ -262,7 +262,7 @@ class GemvQuant:
             scale and zero per group of ``group_size`` columns of a row: w' = (q - z) * s.
     Each lane reads 16 bytes of codes at a time, ``chunk_k`` columns, and a chunk never straddles
     a group: int4 needs group_size % 32 == 0, and K must be a multiple of the chunk.
-    code_order: int4 only: None, W's rows in order; "tile16", each block of 16 rows stored chunk-major
+    code_order: None, W's rows in order; "tile16", each block of 16 rows stored chunk-major
     (``llamagraph.ir.quant.order_codes``), so a warp's 16-byte loads of one step take whole lines.
     """
 
@@ -284,7 +284,7 @@ class GemvQuant:
         return self.scheme == "int4" and self.group_size % 128 == 0
 
     def tag(self) -> str:
-        return "i8" if self.scheme == "int8" else f"i4g{self.group_size}" + ("c16" if self.code_order else "")
+        return ("i8" if self.scheme == "int8" else f"i4g{self.group_size}") + ("c16" if self.code_order else "")
 
     def check(self, K: int) -> None:
         """ValueError (one line) when this GEMV cannot read the layout."""
@@ -297,9 +297,9 @@ class GemvQuant:
                                  f"time and needs group_size % 32 == 0 dividing K")
         elif self.group_size is not None:
             raise ValueError(f"int8 has one scale per row, got group_size {self.group_size}")
-        if self.code_order not in (None, "tile16") or (self.code_order and self.scheme != "int4"):
-            raise ValueError(f"{self.scheme} codes in order {self.code_order!r}: the GEMV reads int4 codes in rows or "
-                             f"in 'tile16' order")
+        if self.code_order not in (None, "tile16"):
+            raise ValueError(f"{self.scheme} codes in order {self.code_order!r}: the GEMV reads codes in rows or in "
+                             f"'tile16' order")
         if K % self.chunk_k:
             raise ValueError(f"{self.scheme} group_size {self.group_size}, K={K}: the {self.scheme} GEMV reads 16 "
                              f"bytes ({self.chunk_k} columns) at a time and needs K % {self.chunk_k} == 0")
@@ -508,7 +508,7 @@ def _gemv_check(dtype, N, K, row_tile, epilogue, out_dtype, tuning, prologue="no
                          f"activations and a whole staged x row (whole_x), got {quant}, {dtype}")
     n_out = N // 2 if epilogue == "silu_mul" else N
     if quant is not None and quant.code_order and (dtype == "float32" or n_out % 16):
-        raise ValueError(f"gemv of int4 codes in {quant.code_order!r} order needs 16-bit activations and whole "
+        raise ValueError(f"gemv of {quant.scheme} codes in {quant.code_order!r} order needs 16-bit activations and whole "
                          f"16-column tiles (N_out % 16 == 0), got {dtype}, N_out={n_out}")
 
 
@@ -658,7 +658,7 @@ def dequant(dtype: str, N: int, K: int, quant: GemvQuant) -> Kernel:
         raise ValueError(f"dequant needs a GemvQuant, got {quant!r}")
     quant.check(K)
     if quant.code_order and N % 16:
-        raise ValueError(f"dequant of int4 codes in {quant.code_order!r} order needs N % 16 == 0, got N={N}")
+        raise ValueError(f"dequant of {quant.scheme} codes in {quant.code_order!r} order needs N % 16 == 0, got N={N}")
     name = f"dequant_{quant.tag()}_{_tag(dtype)}_n{N}_k{K}"
     src = render("dequant", name=name, dtype=dtype, N=N, K=K, quant=quant.scheme, group=quant.group_size or 0,
                  threads=DEQUANT_THREADS, chunk_major=bool(quant.code_order))

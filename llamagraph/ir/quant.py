@@ -19,7 +19,8 @@ zeros, repacked into this layout, run 1..16 (``llamagraph.runtime.quant_checkpoi
 Packed int4 storage: [N, K / 2] uint8, two codes to a byte along K, the even column in the low
 nibble (``llamagraph.ir.dtypes``: "low nibble first").
 
-Code order on the device (``Quant.code_order``): None stores the packed rows one after another.
+Code order on the device (``Quant.code_order``, int8 and int4 codes alike): None stores the (packed)
+rows one after another.
 "tile16" stores each block of 16 consecutive rows chunk-major: 16-byte chunk c of row 16 i + r sits
 at byte 16 i B + (16 c + r) 16 of the weight's B bytes a row, so the 16 rows' chunk c are 256
 contiguous bytes (``order_codes``). The logical array, which the reference backend and the loaders

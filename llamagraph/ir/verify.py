@@ -171,10 +171,12 @@ def _quant_problem(graph: Graph, v: Value) -> str | None:
             return "int4 is asymmetric: it needs zeros"
         want = {"scales": (N, K // q.group_size), "zeros": (N, K // q.group_size)}
     if q.code_order is not None:
-        if q.code_order not in CODE_ORDERS or q.scheme != "int4":
-            return f"code order {q.code_order!r} is not one of {', '.join(CODE_ORDERS)} for int4 codes"
-        if N % TILE_ROWS or (K // 2) % CHUNK:
-            return f"code order {q.code_order!r} needs N % {TILE_ROWS} == 0 and K % {2 * CHUNK} == 0, got [{N}, {K}]"
+        if q.code_order not in CODE_ORDERS:
+            return f"code order {q.code_order!r} is not one of {', '.join(CODE_ORDERS)}"
+        row_bytes = K if q.scheme == "int8" else K // 2
+        if N % TILE_ROWS or K % 2 or row_bytes % CHUNK:
+            return (f"code order {q.code_order!r} needs N % {TILE_ROWS} == 0 and whole {CHUNK}-byte chunks of "
+                    f"{q.scheme} codes a row, got [{N}, {K}]")
     for field_name, shape in want.items():
         ref = getattr(q, field_name)
         other = graph.values.get(ref)

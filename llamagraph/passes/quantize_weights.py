@@ -27,11 +27,21 @@ from __future__ import annotations
 from llamagraph.ir import WEIGHT, Graph, Quant
 from llamagraph.ir.errors import ConfigError
 
-# How int4 codes are stored on the device in 16-bit plans (``Quant.code_order``): None, rows in order (the
-# measured default); "tile16", each 16-row block chunk-major (a decode GEMV warp's load then takes four
-# whole 128-byte lines, not eight half lines). Not a default until measured (tools/tuning_ab.py ct16);
-# ``graph.meta["quantize"]["code_order"]`` overrides it. fp32 plans (CUDA-core GEMVs) keep rows in order.
-INT4_CODE_ORDER: str | None = None
+# How each scheme's codes are stored on the device in 16-bit plans (``Quant.code_order``): None, rows in
+# order (the measured default); "tile16", each 16-row block chunk-major (a decode GEMV warp's load then takes
+# four whole 128-byte lines, not eight half lines: a step of 4 lanes reads 64 bytes of a row, int8 or int4).
+# Not a default until measured (tools/tuning_ab.py ct16); ``graph.meta["quantize"]["code_order"]`` overrides
+# it. fp32 plans (CUDA-core GEMVs) keep rows in order.
+CODE_ORDER: dict[str, str | None] = {"int8": None, "int4": None}
+
+
+def _code_order(spec: dict, scheme: str, act: str, N: int, K: int) -> str | None:
+    """The device order of a weight's codes: the spec's or ``CODE_ORDER``'s, where the 16-bit GEMVs
+    read it (N % 32: the gate/up GEMV's up rows start at N / 2, which must begin a 16-row block too;
+    K % 32: whole 16-byte chunks of int8 or int4 codes a row)."""
+    if act == "float32" or N % 32 or K % 32:
+        return None
+    return spec.get("code_order", CODE_ORDER[scheme])
 
 
 def quantized_weights(graph: Graph) -> list[str]:
@@ -54,7 +64,7 @@ def quantize_weights(graph: Graph) -> Graph:
         common = dict(layer=v.layer, quant_of=name)  # rows in the weight's row order, as assembled
         if scheme == "int8":
             scales = out.add_value(name + ".scales", (N,), act, WEIGHT, role="scales", **common)
-            v.quant = Quant("int8", scales)
+            v.quant = Quant("int8", scales, code_order=_code_order(spec, "int8", act, N, K))
             v.dtype = "int8"
         else:
             group_size = K if spec["group_size"] == -1 else spec["group_size"]  # -1: one group per row
@@ -66,8 +76,6 @@ def quantize_weights(graph: Graph) -> Graph:
             G = K // group_size
             scales = out.add_value(name + ".scales", (N, G), act, WEIGHT, role="scales", **common)
             zeros = out.add_value(name + ".zeros", (N, G), act, WEIGHT, role="zeros", **common)
-            # (N % 32: the gate/up GEMV's up rows start at N / 2, which must begin a 16-row block too)
-            order = spec.get("code_order", INT4_CODE_ORDER) if act != "float32" and N % 32 == 0 and K % 32 == 0 else None
-            v.quant = Quant("int4", scales, group_size, zeros, order)
+            v.quant = Quant("int4", scales, group_size, zeros, _code_order(spec, "int4", act, N, K))
             v.dtype = "int4"
     return out

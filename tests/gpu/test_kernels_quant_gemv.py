@@ -36,9 +36,9 @@ pytestmark = pytest.mark.gpu
 
 EPS = 1e-5
 DTYPES = ("float32", "float16", "bfloat16")
-# "int4c16": int4 codes stored "tile16" (llamagraph.ir.quant.order_codes: 16-row blocks chunk-major), 16-bit
-# activations and whole 16-column output tiles only
-QUANTS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4c16", 128)]
+# "int8c16", "int4c16": codes stored "tile16" (llamagraph.ir.quant.order_codes: 16-row blocks chunk-major),
+# 16-bit activations and whole 16-column output tiles only
+QUANTS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int8c16", None), ("int4c16", 128)]
 ROWS = (1, 3, 8, 16)
 # (N, K, epilogue, prologue, bias, out_dtype, row_tile); K = 2560 is 20 int4 steps / 40 int8 steps:
 # more than one batch of steps and a ragged last one
@@ -59,7 +59,7 @@ CASES = {
     "rms_silu_ahead": (2 * 200, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # int4's default past the resident 4-warp blocks (529 tiles, 4 blocks a SM): 2 tiles a block, AHEAD
     "rms_logits_ahead": (16 * (4 * dense.SMS + 1), 4096, "none", "rmsnorm", False, "float32", 1),
-    # 16 whole output tiles ("int4c16" reads them; 3 a block, 6 blocks)
+    # 16 whole output tiles (the "c16" schemes read them; int4: 3 a block, 6 blocks)
     "rms_silu_whole_tiles": (2 * 256, 4096, "silu_mul", "rmsnorm", False, None, 1, 3),
     # GemvTuning.zsum (opt-in; int4 G % 128 == 0): zeros and the magic taken off per step from staged x sums
     "rms_silu_zsum": (2 * 256, 4096, "silu_mul", "rmsnorm", False, None, 1, {"tiles": 3, "zsum": True}),
@@ -96,15 +96,20 @@ MAX_BATCH, MAX_SEQ = 3, 40
 
 
 def _q(scheme, group):
-    return dense.GemvQuant("int4", group, "tile16") if scheme == "int4c16" else dense.GemvQuant(scheme, group)
+    """The GemvQuant of a QUANTS entry: a "c16" suffix stores the scheme's codes "tile16"."""
+    return dense.GemvQuant(scheme.removesuffix("c16"), group, "tile16" if scheme.endswith("c16") else None)
 
 
-def _fits(group, K, dtype=None, scheme=None, n_out=16, tiles=()):
+def _fits(group, K, dtype=None, scheme="int8", n_out=16, tiles=()):
     """Whether the GEMV reads this layout: a group size dividing K; "tile16" codes in 16-bit plans
     with whole 16-column tiles; a zsum tuning (in ``tiles``) with int4 groups of whole steps, 16-bit."""
+    q = _q(scheme, group)
     zsum = any(t.get("zsum") if isinstance(t, dict) else getattr(t, "zsum", False) for t in tiles)
-    return ((group is None or K % group == 0) and (scheme != "int4c16" or (dtype != "float32" and n_out % 16 == 0))
-            and (not zsum or (scheme in ("int4", "int4c16") and group % 128 == 0 and dtype != "float32")))
+    if group is not None and K % group:
+        return False
+    if q.code_order and (dtype == "float32" or n_out % 16):
+        return False
+    return not zsum or (q.folded and dtype != "float32")
 
 
 def _skip_unless_fits(group, K, dtype, scheme, n_out, tiles=()):
@@ -187,13 +192,13 @@ def _n_out(N, epilogue):
 
 def _weight(rng, N, K, dtype, scheme, group):
     """A random weight quantized as the loader does: (device codes, scales, zeros or NULL) and w' (fp32);
-    "int4c16" codes go to the device in "tile16" order, as the CUDA executor uploads them."""
+    "c16" codes go to the device in "tile16" order, as the CUDA executor uploads them."""
     w = rng.standard_normal((N, K)).astype(np.float32) / np.float32(np.sqrt(K))
-    base = "int4" if scheme == "int4c16" else scheme
+    base = scheme.removesuffix("c16")
     codes, scales, zeros = quantize(w, base, group, dtype)
     w_deq = dequantize(codes, to_float32(scales, dtype), None if zeros is None else to_float32(zeros, dtype), base,
                        group)
-    stored = order_codes(codes, "tile16") if scheme == "int4c16" else codes
+    stored = order_codes(codes, "tile16") if scheme.endswith("c16") else codes
     dev_args = (cupy.asarray(stored), cupy.asarray(scales), NULL if zeros is None else cupy.asarray(zeros))
     return dev_args, w_deq
 

@@ -39,17 +39,17 @@ def test_cuda_quantized_matches_the_quantized_reference(hf_model, name, scheme, 
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("group", [32, 64])  # (the tiny models' K is 64)
-def test_tile16_codes_give_the_row_order_plans_bits(hf_model, monkeypatch, dtype, group):
-    """int4 codes stored "tile16" (opt-in, repacked at upload) are read by the same arithmetic in the same
-    order: prefill (dequantize + cuBLAS) and decode (the GEMVs) logits bit-identical to the row-order plan's,
-    and within 3e-2 of the quantized reference."""
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 64), ("int8", None)])  # (the tiny models' K is 64)
+def test_tile16_codes_give_the_row_order_plans_bits(hf_model, monkeypatch, dtype, scheme, group):
+    """int8 / int4 codes stored "tile16" (opt-in, repacked at upload) are read by the same arithmetic in the
+    same order: prefill (dequantize + cuBLAS) and decode (the GEMVs) logits bit-identical to the row-order
+    plan's, and within 3e-2 of the quantized reference."""
     import importlib
 
     model = hf_model("gqa", dtype=dtype)
-    ref, rows = _pair(model, dtype, "int4", group)
-    monkeypatch.setattr(importlib.import_module("llamagraph.passes.quantize_weights"), "INT4_CODE_ORDER", "tile16")
-    tiled = llamagraph.compile(model, dtype=dtype, quantize="int4", group_size=group, backend="cuda", max_batch=2,
+    ref, rows = _pair(model, dtype, scheme, group)
+    monkeypatch.setitem(importlib.import_module("llamagraph.passes.quantize_weights").CODE_ORDER, scheme, "tile16")
+    tiled = llamagraph.compile(model, dtype=dtype, quantize=scheme, group_size=group, backend="cuda", max_batch=2,
                                max_seq=48)
     assert any(v.quant is not None and v.quant.code_order == "tile16" for v in tiled.graph.values.values())
     feeds = [PROMPTS] + [[[DECODE[0][i]], [DECODE[1][i]]] for i in range(len(DECODE[0]))]
