@@ -280,7 +280,7 @@ class GemvQuant:
     @property
     def folded(self) -> bool:
         """int4 with whole 128-column steps per group: the 16-bit GEMV applies the group's zero and
-        scale once per step instead of per element (see templates/gemv.cu.j2)."""
+        scale once per step instead of per element (see templates/gemv_mma_codes.cuh.j2)."""
         return self.scheme == "int4" and self.group_size % 128 == 0
 
     def tag(self) -> str:
