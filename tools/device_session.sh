@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call that does as much as its limit allows, for sessions whose machine starts are scarce
 # (a start can cost more device time than the work): the tuning A/B queue first (tools/tuning_ab.py,
-# ~5 s a variant once the plan's kernels are compiled), then block timelines (tools/block_timeline.py),
-# then Nsight Compute on one decoder layer (tools/ncu_layer.py), then the GPU test files in order, each
-# cut to what is left of DEADLINE seconds. Logs land under $OUT as they are written, so a call cut by its
+# ~5 s a variant once the plan's kernels are compiled), then each GEMV of one layer alone per variant
+# (tools/bench_qgemv.py), then block timelines (tools/block_timeline.py), then Nsight Compute on one decoder
+# layer (tools/ncu_layer.py), then the GPU test files in order, each cut to what is left of DEADLINE seconds. Logs land under $OUT as they are written, so a call cut by its
 # limit still brings back what ran.
-#   DEADLINE=540 bash tools/device_session.sh    -> $OUT/ab.txt, [timeline*], [ncu*], $OUT/tests.txt
+#   DEADLINE=540 bash tools/device_session.sh    -> $OUT/ab.txt, [qgemv.txt], [timeline*], [ncu*], $OUT/tests.txt
 #   AB="examples/llama-3-8b.json int4 base,gu5,base" NCU="" TESTS="test_quant_e2e.py:120" bash tools/device_session.sh
-# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; TIMELINE: ';'-separated "CONFIG QUANT [VARIANT]" block timelines
+# AB: ';'-separated "CONFIG QUANT VARIANTS" runs; QGEMV: ';'-separated "CONFIG QUANTS VARIANTS" runs; TIMELINE: ';'-separated "CONFIG QUANT [VARIANT]" block timelines
 # (tools/block_timeline.py, npz under $OUT); NCU: ';'-separated "CONFIG QUANT LAYER" runs; TESTS:
 # space-separated FILE[:EXPR]:SECONDS, EXPR a pytest -k expression with '~' for its spaces (ahead~and~float16).
 # A run named "none" in AB is the 16-bit plan, the denominator of the quantized ratios.
@@ -23,6 +23,8 @@ python3 -c "import llamagraph.templates" || { echo "llamagraph.templates does no
 #  NCU="examples/llama-2-7b.json int4 10;examples/llama-2-7b.json none 10" TESTS="", docs/ab_h100.txt)
 AB=${AB-"examples/llama-2-7b.json int4 base,ahead2,ct16,zsum,nwpf,lcn,wef,ct16+ahead2,tpf0,noalu,base;\
 examples/llama-2-7b.json int8 base,ct16,base;examples/llama-2-7b.json none base"}
+QGEMV=${QGEMV-"examples/llama-2-7b.json int4,none base,ct16,noalu,tpf0,ahead2,zsum,nosz,ct16+ahead2;\
+examples/llama-2-7b.json int8 base,ct16"}
 NCU=${NCU-""}
 TESTS=${TESTS-"test_kernels_quant_gemv.py:ahead2~or~c16~or~zsum:150 test_quant_e2e.py:tile16:90 \
 test_kernels_quant_gemv.py:150 test_quant_e2e.py:120 \
@@ -39,6 +41,14 @@ for r in "${runs[@]}"; do
   timeout "$t" python3 tools/tuning_ab.py $r 2>&1 | tee -a "$OUT/ab.txt"
 done
 echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
+
+IFS=';' read -ra runs <<< "$QGEMV"
+for r in "${runs[@]}"; do
+  [ -z "${r// }" ] && continue
+  t=$(left 150); [ "$t" -lt 30 ] && { echo "no time for qgemv: $r" | tee -a "$OUT/qgemv.txt"; continue; }
+  # shellcheck disable=SC2086
+  timeout "$t" python3 tools/bench_qgemv.py $r 2>&1 | tee -a "$OUT/qgemv.txt"
+done
 
 IFS=';' read -ra runs <<< "${TIMELINE:-}"
 for r in "${runs[@]}"; do
