@@ -87,3 +87,84 @@ def test_the_buffers_are_the_launch_arguments_with_a_copy_of_the_weights_per_lau
     codes = g.values["l3.gate_up.w"]
     assert weight_bytes == expect and weight_bytes > codes.nbytes({}) == 2 * 11008 * 4096 // 2
     assert tool.copies_for(weight_bytes) * weight_bytes >= tool.ROTATE_BYTES
+
+
+def _fake_cupy(launched: list):
+    """Enough of cupy's surface for bench_plan on the CPU: numpy arrays, streams and graphs that do
+    nothing, kernels that record their launches."""
+    import types
+
+    cp = types.ModuleType("cupy")
+    for name in ("asarray", "full", "zeros", "empty", "uint8", "uint16", "float32"):
+        setattr(cp, name, getattr(np, name))
+
+    class Stream:
+        ptr = 0
+
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            pass
+
+        def begin_capture(self):
+            pass
+
+        def end_capture(self):
+            return types.SimpleNamespace(launch=lambda stream: None)
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Function:
+        max_dynamic_shared_size_bytes = 0
+
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            launched.append((self.name, tuple(grid), tuple(block), shared_mem, args))
+
+    cp.cuda = types.SimpleNamespace(Stream=Stream, Event=Event, get_elapsed_time=lambda a, b: 1.0,
+                                    get_current_stream=Stream)
+    cp.RawModule = lambda path=None, **kw: types.SimpleNamespace(get_function=Function)
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+    return cp
+
+
+def test_bench_plan_launches_each_chosen_kernel_as_the_plan_does(tool, monkeypatch, tmp_path, capsys):
+    """The device-only path on a stand-in cupy: every chosen GEMV is launched with its plan grid, block,
+    shared memory and argument count, on every weight copy, and gets one line of figures."""
+    if nvrtc.available() is None:
+        pytest.skip("no NVRTC to compile the kernels with")
+    launched: list = []
+    cp = _fake_cupy(launched)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setenv("LLAMAGRAPH_CACHE", str(tmp_path))
+    monkeypatch.setattr(tool, "ROTATE_BYTES", 1 << 20)
+    monkeypatch.setattr(tool, "pointer", lambda a: np.uint64(a[0].ctypes.data + a[1]) if isinstance(a, tuple) else a)
+    cfg = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=2, vocab_size=320, max_position_embeddings=128, rms_norm_eps=1e-5)
+    plan = compile_plan(cfg, dtype="float16", max_batch=1, max_seq=64, quantize="int4", group_size=64)
+    tool.bench_plan(cp, plan, 1, "int4 base", 3e12, False, "sm_90")
+    chosen = tool.gemv_launches(plan, 1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(chosen) and all(" serial " in ln and "GB/s" in ln for ln in lines)
+    for (label, la), line in zip(chosen, lines):
+        mine = [x for x in launched if x[0] == la.fn]
+        shape = la.shape.at(tool.DECODE)
+        assert mine and {x[1:4] for x in mine} == {(tuple(shape.grid), tuple(shape.block), shape.smem)}
+        assert {len(x[4]) for x in mine} == {len(la.args)} and line.split()[2] == label.split()[0]
+        copies = tool.copies_for(tool.weight_bytes(plan, la))
+        weights = {int(x[4][1]) for x in mine}  # the codes' address: one per copy
+        assert len(weights) == copies
