@@ -155,35 +155,19 @@ def copies_for(weight_bytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // max(1, weight_bytes)))
 
 
-def time_launches(cp, fn, shape, args, early: bool) -> float:
-    """Seconds per launch of ``fn`` over the argument copies, captured in one CUDA graph."""
+def launcher(cp, fn, shape, args, early: bool):
+    """launch(i): ``fn`` on argument copy i, on the current stream (bench_gemv.time_graph's), with
+    programmatic dependent launch where ``early``."""
     from llamagraph.runtime.calls import launch_kernel, launch_kernel_early
 
-    stream = cp.cuda.Stream(non_blocking=True)
-    one = (lambda i: launch_kernel_early(fn, shape, args[i], stream)) if early else \
-        (lambda i: launch_kernel(fn, shape, args[i], stream))
-    reps = max(1, 24 // len(args))
-    with stream:
-        for i in range(len(args)):
-            one(i)
-        stream.synchronize()
-        stream.begin_capture()
-        for _ in range(reps):
-            for i in range(len(args)):
-                one(i)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        n_graph = 5
-        start.record(stream)
-        for _ in range(n_graph):
-            graph.launch(stream)
-        stop.record(stream)
-        stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) / 1e3 / (n_graph * reps * len(args))
+    if early:
+        return lambda i: launch_kernel_early(fn, shape, args[i], cp.cuda.get_current_stream())
+    return lambda i: launch_kernel(fn, shape, args[i])
 
 
 def bench_plan(cp, plan, layer: int, tag: str, copy_bw: float, early_ok: bool, arch: str) -> None:
+    from bench_gemv import time_graph
+
     from llamagraph.runtime.cuda import load_module
 
     chosen = gemv_launches(plan, layer)
@@ -196,7 +180,7 @@ def bench_plan(cp, plan, layer: int, tag: str, copy_bw: float, early_ok: bool, a
         fn = module.get_function(la.fn)
         cols = []
         for early in (False, True) if early_ok else (False,):
-            sec = time_launches(cp, fn, shape, args, early)
+            sec = time_graph(launcher(cp, fn, shape, args, early), len(args))
             gbs = moved / sec / 1e9
             cols.append(f"{'pdl' if early else 'serial'} {sec * 1e6:7.2f} us {gbs:7.1f} GB/s {100 * gbs * 1e9 / copy_bw:5.1f}%")
         print(f"{tag:22s} {label:28s} {moved / 1e6:7.2f} MB  " + "  ".join(cols), flush=True)
@@ -214,7 +198,7 @@ def main(argv: list[str]) -> None:
     opts = ap.parse_args(argv)
     import cupy as cp
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_gemv import copy_bandwidth
 
     import llamagraph
