@@ -163,26 +163,29 @@ def _dequant_shapes():
 
 
 @functools.lru_cache(maxsize=None)
-def _module():
-    ks = []
-    for dt in DTYPES:
-        for scheme, group in QUANTS:
-            q = _q(scheme, group)
-            ks += [_case_kernel(dt, q, *c) for c in CASES.values()
-                   if _fits(group, c[1], dt, scheme, _n_out(c[0], c[2]), c[7:])]
-            ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0], c[4:])]
-            if dt != "float32":
-                ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES
-                       if _fits(group, c[1], dt, scheme, c[0], c[4:])]
-            if dt != "float32":
-                ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3], dt, scheme, 16, c[8:])]
-            ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K, dt, scheme, N)]
-    ks = list({k.name: k for k in ks}.values())
-    return cupy.RawModule(code=module_source(ks), backend="nvrtc")
+def _kernels(dt, scheme, group) -> tuple:
+    """Every kernel the tests launch for one activation dtype and QUANTS entry."""
+    q = _q(scheme, group)
+    ks = [_case_kernel(dt, q, *c) for c in CASES.values() if _fits(group, c[1], dt, scheme, _n_out(c[0], c[2]), c[7:])]
+    ks += [_res_kernel(dt, q, *c) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0], c[4:])]
+    if dt != "float32":
+        ks += [_res_kernel(dt, q, *c, res_early=True) for c in RES_CASES if _fits(group, c[1], dt, scheme, c[0], c[4:])]
+        ks += [_rope_kernel(dt, q, *c) for c in ROPE_CASES if _fits(group, c[3], dt, scheme, 16, c[8:])]
+    ks += [dense.dequant(dt, N, K, q) for N, K in _dequant_shapes() if _fits(group, K, dt, scheme, N)]
+    return tuple({k.name: k for k in ks}.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _module(dt, scheme, group):
+    """One program a dtype and QUANTS entry, compiled when a test first launches one of its kernels
+    (a -k selection compiles only what it runs)."""
+    return cupy.RawModule(code=module_source(list(_kernels(dt, scheme, group))), backend="nvrtc")
 
 
 def run(kernel, shape, *args):
-    launch_kernel(_module().get_function(kernel.name), shape, args)
+    where = next(key for key in ((dt, s, g) for dt in DTYPES for s, g in QUANTS) if any(
+        k.name == kernel.name for k in _kernels(*key)))
+    launch_kernel(_module(*where).get_function(kernel.name), shape, args)
     cupy.cuda.get_current_stream().synchronize()
 
 
