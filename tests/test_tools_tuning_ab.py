@@ -271,3 +271,25 @@ def test_tpf2_asks_l2_for_the_tile_after_next_too(tool):
     assert "if (tile + 2 * (int)gridDim.x < NTILES) prefetch_w(W4, w_scales, w_zeros, (tile + 2 * gridDim.x) * 16);" in src
     tool.patch("base")
     assert "2 * gridDim.x" not in dense.gemv(*gu, **Q4).source
+
+
+@pytest.mark.parametrize("order", [None, "tile16"])
+def test_tpfh_asks_l2_for_half_of_each_next_tile_row(tool, order):
+    q = dense.GemvQuant("int4", 128, order)
+    gu = ("float16", 2 * 11008, 4096, 1, "silu_mul")
+    tool.patch("tpfh")
+    src = dense.gemv(*gu, prologue="rmsnorm", eps=1e-5, quant=q).source
+    assert "if (tile + (int)gridDim.x < NTILES) prefetch_next(W4, w_scales, w_zeros, (tile + gridDim.x) * 16);" in src
+    assert "prefetch_w(W4, w_scales, w_zeros, col0)" in src  # the first tile's, before the wait: whole
+    nxt = src[src.index("void prefetch_next("):]
+    nxt = nxt[: nxt.index("\n}\n")]
+    assert "PF_LINES" not in nxt and nxt.count("PF_NEXT") >= 2 and "constexpr int PF_NEXT = (PF_LINES + 1) / 2;" in src
+    from llamagraph.codegen import nvrtc
+    from llamagraph.codegen.render import module_source
+
+    if nvrtc.available() is not None:
+        k = dense.gemv(*gu, prologue="rmsnorm", eps=1e-5, quant=q)
+        res = nvrtc.compile_source(module_source([k]), arch="sm_90")
+        assert res.kernels[k.name].spill_stores == 0
+    tool.patch("base")
+    assert "prefetch_next" not in dense.gemv(*gu, prologue="rmsnorm", eps=1e-5, quant=q).source

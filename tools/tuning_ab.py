@@ -40,6 +40,9 @@ QUANT: none | int8 | int4 (G 128). VARIANTS, against today's defaults (``base``)
   nosc    int8 GEMVs read their epilogue's row scales after the reduction (today: before the PDL wait, SC_EARLY)
   tpf0    quantized GEMVs of several tiles a block ask L2 for nothing of their next tile (today: its rows' first
           2 KB, as the pre-wait prefetch)
+  tpfh    quantized GEMVs of several tiles a block ask L2 for the first half of each next-tile row (today: its
+          first 2 KB, all of a 4096-column int4 row), tpf0's middle: a shorter queue of prefetches ahead of the
+          demand loads (unmeasured)
   ct16    int8 / int4 codes stored "tile16" on the device (llamagraph.ir.quant.order_codes: each 16-row block
           chunk-major, repacked at upload; passes/quantize_weights.CODE_ORDER): a GEMV warp's load takes
           four whole 128-byte lines, not eight half lines; logits bit-identical to base (unmeasured)
@@ -102,6 +105,7 @@ TRIGGER = "\n    lg_pdl_launch_dependents();\n"
 AHEAD = "constexpr bool AHEAD = true &&"
 NEXT_TILE_PF = "        if (tile + (int)gridDim.x < NTILES) prefetch_w(W4, w_scales, w_zeros, (tile + gridDim.x) * 16);\n"
 SC_EARLY = "constexpr bool SC_EARLY = true &&"
+PF_DEF = "__device__ __forceinline__ void prefetch_w("  # (tpfh copies the function, half its lines)
 # variant -> (scheme, GEMV epilogues) whose pre-wait L2 prefetch (Q_PREFETCH) it removes
 Q_PF0 = {"qpf0gu": ("int4", ("silu_mul",)), "qpf0qkv": ("int4", ("rope",)), "q8pf0": ("int8", ("rope", "residual", "none")),
          "q8pf0qkv": ("int8", ("rope",)), "q8pf0res": ("int8", ("residual",)), "q8pf0head": ("int8", ("none",))}
@@ -209,6 +213,13 @@ def patch(variant: str) -> None:
             assert NEXT_TILE_PF in src, "the GEMV template changed: update 'tpf2'"
             src = src.replace(NEXT_TILE_PF, NEXT_TILE_PF + NEXT_TILE_PF.replace("gridDim.x", "2 * gridDim.x")
                               .replace("(int)2 * gridDim.x", "2 * (int)gridDim.x"))
+        if "tpfh" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
+            assert NEXT_TILE_PF in src and PF_DEF in src, "the GEMV template changed: update 'tpfh'"
+            start = src.index(PF_DEF)
+            body = src[start: src.index("\n}\n", start) + 3]
+            half = body.replace("prefetch_w(", "prefetch_next(").replace("PF_LINES", "PF_NEXT")
+            src = (src[:start] + "constexpr int PF_NEXT = (PF_LINES + 1) / 2;  // (tpfh)\n" + half + "\n" + src[start:])
+            src = src.replace(NEXT_TILE_PF, NEXT_TILE_PF.replace("prefetch_w(", "prefetch_next("))
         if "tpf0" in flags and template == "gemv" and kw.get("tiles", 1) > 1:
             assert NEXT_TILE_PF in src, "the GEMV template changed: update 'tpf0'"
             src = src.replace(NEXT_TILE_PF, "")
