@@ -45,7 +45,7 @@ echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
 IFS=';' read -ra runs <<< "$QGEMV"
 for r in "${runs[@]}"; do
   [ -z "${r// }" ] && continue
-  t=$(left 150); [ "$t" -lt 30 ] && { echo "no time for qgemv: $r" | tee -a "$OUT/qgemv.txt"; continue; }
+  t=$(left 200); [ "$t" -lt 30 ] && { echo "no time for qgemv: $r" | tee -a "$OUT/qgemv.txt"; continue; }
   # shellcheck disable=SC2086
   timeout "$t" python3 tools/bench_qgemv.py $r 2>&1 | tee -a "$OUT/qgemv.txt"
 done
