@@ -23,7 +23,7 @@ python3 -c "import llamagraph.templates" || { echo "llamagraph.templates does no
 #  NCU="examples/llama-2-7b.json int4 10;examples/llama-2-7b.json none 10" TESTS="", docs/ab_h100.txt)
 AB=${AB-"examples/llama-2-7b.json int4 base,ahead2,ct16,zsum,nwpf,lcn,wef,ct16+ahead2,tpf0,tpfh,nopers,noalu,base;\
 examples/llama-2-7b.json int8 base,ct16,base;examples/llama-2-7b.json none base"}
-QGEMV=${QGEMV-"examples/llama-2-7b.json int4,none base,ct16,noalu,tpf0,tpfh,nopers,ahead2,zsum,nosz,ct16+ahead2,ct16+tpf0;\
+QGEMV=${QGEMV-"examples/llama-2-7b.json int4,none base,ct16,noalu,tpf0,tpfh,nopers,ahead2,zsum,nosz,ct16+ahead2,ct16+tpf0,tpf0+ahead2;\
 examples/llama-2-7b.json int8 base,ct16;examples/llama-3-8b.json int4 base,ct16"}
 NCU=${NCU-""}
 TESTS=${TESTS-"test_kernels_quant_gemv.py:ahead2~or~c16~or~zsum:150 test_quant_e2e.py:tile16:90 \
