@@ -33,22 +33,22 @@ test_cuda_e2e.py:150 test_profile_cuda.py:90 test_kernels_fused_gemv.py:90"}
 left() { local t=$((DEADLINE - SECONDS)); echo $(( $1 < t ? $1 : t )); }
 
 nvidia-smi --query-gpu=name,clocks.max.mem --format=csv,noheader | tee "$OUT/ab.txt"
-IFS=';' read -ra runs <<< "$AB"
-for r in "${runs[@]}"; do
-  [ -z "${r// }" ] && continue
-  t=$(left 240); [ "$t" -lt 30 ] && { echo "no time for: $r" | tee -a "$OUT/ab.txt"; continue; }
-  # shellcheck disable=SC2086
-  timeout "$t" python3 tools/tuning_ab.py $r 2>&1 | tee -a "$OUT/ab.txt"
-done
+# runs RUNS CAP LOG CMD...: each ';'-separated run of RUNS as `CMD... RUN` (its words), cut to the time
+# left up to CAP seconds (skipped under 30), its output appended to $OUT/LOG
+runs() {
+  local list=$1 cap=$2 log=$3 r t; shift 3
+  local -a each
+  IFS=';' read -ra each <<< "$list"
+  for r in "${each[@]}"; do
+    [ -z "${r// }" ] && continue
+    t=$(left "$cap"); [ "$t" -lt 30 ] && { echo "no time for: $r" | tee -a "$OUT/$log"; continue; }
+    # shellcheck disable=SC2086
+    timeout "$t" "$@" $r 2>&1 | tee -a "$OUT/$log"
+  done
+}
+runs "$AB" 240 ab.txt python3 tools/tuning_ab.py
 echo "A/B done at ${SECONDS}s" | tee -a "$OUT/ab.txt"
-
-IFS=';' read -ra runs <<< "$QGEMV"
-for r in "${runs[@]}"; do
-  [ -z "${r// }" ] && continue
-  t=$(left 200); [ "$t" -lt 30 ] && { echo "no time for qgemv: $r" | tee -a "$OUT/qgemv.txt"; continue; }
-  # shellcheck disable=SC2086
-  timeout "$t" python3 tools/bench_qgemv.py $r 2>&1 | tee -a "$OUT/qgemv.txt"
-done
+runs "$QGEMV" 200 qgemv.txt python3 tools/bench_qgemv.py
 
 IFS=';' read -ra runs <<< "${TIMELINE:-}"
 for r in "${runs[@]}"; do
