@@ -20,7 +20,6 @@ test: the numbers only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from collections import defaultdict
@@ -37,14 +36,6 @@ DECODE = {"T": 1, "B": 1}  # the step scalars of a batch-1 decode step
 HALF = {"float16": 0x3800, "bfloat16": 0x3F00}  # 0.5 as the raw 16-bit word
 # 16-bit weights: raw words first .. first + span - 1, the positive numbers 2^-8 .. 0.5 of either dtype
 WEIGHT_WORDS = {"float16": (0x1C00, 0x1C00), "bfloat16": (0x3B80, 0x0380)}
-
-
-def load_tuning_ab():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_ab.py")
-    spec = importlib.util.spec_from_file_location("tuning_ab", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def gemv_launches(plan, layer: int) -> list[tuple[str, Launch]]:
@@ -200,11 +191,11 @@ def main(argv: list[str]) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_gemv import copy_bandwidth
+    from block_timeline import apply_variant
 
     import llamagraph
     from llamagraph.runtime.calls import early_launch_supported
 
-    tab = load_tuning_ab()
     dev = cp.cuda.Device()
     cc = dev.compute_capability
     arch = f"sm_{cc}"
@@ -216,11 +207,11 @@ def main(argv: list[str]) -> None:
     for quant in opts.quants.split(","):
         q = None if quant == "none" else quant
         for variant in opts.variants.split(",") if q else ["base"]:
-            tab.patch(variant)
+            apply_variant(variant)
             plan = llamagraph.compile_plan(opts.config, dtype=opts.dtype, max_batch=1, max_seq=512, quantize=q,
                                            group_size=128 if q == "int4" else None)
             bench_plan(cp, plan, opts.layer, f"{quant} {variant}", copy_bw, early_ok, arch)
-    tab.patch("base")
+    apply_variant("base")
 
 
 if __name__ == "__main__":

@@ -129,12 +129,16 @@ def clear(module) -> None:
 
 
 def apply_variant(variant: str):
-    """Patch the codegen as tools/tuning_ab.py's ``variant`` does; returns that tool's module."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_ab.py")
-    spec = importlib.util.spec_from_file_location("tuning_ab", path)
-    ab = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("tuning_ab", ab)
-    spec.loader.exec_module(ab)
+    """Patch the codegen as tools/tuning_ab.py's ``variant`` does; returns that tool's module. The tool
+    is loaded once (its DEFAULTS, the package's own functions, are taken as it loads: a second load
+    after a patch would take the patched ones), so variants may follow one another ("base" undoes)."""
+    ab = sys.modules.get("tuning_ab")
+    if ab is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_ab.py")
+        spec = importlib.util.spec_from_file_location("tuning_ab", path)
+        ab = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ab)
+        sys.modules["tuning_ab"] = ab
     ab.patch(variant)
     return ab
 
