@@ -216,7 +216,7 @@ class CudaExecutor:
         return out
 
     def _device_order(self, name: str, arr):
-        """A weight array as the kernels read it: int4 codes in their value's code order
+        """A weight array as the kernels read it: int8 / int4 codes in their value's code order
         (``llamagraph.ir.quant.order_codes``; the loaders hand over the row-major logical array)."""
         q = self.graph.values[name].quant
         return arr if q is None or q.code_order is None else order_codes(arr, q.code_order, xp=self.cp)
